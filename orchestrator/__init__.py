@@ -1,0 +1,1 @@
+"""Driver side: CLI, configuration loading, search, tracking, Pareto fronts, export."""

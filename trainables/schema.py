@@ -1,0 +1,85 @@
+"""The configuration of one trial: data -> attack -> defense -> evaluation.
+
+``bibau run`` reads it from YAML (with command-line overrides), a sweep builds one per trial,
+and the resolved form is saved beside every result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attacks.base import AttackConfig
+from .config import Config, ConfigError, param
+from .data.base import DataConfig
+from .defenses.base import DefenseConfig
+from .models.base import ModelConfig
+from .registry import ATTACKS, DEFENSES
+
+
+@dataclass
+class TrainConfig(Config):
+    """Training of the (backdoored or clean reference) model."""
+
+    epochs: int = param(15, "passes over the training set", low=1)
+    batch_size: int = param(128, "images per SGD step", low=1)
+    lr: float = param(0.05, "peak learning rate of SGD", low=0.0, low_open=True)
+    momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = param(5e-4, "L2 weight decay", low=0.0)
+    nesterov: bool = param(False, "Nesterov momentum")
+    schedule: str = param("cosine", "learning-rate schedule", choices=("cosine", "step", "constant"))
+    milestones: list[float] = param([0.5, 0.75], "step schedule: fractions of training after which lr is multiplied by gamma")
+    gamma: float = param(0.1, "step schedule: lr factor at each milestone", low=0.0, high=1.0)
+    warmup_epochs: float = param(0.0, "linear warm-up of the lr, in epochs", low=0.0)
+    label_smoothing: float = param(0.0, "label smoothing of the cross-entropy", low=0.0, high=1.0)
+    crop_padding: int = param(4, "random-crop padding in pixels (0: no crop)", low=0)
+    hflip: bool = param(True, "random horizontal flips, where the data set allows them")
+    eval_every: int = param(1, "epochs between CA/ASR evaluations on a test subsample (0: only at the end)", low=0)
+    eval_size: int = param(1000, "test images used by the per-epoch evaluation", low=1)
+
+    def check(self, path: str) -> None:
+        if any(not 0.0 < m < 1.0 for m in self.milestones):
+            raise ConfigError(f"{path}.milestones: {self.milestones} must lie in (0, 1) (fractions of training)")
+
+
+@dataclass
+class EvalConfig(Config):
+    """The evaluation protocol of METHOD.md: CA, ASR, RA (R-ASR), QRA (Q-ASR), BEC."""
+
+    metrics: list[str] = param(["ca", "asr", "ra", "qra", "bec"], "evaluations to run, by registered name")
+    ra_poison_count: int | None = param(None, "RA: poisoned samples among the benign ones; None: the attack's default (5; 1 Blended; 2 Refool/SIG/Narcissus/Adaptive)", low=0)
+    ra_size: int = param(1000, "RA: training images in total, poisoned ones included", low=1)
+    ra_epochs: int = param(5, "RA: fine-tuning epochs", low=1)
+    ra_lr: float = param(0.01, "RA: SGD learning rate", low=0.0, low_open=True)
+    ra_batch_size: int = param(128, "RA: batch size", low=1)
+    ra_on_clean: bool = param(True, "RA: also retune the clean reference model, for comparison")
+    qra_epochs: int = param(50, "QRA: generator training epochs", low=1)
+    qra_lr: float = param(0.1, "QRA: generator SGD learning rate", low=0.0, low_open=True)
+    qra_budget: float = param(16 / 255, "QRA: L-inf bound of the perturbation, in [0, 1] pixel units", low=0.0, high=1.0)
+    qra_clean_size: int = param(500, "QRA: clean training images", low=1)
+    qra_poison_size: int = param(500, "QRA: poisoned training images", low=1)
+    qra_kl_weight: float = param(0.2, "QRA: weight of the KL term to the retuned model", low=0.0)
+    qra_hidden: int = param(1024, "QRA: width of the generator's hidden layers", low=1)
+    bec_layers: int = param(10, "BEC: last convolutional layers used", low=1)
+    bec_top_fraction: float = param(0.1, "BEC: share of channels kept by trigger-activated change", low=0.0, high=1.0, low_open=True)
+    bec_samples: int = param(500, "BEC: poisoned test images", low=2)
+    bec_k: float = param(10.0, "BEC: sigmoid slope of the reported value", low=0.0)
+    bec_c: float = param(0.5, "BEC: sigmoid centre of the reported value")
+    seed: int = param(42, "seed of the evaluation's sampling and fine-tuning", low=0)
+
+
+@dataclass
+class RunConfig(Config):
+    """One trial. Missing sections take their defaults; ``defense: null`` evaluates the attack alone."""
+
+    seed: int = param(0, "seed of training, poisoning and defense", low=0)
+    device: str = param("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
+    data: DataConfig = param(factory=DataConfig, help="data set and splits")
+    model: ModelConfig = param(factory=ModelConfig, help="architecture")
+    train: TrainConfig = param(factory=TrainConfig, help="training of the attacked and the clean reference model")
+    attack: AttackConfig = param(factory=AttackConfig, help="the backdoor attack ('clean': none)", registry=ATTACKS)
+    defense: DefenseConfig | None = param(None, "the defense; null: none", registry=DEFENSES)
+    evaluation: EvalConfig = param(factory=EvalConfig, help="evaluation protocol")
+    cache_dir: str | None = param(None, "cache of trained attack-stage models, keyed by content hash; None: ~/.cache/bibau/models")
+
+    def check(self, path: str) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"{path + '.' if path else ''}device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
