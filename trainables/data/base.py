@@ -51,6 +51,8 @@ class Dataset:
     test: ImageSet
     classes: list[str]
     hflip: bool = True  # horizontal flips keep the label (false for digits, traffic signs)
+    mean: tuple[float, ...] | None = None  # per-channel normalisation the models use; None: CIFAR-10's
+    std: tuple[float, ...] | None = None
     info: dict = field(default_factory=dict)  # where it came from (root, archive, cache file)
 
     @property
