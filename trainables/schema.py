@@ -12,7 +12,7 @@ from .config import Config, ConfigError, param
 from .data.base import DataConfig
 from .defenses.base import DefenseConfig
 from .models.base import ModelConfig
-from .registry import ATTACKS, DEFENSES
+from .registry import ATTACKS, DEFENSES, EVALUATIONS
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig(Config):
 class EvalConfig(Config):
     """The evaluation protocol of METHOD.md: CA, ASR, RA (R-ASR), QRA (Q-ASR), BEC."""
 
-    metrics: list[str] = param(["ca", "asr", "ra", "qra", "bec"], "evaluations to run, by registered name")
+    metrics: list[str] = param(["ca", "asr", "ra", "qra", "bec"], "evaluations to run, by registered name", registry=EVALUATIONS)
     ra_poison_count: int | None = param(None, "RA: poisoned samples among the benign ones; None: the attack's default (5; 1 Blended; 2 Refool/SIG/Narcissus/Adaptive)", low=0)
     ra_size: int = param(1000, "RA: training images in total, poisoned ones included", low=1)
     ra_epochs: int = param(5, "RA: fine-tuning epochs", low=1)
@@ -58,6 +58,7 @@ class EvalConfig(Config):
     qra_poison_size: int = param(500, "QRA: poisoned training images", low=1)
     qra_kl_weight: float = param(0.2, "QRA: weight of the KL term to the retuned model", low=0.0)
     qra_hidden: int = param(1024, "QRA: width of the generator's hidden layers", low=1)
+    qra_batch_size: int = param(128, "QRA: generator training batch size", low=1)
     bec_layers: int = param(10, "BEC: last convolutional layers used", low=1)
     bec_top_fraction: float = param(0.1, "BEC: share of channels kept by trigger-activated change", low=0.0, high=1.0, low_open=True)
     bec_samples: int = param(500, "BEC: poisoned test images", low=2)

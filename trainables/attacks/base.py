@@ -5,6 +5,11 @@ trigger function on float images in [0, 1]. Build-time attacks (BadNets, Blended
 are fully described by :meth:`Attack.poison_trainset`; attacks that poison on the fly (WaNet,
 IAD) or need a trained component (Narcissus, IAD's generator) use the hooks :meth:`prepare`
 and :meth:`training_batch`, which the training loop always calls.
+
+An on-the-fly attack sets ``build_time = False`` (nothing is poisoned when the data set is
+built), may set ``standard_augmentation = False`` (WaNet replaces crop/flip with its own
+augmentation inside ``training_batch``), and restores learned state (IAD's generator,
+Narcissus' trigger) from a cached run through :meth:`load_state`.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config, param
+from ..config import Config, ConfigError, param
 from ..data.base import ImageSet
 from ..registry import ATTACKS
 
@@ -40,13 +45,16 @@ class Attack(abc.ABC):
     name: str
     Config = AttackConfig
     clean_label: bool = False  # poisoned samples keep their true label (SIG, Narcissus)
+    build_time: bool = True  # poisons the training set when it is built; False: clean, or on the fly
+    standard_augmentation: bool = True  # False: the trainer skips crop/flip (the attack augments itself)
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int):
         if cfg.target >= num_classes:
-            raise ValueError(f"attack.target: {cfg.target} is not a class; allowed: 0..{num_classes - 1}")
+            raise ConfigError(f"attack.target: {cfg.target} is not a class; allowed: 0..{num_classes - 1}")
         self.cfg = cfg
-        self.image_shape = image_shape
+        self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
+        self._device_copies: dict[tuple, torch.Tensor] = {}
 
     @property
     def target(self) -> int:
@@ -67,7 +75,10 @@ class Attack(abc.ABC):
 
         Dirty-label: drawn uniformly from the whole set; clean-label: from the target class,
         with the count still measured against the whole set (capped by the class size).
+        Empty for attacks that poison nothing at build time.
         """
+        if not self.build_time:
+            return torch.empty(0, dtype=torch.long)
         n = round(self.cfg.poison_rate * len(labels))
         pool = torch.arange(len(labels))
         if self.clean_label:
@@ -98,6 +109,15 @@ class Attack(abc.ABC):
                 y[c] = self.poison_labels(y[c])
         return ImageSet(x, y), index
 
+    def poisoned_samples(self, train: ImageSet, poisoned_train: ImageSet, index: torch.Tensor) -> ImageSet:
+        """The poisoned training samples with their true labels (what the IBU reference unlearns).
+
+        Build-time attacks: the images ``poison_trainset`` produced at ``index``. On-the-fly
+        attacks override this to draw their poisoned images from ``train``.
+        """
+        index = index.to(train.x.device)
+        return ImageSet(poisoned_train.x[index], train.y[index])
+
     def poison_testset(self, test: ImageSet) -> ImageSet:
         """Every test image whose true class is not the target, triggered, labelled as the target."""
         keep = (test.y != self.target).nonzero().flatten()
@@ -121,3 +141,31 @@ class Attack(abc.ABC):
         """Tensors that define the trigger (saved beside the model so a defense-free re-run
         can rebuild the test-time trigger)."""
         return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the trigger saved with a cached model.
+
+        A trigger computed from the config alone (BadNets, Blended) is only compared, so a
+        cache entry written by different trigger code is caught; attacks with learned state
+        (a generator, an optimised trigger) override this to adopt ``tensors``.
+        """
+        own = self.state_tensors()
+        if set(own) != set(tensors):
+            raise ValueError(f"{self.name}: saved trigger holds {sorted(tensors)}, expected {sorted(own)}")
+        for key, value in own.items():
+            saved = tensors[key].to(value.device, value.dtype)
+            if saved.shape != value.shape or not torch.equal(saved, value):
+                raise ValueError(f"{self.name}: saved trigger tensor {key!r} differs from the one this config builds")
+        self._device_copies.clear()
+
+    def tensor_on(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """``state_tensors()[key]`` on ``like``'s device (floats in its dtype), copied once per
+        (device, dtype): triggers are applied to every batch."""
+        ref = self.state_tensors()[key]
+        dtype = like.dtype if ref.is_floating_point() else ref.dtype
+        cache_key = (key, like.device, dtype)
+        out = self._device_copies.get(cache_key)
+        if out is None:
+            out = ref.to(like.device, dtype)
+            self._device_copies[cache_key] = out
+        return out

@@ -1,1 +1,16 @@
-"""defenses"""
+"""Defenses: a Defense subclass per method, registered in DEFENSES (BI-BAU, FT, the IBU reference)."""
+from ..config import build
+from ..registry import DEFENSES
+from . import bibau, finetune  # noqa: F401  (fill the registry)
+from .base import Defense, DefenseConfig, DefenseContext, DefenseResult
+
+
+def build_defense(cfg: DefenseConfig) -> Defense:
+    """The registered defense named by ``cfg.name``, configured by its own Config class."""
+    impl = DEFENSES.get(cfg.name)
+    if not isinstance(cfg, impl.Config):
+        cfg = build(DefenseConfig, cfg, "defense", registry=DEFENSES)
+    return impl(cfg)
+
+
+__all__ = ["Defense", "DefenseConfig", "DefenseContext", "DefenseResult", "build_defense"]

@@ -7,6 +7,7 @@ or the true trigger; the IBU reference declares ``uses_poisoned_data`` and is ha
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,11 +17,28 @@ from ..config import Config, param
 from ..data.base import ImageSet
 from ..models.base import Classifier
 from ..registry import DEFENSES
+from ..runtime import prepare_model
 
 
 @dataclass
 class DefenseConfig(Config):
     name: str = param("bibau_u", "registered defense", registry=DEFENSES)
+
+
+@dataclass
+class SGDDefenseConfig(DefenseConfig):
+    """Fields shared by defenses that fine-tune the model with SGD on the clean split."""
+
+    epochs: int = param(10, "passes over the defender's clean split", low=1)
+    batch_size: int = param(128, "clean images per SGD step", low=1)
+    lr: float = param(0.01, "peak learning rate of SGD", low=0.0, low_open=True)
+    momentum: float = param(0.9, "SGD momentum", low=0.0, high=1.0)
+    weight_decay: float = param(5e-4, "L2 weight decay", low=0.0)
+    nesterov: bool = param(False, "Nesterov momentum")
+    schedule: str = param("cosine", "learning-rate schedule over the defense's steps", choices=("cosine", "constant"))
+    crop_padding: int = param(4, "random-crop padding of the clean split in pixels (0: no crop)", low=0)
+    hflip: bool = param(True, "random horizontal flips of the clean split, where the data set allows them")
+    seed: int | None = param(None, "seed of shuffling, augmentation and random starts; None: the trial's seed", low=0)
 
 
 @dataclass
@@ -55,3 +73,51 @@ class Defense(abc.ABC):
     @abc.abstractmethod
     def purify(self, model: Classifier, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         """Return the purified model (``model`` itself is left unchanged)."""
+
+    def check_context(self, clean: ImageSet, ctx: DefenseContext) -> None:
+        """Fail with a clear message when the trial did not hand over what this defense needs."""
+        if len(clean) < 2:
+            raise ValueError(f"defense {self.name!r}: the defender's clean split has {len(clean)} images; "
+                             "it needs at least 2 (BatchNorm), raise data.clean_fraction")
+        if self.needs_target:
+            if ctx.target is None:
+                raise ValueError(f"defense {self.name!r} is targeted and needs the attack target "
+                                 "(DefenseContext.target), which was not given")
+            if not 0 <= ctx.target < ctx.num_classes:
+                raise ValueError(f"defense {self.name!r}: target {ctx.target} is not a class; "
+                                 f"allowed: 0..{ctx.num_classes - 1}")
+        if self.uses_poisoned_data and (ctx.poisoned is None or len(ctx.poisoned) == 0):
+            raise ValueError(f"defense {self.name!r} is the idealised reference and needs the real poisoned "
+                             "training samples with their true labels (DefenseContext.poisoned), which were not given")
+
+    def seed(self, ctx: DefenseContext) -> int:
+        own = getattr(self.cfg, "seed", None)
+        return ctx.seed if own is None else own
+
+
+def trainable_copy(model: Classifier, device: torch.device) -> Classifier:
+    """A deep copy to purify; the caller's model keeps its weights, mode, device and flags."""
+    twin = prepare_model(copy.deepcopy(model), device)
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    return twin
+
+
+def frozen_copy(model: Classifier, device: torch.device) -> Classifier:
+    """A deep copy in eval mode without parameter gradients (the reference ``f_bd``)."""
+    twin = prepare_model(copy.deepcopy(model), device).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def sgd(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):
+    """SGD and its per-step lr schedule, built by the training loop's own helpers."""
+    from ..schema import TrainConfig  # late: schema imports this module
+    from ..train import make_optimizer, make_scheduler
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    plan = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, schedule=cfg.schedule,
+                       warmup_epochs=0.0)
+    return optimizer, make_scheduler(optimizer, plan, steps_per_epoch)

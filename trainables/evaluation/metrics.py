@@ -50,3 +50,24 @@ def attack_success_rate(model: torch.nn.Module, poisoned_test: ImageSet, device:
     ``poisoned_test`` comes from ``Attack.poison_testset`` (labels are the target already).
     """
     return accuracy(model, poisoned_test, device, perturb=perturb)
+
+
+# -- the registered CA and ASR evaluations -------------------------------------------------------
+from .base import EvalContext, Evaluation  # noqa: E402  (the functions above need no context)
+from ..registry import EVALUATIONS  # noqa: E402
+
+
+@EVALUATIONS.register("ca")
+class CleanAccuracy(Evaluation):
+    outputs = ("ca",)
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        return {"ca": clean_accuracy(ctx.model, ctx.dataset.test, ctx.device)}
+
+
+@EVALUATIONS.register("asr")
+class AttackSuccessRate(Evaluation):
+    outputs = ("asr",)
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        return {"asr": attack_success_rate(ctx.model, ctx.poisoned_test, ctx.device)}

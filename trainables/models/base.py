@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import abc
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import Config, param
+from ..config import Config, ConfigError, param
 from ..registry import MODELS
+
+# CIFAR-10 per-channel statistics (BackdoorBench's values): the default normalisation.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.247, 0.243, 0.261)
 
 
 class Classifier(nn.Module, abc.ABC):
@@ -39,6 +45,52 @@ class Classifier(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def conv_layers(self) -> list[tuple[str, nn.Conv2d]]:
+        """The feature convolutions in forward order, 1x1 shortcut projections left out.
+
+        Every model names its projections ``shortcut``, so the same rule (the one of BEC's
+        reference code) picks the block convolutions of every architecture; BEC probes the
+        last ``n`` of them.
+        """
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in n]
+
+
+def resolve_stats(mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
+                  in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std); None means CIFAR-10's (their channel average when not RGB)."""
+    if mean is None:
+        mean = CIFAR10_MEAN if in_channels == 3 else (sum(CIFAR10_MEAN) / 3,) * in_channels
+    if std is None:
+        std = CIFAR10_STD if in_channels == 3 else (sum(CIFAR10_STD) / 3,) * in_channels
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std: need {in_channels} values (one per input channel), got {mean} and {std}")
+    if any(not s > 0 for s in std):
+        raise ValueError(f"std: every value must be > 0, got {std}")
+    return mean, std
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """He-normal (fan-out) convolutions, unit BatchNorm, PyTorch's uniform rule for linear layers.
+
+    Drawn from ``generator`` (the global RNG when None), so a seed fixes the initial weights.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            if m.weight is not None:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / math.sqrt(m.in_features)
+            m.weight.uniform_(-bound, bound, generator=generator)
+            if m.bias is not None:
+                m.bias.uniform_(-bound, bound, generator=generator)
+
 
 @dataclass
 class ModelConfig(Config):
@@ -46,10 +98,30 @@ class ModelConfig(Config):
     width: int | None = param(None, "channels of the first stage (small_resnet); None: the model's default", low=1)
     depth: int | None = param(None, "stages (small_resnet) or residual blocks per stage; None: the model's default", low=1)
 
+    def check(self, path: str) -> None:
+        if self.name in MODELS:
+            _check_options(MODELS.get(self.name), self.name, dict(width=self.width, depth=self.depth), path)
+
+
+def _check_options(factory, name: str, options: dict, path: str) -> None:
+    """A model whose factory has no such parameter (vgg19_bn has no ``depth``) rejects it."""
+    accepted = inspect.signature(factory).parameters
+    for key, value in options.items():
+        if value is not None and key not in accepted:
+            where = f"{path}.{key}" if path else f"model.{key}"
+            allowed = ", ".join(k for k in ("width", "depth") if k in accepted) or "none"
+            raise ConfigError(f"{where}: {name} does not take {key} (got {value!r}); options it takes: {allowed}")
+
 
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
-                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Classifier:
-    """Build a registered model; options left at None are dropped so each model keeps its defaults."""
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 generator: torch.Generator | None = None) -> Classifier:
+    """Build a registered model; options left at None are dropped so each model keeps its defaults.
+
+    ``generator`` draws the initial weights (the global RNG when None).
+    """
     factory = MODELS.get(cfg.name)
-    kwargs = {k: v for k, v in dict(width=cfg.width, depth=cfg.depth, mean=mean, std=std).items() if v is not None}
+    _check_options(factory, cfg.name, dict(width=cfg.width, depth=cfg.depth), "model")
+    kwargs = {k: v for k, v in dict(width=cfg.width, depth=cfg.depth, mean=mean, std=std,
+                                    generator=generator).items() if v is not None}
     return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -1,0 +1,115 @@
+"""``bibau``: the command line. Each subcommand is an ``add_<name>(subparsers)`` function that
+declares its parser and a ``cmd_<name>(args) -> int`` that does the work; ``SUBCOMMANDS``
+lists the former. A :class:`ConfigError` ends any of them with its message on stderr and exit
+code 2, before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from trainables.config import ConfigError
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command that reads a run config shares."""
+    parser.add_argument("config", nargs="?", help="run config YAML, or an export written by 'bibau export' "
+                        "(omitted: the defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set train.epochs=3 (value parsed as YAML; repeatable)")
+    parser.add_argument("--attack", help="export files: the attack whose selection to run")
+    parser.add_argument("--defense", help="export files: the defense whose selection to run, when an attack has several")
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="a fast end-to-end check: a few hundred images, one epoch, small evaluations")
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_run_config
+
+    return load_run_config(args.config, args.overrides, args.smoke_test, attack=args.attack, defense=args.defense)
+
+
+# -- bibau run -----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from trainables.trial import resolved_yaml, run_trial
+
+    cfg = _load(args)  # every config error surfaces here, before any data is read
+    if args.print_config:
+        print(resolved_yaml(cfg), end="")
+        return 0
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{cfg.attack.name}-{cfg.defense.name if cfg.defense else 'none'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    report = run_trial(cfg, out, log=_log, smoke_test=args.smoke_test)
+    _log(f"results: {out / 'results.json'} (CA {report['ca']:.4f}, ASR {report['asr']:.4f}, "
+         f"{report['wall_time_s']:.1f}s)")
+    return 0
+
+
+def add_run(subparsers) -> None:
+    p = subparsers.add_parser("run", help="train a model under an attack (then defend and evaluate it, if configured)",
+                              description="Run one trial: data -> attack (cached) -> defense -> evaluation. Writes "
+                              "config.yaml, results.json and the model checkpoints to --out.")
+    add_config_options(p)
+    p.add_argument("--out", help="output folder (default: runs/<attack>-<defense or none>-<timestamp>)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_run)
+
+
+# -- bibau config --------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.fields:
+        from trainables.config import describe
+        from trainables.schema import RunConfig
+
+        for key, type_name, default, text in describe(RunConfig):
+            print(f"{key} ({type_name}, default {default!r}): {text}")
+        return 0
+    from trainables.trial import resolved_yaml
+
+    print(resolved_yaml(_load(args)), end="")
+    return 0
+
+
+def add_config(subparsers) -> None:
+    p = subparsers.add_parser("config", help="print the resolved run config (defaults < YAML < --set)")
+    add_config_options(p)
+    p.add_argument("--fields", action="store_true", help="list every field with its type, default and meaning")
+    p.set_defaults(func=cmd_config)
+
+
+# -- the entry point -----------------------------------------------------------------------------
+
+SUBCOMMANDS = [add_run, add_config]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bibau", description="Backdoor removal sweeps: attacks, defenses "
+                                     "(BI-BAU and baselines), evaluation by CA, ASR, R-ASR, Q-ASR and BEC.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"bibau {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""One Tune searcher over every study of a sweep, so all attacks share the cluster at once.
+
+Ray Tune runs one search algorithm per ``Tuner``; :class:`StudySearcher` owns one
+multi-objective ``OptunaSearch`` per tuned study (attack x defense, each its own Optuna study
+in the sweep's RDB storage and its own sampler seed) and the fixed runs of the baselines. It
+hands out trials round-robin over the studies that still have budget (and are below their own
+concurrency cap), remembers which study each trial belongs to, and forwards completions to
+that study. A failed or diverged trial is told to Optuna as FAIL: NaN never reaches a study.
+
+Trial configs carry everything a trial needs (the resolved RunConfig mapping, the objectives,
+its output folder), so a restored experiment needs nothing from the driver's memory.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from trainables.config import merge
+
+from .spec import Objective, Study
+
+log = logging.getLogger(__name__)
+
+STATUS_KEY = "trial_status"  # what ray_adapters reports: completed | diverged
+
+
+def make_sampler(study: Study):
+    import optuna
+
+    if study.sampler == "nsga2":
+        kwargs = {} if study.population is None else {"population_size": study.population}
+        return optuna.samplers.NSGAIISampler(seed=study.seed, **kwargs)
+    kwargs = {} if study.startup_trials is None else {"n_startup_trials": study.startup_trials}
+    # constant_liar: concurrent trials of one study are told apart while they run
+    return optuna.samplers.TPESampler(seed=study.seed, multivariate=True, constant_liar=True, **kwargs)
+
+
+def result_ok(result: dict | None, metrics: list[str]) -> bool:
+    """A trial result Optuna may be told: completed, every objective a finite number."""
+    if not result or result.get(STATUS_KEY) != "completed":
+        return False
+    for m in metrics:
+        v = result.get(m)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+    return True
+
+
+class StudySearcher(Searcher):
+    """Round-robin over the studies of a sweep; see the module docstring."""
+
+    def __init__(self, studies: list[Study], objectives: list[Objective], *, storage_url: str | None,
+                 prefix: str, trials_dir: str | Path):
+        super().__init__(metric=None, mode=None)
+        self.studies = {s.key: s for s in studies}
+        self.order = [s.key for s in studies]
+        self.objectives = [{"metric": o.metric, "mode": o.mode, "ref": o.reference} for o in objectives]
+        self.metrics = [o.metric for o in objectives]
+        self.modes = [o.mode for o in objectives]
+        self.prefix = prefix
+        self.trials_dir = str(trials_dir)
+        self.owner: dict[str, str] = {}  # trial id -> study key
+        self.launched = {k: 0 for k in self.order}
+        self.running = {k: 0 for k in self.order}
+        self.done: dict[str, str] = {}  # trial id -> completed | failed
+        self.cursor = 0
+        self.optuna = {k: self._optuna(self.studies[k], storage_url) for k in self.order if self.studies[k].tuned}
+
+    def _optuna(self, study: Study, storage_url: str | None):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+        # space= given explicitly, metric/mode as lists here only: the study stays multi-objective
+        return OptunaSearch(space={k: s.distribution() for k, s in study.space.items()},
+                            metric=list(self.metrics), mode=list(self.modes), sampler=make_sampler(study),
+                            storage=storage, study_name=f"{self.prefix}/{study.key}")
+
+    # -- Searcher interface ------------------------------------------------------------------------
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the sub-searchers are complete; Tune's metric/mode would make them single-objective
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return False  # the ConcurrencyLimiter keeps the sweep-wide limit
+
+    def budget_left(self) -> int:
+        return sum(self.studies[k].trials - self.launched[k] for k in self.order)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        n = len(self.order)
+        for step in range(n):
+            key = self.order[(self.cursor + step) % n]
+            study = self.studies[key]
+            if self.launched[key] >= study.trials:
+                continue
+            if study.concurrency is not None and self.running[key] >= study.concurrency:
+                continue
+            params = self.optuna[key].suggest(trial_id) if study.tuned else {}
+            if params is None:  # an Optuna searcher that cannot suggest right now
+                continue
+            self.cursor = (self.cursor + step + 1) % n
+            self.owner[trial_id] = key
+            self.launched[key] += 1
+            self.running[key] += 1
+            return self.trial_config(study, trial_id, params)
+        return Searcher.FINISHED if self.budget_left() == 0 else None
+
+    def trial_config(self, study: Study, trial_id: str, params: dict) -> dict:
+        return {
+            "study": study.key, "attack": study.attack, "defense": study.defense, "tuned": study.tuned,
+            "params": dict(params), "run": merge(study.config, {"defense": dict(params)}),
+            "objectives": self.objectives, "out_dir": str(Path(self.trials_dir) / trial_id),
+        }
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None  # multi-objective Optuna uses the final result only
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.owner.get(trial_id)
+        if key is None or trial_id in self.done:
+            return
+        self.running[key] -= 1
+        ok = not error and result_ok(result, self.metrics)
+        self.done[trial_id] = "completed" if ok else "failed"
+        if key in self.optuna:
+            if ok:
+                self.optuna[key].on_trial_complete(trial_id, {m: float(result[m]) for m in self.metrics})
+            else:
+                self.optuna[key].on_trial_complete(trial_id, None, error=True)
+
+    # -- state for Tuner.restore ------------------------------------------------------------------
+    def get_state(self) -> dict:
+        own = {k: v for k, v in self.__dict__.items() if k != "optuna"}
+        return {"own": own, "optuna": {k: s.__dict__.copy() for k, s in self.optuna.items()}}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state["own"])
+        for k, d in state["optuna"].items():
+            self.optuna[k].__dict__.update(d)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.get_state(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:  # our own file, written by save() in this sweep's folder
+            self.set_state(pickle.load(fh))
+        self.fail_orphans()
+
+    def fail_orphans(self) -> int:
+        """Mark FAIL the Optuna trials asked after the last snapshot of a driver that died: Tune
+        lost them, so nobody would ever tell them and they would stay RUNNING forever."""
+        from optuna.trial import TrialState
+
+        failed = 0
+        for key, sub in self.optuna.items():
+            known = {t.number for t in sub._ot_trials.values()}
+            study = sub._ot_study
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number not in known:
+                    study.tell(t.number, state=TrialState.FAIL)
+                    failed += 1
+        if failed:
+            log.warning("marked %d Optuna trial(s) lost with the previous driver as failed", failed)
+        return failed
+
+    def study_states(self) -> dict[str, dict[str, int]]:
+        """Per tuned study: how many Optuna trials are in each state (for checks and the summary)."""
+        out = {}
+        for key, sub in self.optuna.items():
+            counts: dict[str, int] = {}
+            for t in sub._ot_study.get_trials(deepcopy=False):
+                counts[t.state.name] = counts.get(t.state.name, 0) + 1
+            out[key] = counts
+        return out
+
+
+def describe(studies: list[Study]) -> list[dict[str, Any]]:
+    return [{"study": s.key, "trials": s.trials, "tuned": s.tuned, "sampler": s.sampler if s.tuned else "-",
+             "space": sorted(s.space)} for s in studies]

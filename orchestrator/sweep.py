@@ -1,0 +1,277 @@
+"""``bibau sweep``: the driver.
+
+Stages, all on one Ray cluster:
+1. MLflow: the experiment, the sweep's parent run and one run per attack, created here once.
+2. Attack stage: every attack's backdoored model and the clean reference, as parallel Ray
+   tasks, cached by content hash under ``<storage>/cache`` (a later sweep reuses them).
+3. Defense stage: one ``Tuner`` whose :class:`~orchestrator.search.StudySearcher` interleaves
+   every attack x defense study (Optuna, RDB storage) and the fixed baselines; trials report
+   every objective, failed ones are retried and then recorded as failed.
+4. Fronts: Pareto tags, plots and hypervolumes in MLflow, the export file, a printed summary.
+
+``resume=True`` continues the newest unfinished sweep of the spec (``Tuner.restore`` from the
+sweep's folder, the same MLflow runs).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainables.cache import code_version as _training_code_version
+from trainables.cache import content_hash
+from trainables.config import ConfigError, to_dict
+
+from .export import build_export, parse_rule, write_export
+from .pareto import TrialRecord
+from .spec import Plan, SweepSpec
+
+
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    folder: Path
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    records: list[TrialRecord]
+    fronts: dict[str, list[TrialRecord]]
+    export_file: Path | None
+    attack_stage: dict[str, dict] = field(default_factory=dict)
+    resumed: bool = False
+
+
+def code_version() -> str:
+    """The training code's version (package + source hash), plus the git commit when known."""
+    version = _training_code_version()
+    try:
+        root = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            version += f" git:{sha}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def needs_clean_reference(cfg: dict) -> bool:
+    ev = cfg["evaluation"]
+    metrics = set(ev["metrics"])
+    return bool(metrics & {"qra", "bec"}) or ("ra" in metrics and ev.get("ra_on_clean", False))
+
+
+def spec_fingerprint(spec: SweepSpec) -> str:
+    data = to_dict(spec)
+    for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule"):
+        data.pop(k, None)  # may change between a sweep and its resumption
+    return content_hash(data)
+
+
+def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
+    """The folder of the sweep to resume: ``which`` is a sweep id, or True for the newest unfinished one."""
+    if isinstance(which, str):
+        d = folder / which
+        if not (d / "state.json").is_file():
+            raise ConfigError(f"--resume {which}: no sweep {which!r} under {folder}")
+        return d
+    candidates = []
+    for state_file in folder.glob("*/state.json"):
+        state = json.loads(state_file.read_text())
+        if state.get("status") != "finished":
+            candidates.append((state_file.stat().st_mtime, state_file.parent))
+    if not candidates:
+        raise ConfigError(f"--resume: no unfinished sweep named {name!r} under {folder}; start one without --resume")
+    return max(candidates)[1]
+
+
+def _ray_init(address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = {"include_dashboard": False, "log_to_driver": True}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    return True
+
+
+def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backend=None, log: Callable[[str], None] = print,
+              address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
+              verbose: int = 1) -> SweepOutcome:
+    """Run (or resume) the sweep of ``spec``; see the module docstring."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from trainables.ray_adapters import defense_trainable, run_attack_stages
+
+    from .search import StudySearcher
+    from .tracking import SweepTracker, TrackingCallback
+
+    storage = spec.storage_path
+    folder = storage / spec.name
+    fingerprint = spec_fingerprint(spec)
+    if resume:
+        sweep_dir = find_resumable(folder, spec.name, resume)
+        saved = json.loads((sweep_dir / "state.json").read_text())
+        if saved.get("spec_fingerprint") not in (None, fingerprint):
+            raise ConfigError(f"--resume: sweep {sweep_dir.name} was started from a different spec (its studies, "
+                              "budgets or configs changed); start a new sweep instead")
+        sweep_id = sweep_dir.name
+        log(f"resuming sweep {sweep_id} from {sweep_dir}")
+    else:
+        sweep_id = f"{spec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = folder / sweep_id
+        n = 1
+        while sweep_dir.exists():
+            n += 1
+            sweep_dir = folder / f"{sweep_id}-{n}"
+        sweep_id = sweep_dir.name
+        sweep_dir.mkdir(parents=True)
+    version = code_version()
+    uri = spec.tracking_uri
+    local_store = uri.startswith("sqlite:")
+    tracker = SweepTracker(uri, spec.experiment, sweep_id, sweep_dir / "state.json",
+                           artifact_root=storage / "mlartifacts" if local_store else None)
+    summary = {"sweep_id": sweep_id, "spec_fingerprint": fingerprint, "code_version": version,
+               "studies": ", ".join(s.key for s in plan.studies),
+               "objectives": ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
+               "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency}
+    state = tracker.start(name=spec.name, attacks=[a.label for a in plan.attacks], spec=to_dict(spec),
+                          code_version=version, summary=summary)
+    tracker.save_state(spec_fingerprint=fingerprint, code_version=version)
+    log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
+        f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
+
+    started_ray = _ray_init(address, num_cpus, num_gpus)
+    try:
+        # -- attack stage ------------------------------------------------------------------------
+        res = spec.attack_resources or spec.resources
+        jobs = [(a.label, "attack", a.config) for a in plan.attacks]
+        clean_needed = [a for a in plan.attacks if needs_clean_reference(a.config)]
+        seen_clean = set()
+        for a in clean_needed:
+            key = content_hash({k: a.config[k] for k in ("seed", "data", "model", "train", "cache_dir")})
+            if key not in seen_clean:
+                seen_clean.add(key)
+                jobs.append((f"clean-reference-{key[:6]}", "clean", a.config))
+        log(f"attack stage: {len(jobs)} model(s) ({', '.join(j[0] for j in jobs)}), cache {plan.attacks[0].config['cache_dir']}")
+        infos = run_attack_stages(jobs, cpus=res.cpus, gpus=res.gpus, backend=backend, log=log)
+        for label, info in infos.items():
+            where = "reused from the cache" if info.get("cached") else "trained"
+            if info.get("ok"):
+                log(f"  {label}: {where} ({info.get('seconds', 0.0):.1f}s)"
+                    + "".join(f", {k}={info[k]:.4f}" for k in ("backdoored_ca", "backdoored_asr", "ca", "asr")
+                              if isinstance(info.get(k), float)))
+            if label in state["attack_runs"]:
+                tracker.log_attack_stage(label, info)
+        broken = {label for label, info in infos.items() if not info.get("ok")}
+        if broken:
+            log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped (see MLflow)")
+        studies = [s for s in plan.studies if s.attack not in broken]
+
+        # -- defense stage -------------------------------------------------------------------------
+        tune_dir = sweep_dir / "tune"
+        trainable = tune.with_parameters(defense_trainable, backend=backend) if backend is not None else defense_trainable
+        trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+        restored = bool(resume) and tune.Tuner.can_restore(str(tune_dir))
+        if restored:
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable)
+        elif studies:
+            searcher = StudySearcher(studies, spec.objectives, storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
+                                     prefix=sweep_id, trials_dir=sweep_dir / "trials")
+            tuner = tune.Tuner(
+                trainable,
+                param_space={},
+                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
+                                            num_samples=-1, reuse_actors=False),
+                run_config=tune.RunConfig(
+                    name=tune_dir.name, storage_path=str(sweep_dir), verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[TrackingCallback(tracker, spec.objectives)]))
+        else:
+            tuner = None
+        if tuner is not None:
+            tuner.fit()
+
+        # -- fronts, export, summary -----------------------------------------------------------------
+        records = tracker.records()
+        known = _tune_trial_ids(tune_dir)
+        orphans = [r for r in records if known and r.trial_id not in known]
+        if orphans:
+            # logged by a driver that died before Tune saved them: not part of this experiment
+            for r in orphans:
+                tracker.client.set_tag(r.run_id, "status", "orphaned")
+                r.status = "orphaned"
+            log(f"{len(orphans)} MLflow trial run(s) of the previous driver were lost by Tune; tagged status=orphaned")
+        export_file = None
+        rule = parse_rule(spec.export_rule, spec.metrics)
+        for r in records:
+            if r.usable(spec.metrics):
+                r.config = tracker.load_config(r.run_id)
+        doc = build_export([r for r in records if r.usable(spec.metrics)], rule, spec.metrics, spec.modes,
+                           [o.best for o in spec.objectives],
+                           {"experiment": spec.experiment, "sweep": sweep_id, "code_version": version,
+                            "tracking_uri": uri})
+        if doc["selections"]:
+            export_file = write_export(doc, sweep_dir / "export.yaml")
+        fronts = tracker.finish(records, spec.objectives, export_file=export_file)
+        outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
+                               export_file, infos, bool(resume))
+        log(summary_text(outcome, spec))
+        return outcome
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _tune_trial_ids(tune_dir: Path) -> set[str]:
+    """Trial ids in the newest Tune experiment state (what a restore would know about)."""
+    states = sorted(tune_dir.glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    ids = set()
+    for entry in data.get("trial_data", []):
+        try:
+            ids.add(json.loads(entry[0])["trial_id"])
+        except (KeyError, TypeError, IndexError, json.JSONDecodeError):
+            continue
+    return ids
+
+
+def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
+    metrics = spec.metrics
+    lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials "
+                 f"({sum(r.status != 'completed' for r in out.records)} failed or diverged) ==="]
+    for attack, front in out.fronts.items():
+        lines.append(f"Pareto front for {attack} ({len(front)} trials):")
+        header = f"  {'defense':<14} {'trial':<14} " + " ".join(f"{m:>8}" for m in metrics) + "  params"
+        lines.append(header)
+        for r in sorted(front, key=lambda r: -r.metrics.get(metrics[0], 0.0)):
+            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items())
+            lines.append(f"  {r.defense:<14} {r.trial_id:<14} "
+                         + " ".join(f"{r.metrics.get(m, float('nan')):8.4f}" for m in metrics) + f"  {params}")
+    lines.append(f"results:   {out.folder}")
+    if out.tracking_uri.startswith("sqlite:"):
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri}  (experiment {out.experiment!r})")
+    else:
+        lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
+    lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
+    if out.export_file:
+        lines.append(f"reproduce: bibau run {out.export_file}")
+    return "\n".join(lines)

@@ -1,0 +1,391 @@
+"""MLflow layout of a sweep; only the driver talks to MLflow, so trials never race on its DB.
+
+One experiment per spec; per sweep a parent run, under it a run per attack, and under each
+attack run a child run per trial. Runs are created by the driver: the parent and attack runs
+before Ray starts, a trial's run when Tune reports the trial finished (:class:`TrackingCallback`).
+Each trial run holds the resolved config (params and ``config.json``), every metric of the
+report, per-epoch curves, the time per stage, and tags ``attack``, ``defense``, ``status`` and,
+once the sweep ends, ``pareto``. Each attack run holds the Pareto front (CSV, PNG plots of the
+first objective against each other one, the baselines on the same axes) and the hypervolume as
+it grows with the trials.
+
+Run ids live in the sweep's ``state.json`` and trial runs are keyed by Tune's trial id, so a
+resumed sweep reuses its runs instead of duplicating them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ray import tune
+
+from .pareto import TrialRecord, front_of, growth, pareto_front
+from .search import STATUS_KEY
+
+# keys Tune adds to every result; everything else in a report is the trial's own
+_TUNE_KEYS = {
+    "training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname", "pid",
+    "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
+    "iterations_since_restore", "config", "checkpoint_dir_name", "done", "should_checkpoint", "trial_id",
+    "experiment_id", "experiment_tag",
+}
+_MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = d
+    return out
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SweepTracker:
+    """The sweep's MLflow runs. Picklable (the client is rebuilt after unpickling), because
+    Tune stores its callbacks with the experiment for ``Tuner.restore``."""
+
+    def __init__(self, uri: str, experiment: str, sweep_id: str, state_file: str | Path,
+                 artifact_root: str | Path | None = None):
+        self.uri = uri
+        self.experiment = experiment
+        self.sweep_id = sweep_id
+        self.state_file = str(state_file)
+        self.artifact_root = str(artifact_root) if artifact_root else None
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        p = Path(self.state_file)
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def save_state(self, **changes: Any) -> dict:
+        state = {**self.state(), **changes}
+        p = Path(self.state_file)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(p)
+        return state
+
+    # -- runs ------------------------------------------------------------------------------------
+    def experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = Path(self.artifact_root, self.experiment).as_uri() if self.artifact_root else None
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def start(self, *, name: str, attacks: Sequence[str], spec: dict, code_version: str, summary: dict) -> dict:
+        """Create (or, for a resumed sweep, find) the parent run and the attack runs."""
+        state = self.state()
+        exp_id = state.get("experiment_id") or self.experiment_id()
+        parent = state.get("parent_run_id")
+        if parent is None:
+            run = self.client.create_run(exp_id, run_name=f"sweep-{self.sweep_id}", tags={
+                "role": "sweep", "sweep_id": self.sweep_id, "sweep": name, "code_version": code_version})
+            parent = run.info.run_id
+            params = {k: str(v)[:_MAX_PARAM] for k, v in summary.items()}
+            self._log_batch(parent, params=params)
+            self.client.log_dict(parent, spec, "spec.yaml")
+        else:
+            self.client.update_run(parent, status="RUNNING")
+        runs = dict(state.get("attack_runs", {}))
+        for label in attacks:
+            if label not in runs:
+                run = self.client.create_run(exp_id, run_name=label, tags={
+                    "mlflow.parentRunId": parent, "role": "attack", "attack": label, "sweep_id": self.sweep_id})
+                runs[label] = run.info.run_id
+            else:
+                self.client.update_run(runs[label], status="RUNNING")
+        return self.save_state(sweep_id=self.sweep_id, name=name, experiment=self.experiment, experiment_id=exp_id,
+                               tracking_uri=self.uri, parent_run_id=parent, attack_runs=runs, status="running")
+
+    def log_attack_stage(self, label: str, info: dict) -> None:
+        run = self.state()["attack_runs"][label]
+        metrics = {f"attack_stage/{k}": float(v) for k, v in info.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        tags = {f"attack_stage.{k}": str(v)[:5000] for k, v in info.items()
+                if isinstance(v, (str, bool)) and k != "log_tail"}
+        self._log_batch(run, metrics=metrics, tags=tags)
+        if info.get("log_tail") or info.get("error"):
+            self.client.log_text(run, info.get("error") or info["log_tail"], "attack_stage.log")
+
+    def _log_batch(self, run_id: str, *, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None,
+                   tags: dict[str, str] | None = None, steps: list[tuple[str, float, int]] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = _ms()
+        m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        m += [Metric(k, float(v), now, int(s)) for k, v, s in (steps or [])]
+        p = [Param(k, str(v)[:_MAX_PARAM]) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        # MLflow's batch limits: 100 params, 100 tags, 1000 metrics per call
+        for i in range(0, len(p), 100):
+            self.client.log_batch(run_id, params=p[i:i + 100])
+        for i in range(0, len(t), 100):
+            self.client.log_batch(run_id, tags=t[i:i + 100])
+        for i in range(0, len(m), 1000):
+            self.client.log_batch(run_id, metrics=m[i:i + 1000])
+
+    def trial_runs(self) -> dict[str, Any]:
+        """Tune trial id -> MLflow run of this sweep's logged trials."""
+        state = self.state()
+        if "experiment_id" not in state:
+            return {}
+        runs = self.client.search_runs(
+            [state["experiment_id"]], filter_string=f"tags.sweep_id = '{self.sweep_id}' and tags.role = 'trial'",
+            max_results=50000)
+        return {r.data.tags["trial_id"]: r for r in runs if "trial_id" in r.data.tags}
+
+    def load_config(self, run_id: str) -> dict:
+        """The resolved RunConfig mapping a trial ran with (its ``config.json`` artifact)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            return json.loads(Path(self.client.download_artifacts(run_id, "config.json", d)).read_text())
+
+    def records(self) -> list[TrialRecord]:
+        return [record_from_run(r) for r in self.trial_runs().values()]
+
+    def log_trial(self, rec: TrialRecord, report: dict, history: list) -> str:
+        """One child run under the attack's run, created and finished in one go."""
+        state = self.state()
+        parent = state["attack_runs"][rec.attack]
+        run = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}", tags={
+            "mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
+            "attack": rec.attack, "defense": rec.defense, "study": rec.study, "status": rec.status,
+            "tuned": str(rec.tuned).lower(), "order": str(rec.order), "params_json": json.dumps(rec.params)[:5000]})
+        run_id = run.info.run_id
+        metrics = {k: v for k, v in report.items()
+                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        steps = []
+        for i, entry in enumerate(history or []):
+            if not isinstance(entry, dict):
+                continue
+            step = int(entry.get("epoch", i)) if isinstance(entry.get("epoch", i), (int, float)) else i
+            stage = str(entry.get("stage", "defense"))
+            for k, v in entry.items():
+                if k not in ("epoch", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    steps.append((f"curve/{stage}/{k}", v, step))
+        self._log_batch(run_id, metrics=metrics, params=flatten(rec.config), steps=steps)
+        self.client.log_dict(run_id, rec.config, "config.json")
+        if rec.error:
+            self.client.log_text(run_id, rec.error, "error.txt")
+        self.client.set_terminated(run_id, "FINISHED" if rec.status == "completed" else "FAILED")
+        return run_id
+
+    def log_growth(self, attack: str, step: int, hypervolume: float, front_size: int) -> None:
+        run = self.state()["attack_runs"][attack]
+        self._log_batch(run, steps=[("hypervolume", hypervolume, step), ("pareto_size", front_size, step)])
+
+    def finish(self, records: list[TrialRecord], objectives: Sequence, *, attack_info: dict[str, dict] | None = None,
+               export_file: Path | None = None, status: str = "FINISHED") -> dict[str, list[TrialRecord]]:
+        """Tag the Pareto trials, log each attack's front, plots and hypervolume; close the runs."""
+        state = self.state()
+        metrics = [o.metric for o in objectives]
+        modes = [o.mode for o in objectives]
+        ref = [o.reference for o in objectives]
+        fronts: dict[str, list[TrialRecord]] = {}
+        for attack, run in state["attack_runs"].items():
+            recs = [r for r in records if r.attack == attack]
+            front = front_of(recs, metrics, modes)
+            fronts[attack] = front
+            on_front = {r.trial_id for r in front}
+            for r in recs:
+                if r.run_id:
+                    self.client.set_tag(r.run_id, "pareto", "true" if r.trial_id in on_front else "false")
+            curve = growth(recs, metrics, modes, ref)
+            self.client.log_text(run, records_csv(front, metrics), "pareto/front.csv")
+            self.client.log_text(run, records_csv(recs, metrics), "pareto/trials.csv")
+            self.client.log_text(run, "trials,hypervolume\n" + "".join(f"{k},{v:.6g}\n" for k, v in curve),
+                                 "pareto/hypervolume.csv")
+            for name, fig in plot_front(attack, recs, front, objectives).items():
+                self.client.log_figure(run, fig, f"pareto/{name}.png")
+            fig = plot_growth(attack, curve)
+            if fig is not None:
+                self.client.log_figure(run, fig, "pareto/hypervolume.png")
+            self._log_batch(run, metrics={
+                "pareto_size": len(front), "hypervolume_final": curve[-1][1] if curve else 0.0,
+                "trials_completed": sum(r.status == "completed" for r in recs),
+                "trials_failed": sum(r.status != "completed" for r in recs)})
+            self.client.set_terminated(run, status)
+        parent = state["parent_run_id"]
+        allf = [r for f in fronts.values() for r in f]
+        self.client.log_text(parent, records_csv(allf, metrics), "pareto/fronts.csv")
+        if export_file is not None and Path(export_file).is_file():
+            self.client.log_artifact(parent, str(export_file), "export")
+        self._log_batch(parent, metrics={"trials": len(records),
+                                         "trials_failed": sum(r.status != "completed" for r in records)})
+        self.client.set_terminated(parent, status)
+        self.save_state(status="finished" if status == "FINISHED" else "failed")
+        return fronts
+
+
+def record_from_run(run) -> TrialRecord:
+    tags = run.data.tags
+    try:
+        params = json.loads(tags.get("params_json", "{}"))
+    except json.JSONDecodeError:
+        params = {}
+    return TrialRecord(trial_id=tags["trial_id"], study=tags.get("study", ""), attack=tags.get("attack", ""),
+                       defense=tags.get("defense", ""), status=tags.get("status", "failed"),
+                       metrics=dict(run.data.metrics), params=params, tuned=tags.get("tuned", "true") == "true",
+                       order=int(tags.get("order", 0)), run_id=run.info.run_id)
+
+
+def records_csv(records: Sequence[TrialRecord], metrics: Sequence[str]) -> str:
+    keys = sorted({k for r in records for k in r.params})
+    extra = sorted({k for r in records for k in r.metrics} - set(metrics))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["attack", "defense", "trial_id", "run_id", "status", "order", *metrics, *keys, *extra])
+    for r in sorted(records, key=lambda r: r.order):
+        w.writerow([r.attack, r.defense, r.trial_id, r.run_id or "", r.status, r.order,
+                    *(_fmt(r.metrics.get(m)) for m in metrics), *(r.params.get(k, "") for k in keys),
+                    *(_fmt(r.metrics.get(m)) for m in extra)])
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def plot_front(attack: str, records: Sequence[TrialRecord], front: Sequence[TrialRecord], objectives: Sequence) -> dict:
+    """One figure per objective after the first: the first objective (y) against it (x), every
+    usable trial, the Pareto trials and the 2-D front of the projection; baselines labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = {}
+    first = objectives[0]
+    usable = [r for r in records if r.usable([o.metric for o in objectives])]
+    on_front = {r.trial_id for r in front}
+    for o in objectives[1:]:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        tuned = [r for r in usable if r.tuned]
+        for defense in sorted({r.defense for r in tuned}):
+            pts = [r for r in tuned if r.defense == defense]
+            ax.scatter([r.metrics[o.metric] for r in pts], [r.metrics[first.metric] for r in pts], s=18,
+                       alpha=0.45, label=f"{defense} trials")
+        pts = [r for r in usable if r.trial_id in on_front]
+        ax.scatter([r.metrics[o.metric] for r in pts], [r.metrics[first.metric] for r in pts], s=60,
+                   facecolors="none", edgecolors="black", label="Pareto (all objectives)")
+        xy = [(r.metrics[o.metric], r.metrics[first.metric]) for r in usable]
+        if xy:
+            idx = pareto_front([(x, y) for x, y in xy], [o.mode, first.mode])
+            stair = sorted(xy[i] for i in idx)
+            ax.step([p[0] for p in stair], [p[1] for p in stair], where="post", color="black", lw=0.8,
+                    label=f"front in ({o.metric}, {first.metric})")
+        for r in (r for r in usable if not r.tuned):
+            ax.scatter([r.metrics[o.metric]], [r.metrics[first.metric]], marker="*", s=160, zorder=5,
+                       label=f"{r.defense} (baseline)")
+        ax.set_xlabel(f"{o.metric} ({o.mode})")
+        ax.set_ylabel(f"{first.metric} ({first.mode})")
+        ax.set_title(f"{attack}: {first.metric} against {o.metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        figs[f"{first.metric}_vs_{o.metric}"] = fig
+        plt.close(fig)
+    return figs
+
+
+def plot_growth(attack: str, curve: list[tuple[int, float]]):
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([k for k, _ in curve], [v for _, v in curve], marker="o", ms=3)
+    ax.set_xlabel("trials finished")
+    ax.set_ylabel("hypervolume of the front")
+    ax.set_title(f"{attack}: hypervolume as the sweep goes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+class TrackingCallback(tune.Callback):
+    """Logs each finished or failed trial to MLflow from the driver, and the attack's
+    hypervolume as it grows. Trials already logged (a resumed sweep) are not logged again."""
+
+    def __init__(self, tracker: SweepTracker, objectives: Sequence):
+        self.tracker = tracker
+        self.objectives = list(objectives)
+        self.records: dict[str, TrialRecord] = {}
+
+    def setup(self, **info) -> None:
+        self.records = {r.trial_id: r for r in self.tracker.records()}
+
+    def get_state(self) -> dict | None:
+        return None  # MLflow holds the records; setup() reloads them
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result = trial.last_result or {}
+        status = result.get(STATUS_KEY)
+        self._record(trial, result, status if status in ("completed", "diverged") else "failed", None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        text = None
+        try:
+            if trial.error_file and Path(trial.error_file).is_file():
+                text = Path(trial.error_file).read_text()[-8000:]
+        except Exception:  # the error file is a nicety; the status is what matters
+            text = None
+        self._record(trial, {}, "failed", text or "trial raised (see the Tune trial folder)")
+
+    def _record(self, trial, result: dict, status: str, error: str | None) -> None:
+        cfg = trial.config
+        if "study" not in cfg or trial.trial_id in self.records:
+            return
+        metrics = {k: float(v) for k, v in result.items()
+                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if status == "diverged" and error is None:
+            error = f"diverged: objectives {result.get('diverged_objectives', '?')} were not finite"
+        rec = TrialRecord(trial_id=trial.trial_id, study=cfg["study"], attack=cfg["attack"], defense=cfg["defense"],
+                          status=status, metrics=metrics, params=dict(cfg.get("params", {})), config=cfg["run"],
+                          tuned=bool(cfg.get("tuned", True)), order=len(self.records) + 1, error=error)
+        try:
+            rec.run_id = self.tracker.log_trial(rec, metrics, result.get("history") or [])
+        except Exception as exc:  # MLflow trouble must not kill the sweep; the trial stays in Tune
+            print(f"MLflow: could not log trial {trial.trial_id}: {exc}", flush=True)
+        self.records[trial.trial_id] = rec
+        objectives = self.objectives
+        recs = [r for r in self.records.values() if r.attack == rec.attack]
+        metrics_ = [o.metric for o in objectives]
+        modes = [o.mode for o in objectives]
+        curve = growth(recs, metrics_, modes, [o.reference for o in objectives])
+        try:
+            self.tracker.log_growth(rec.attack, len(recs), curve[-1][1], len(front_of(recs, metrics_, modes)))
+        except Exception as exc:
+            print(f"MLflow: could not log the hypervolume of {rec.attack}: {exc}", flush=True)
+        print(f"[sweep] {rec.study} trial {rec.trial_id}: {status}"
+              + "".join(f", {m}={rec.metrics[m]:.4f}" for m in metrics_ if m in rec.metrics), flush=True)

@@ -1,0 +1,248 @@
+"""The contract every registered attack keeps, and the exact triggers of BadNets and Blended."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import trainables  # noqa: F401  (fill the registries)
+from trainables.attacks import build_attack
+from trainables.attacks.base import AttackConfig, to_float, to_uint8
+from trainables.checkpoint import load_tensors, save_tensors
+from trainables.config import ConfigError, build
+from trainables.data.base import Dataset, ImageSet
+from trainables.registry import ATTACKS
+
+NUM_CLASSES = 5
+
+
+def image_set(n: int, size: int = 32, seed: int = 0) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    # values kept away from 0 and 255 so that any trigger pixel shows up as a change
+    x = torch.randint(20, 236, (n, 3, size, size), generator=g).to(torch.uint8)
+    y = (torch.arange(n) % NUM_CLASSES)[torch.randperm(n, generator=g)]
+    return ImageSet(x, y)
+
+
+def dataset(size: int = 32) -> Dataset:
+    return Dataset("synthetic", image_set(200, size, 0), image_set(60, size, 1),
+                   classes=[f"c{i}" for i in range(NUM_CLASSES)])
+
+
+def make_attack(name: str, data: Dataset, **options):
+    return build_attack(build(AttackConfig, {"name": name, **options}, "attack", registry=ATTACKS), data)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=ATTACKS.names())
+def name(request) -> str:
+    return request.param
+
+
+def test_trigger_keeps_shape_dtype_and_range(name):
+    data = dataset()
+    attack = make_attack(name, data)
+    x = torch.rand(6, 3, 32, 32, generator=gen(0))
+    before = x.clone()
+    for train in (True, False):
+        for dtype in (torch.float32, torch.float64):
+            out = attack.apply_trigger(x.to(dtype), train=train)
+            assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+            assert torch.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+    assert torch.equal(x, before), "apply_trigger must not modify its input"
+    if name != "clean":
+        assert not torch.allclose(attack.apply_trigger(x, train=False), x), "the trigger changes nothing"
+
+
+def test_same_seed_same_poison_and_declared_indices(name):
+    data = dataset()
+    attack = make_attack(name, data, poison_rate=0.2)
+    exclude = torch.randperm(len(data.train), generator=gen(9))[:40]
+    a, index_a = attack.poison_trainset(data.train, gen(3), exclude=exclude)
+    b, index_b = attack.poison_trainset(data.train, gen(3), exclude=exclude)
+    assert torch.equal(index_a, index_b) and torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert a.x.shape == data.train.x.shape and a.x.dtype == torch.uint8 and len(a.y) == len(data.train)
+
+    drawn = attack.select_poison(data.train.y, gen(3))
+    if not attack.build_time:  # clean, or poisons on the fly
+        assert len(index_a) == 0 and torch.equal(a.x, data.train.x) and torch.equal(a.y, data.train.y)
+        return
+    assert len(drawn) == round(0.2 * len(data.train))
+    expected = drawn[~torch.isin(drawn, exclude)]
+    assert torch.equal(index_a, expected) and len(index_a) > 0, "poison count = round(rate*N) minus the excluded"
+    assert not torch.isin(index_a, exclude).any()
+    _, index_c = attack.poison_trainset(data.train, gen(4), exclude=exclude)
+    assert not torch.equal(index_a, index_c), "another seed should draw other samples"
+
+    untouched = torch.ones(len(data.train), dtype=torch.bool)
+    untouched[index_a] = False
+    assert torch.equal(a.x[untouched], data.train.x[untouched]) and torch.equal(a.y[untouched], data.train.y[untouched])
+    if attack.clean_label:
+        assert (data.train.y[index_a] == attack.target).all() and torch.equal(a.y[index_a], data.train.y[index_a])
+    else:
+        assert (a.y[index_a] == attack.target).all()
+    changed = (a.x[index_a] != data.train.x[index_a]).flatten(1).any(1)
+    assert changed.all(), "every poisoned image carries the trigger"
+    expected_x = to_uint8(attack.apply_trigger(to_float(data.train.x[index_a]), train=True))
+    assert torch.equal(a.x[index_a], expected_x)
+
+    real = attack.poisoned_samples(data.train, a, index_a)
+    assert torch.equal(real.x, a.x[index_a]) and torch.equal(real.y, data.train.y[index_a])
+
+
+def test_poison_testset_is_non_target_images_labelled_target(name):
+    data = dataset()
+    attack = make_attack(name, data, target=2)
+    poisoned = attack.poison_testset(data.test)
+    keep = data.test.y != 2
+    assert len(poisoned) == int(keep.sum()) and (poisoned.y == 2).all()
+    expected = to_uint8(attack.apply_trigger(to_float(data.test.x[keep]), train=False))
+    assert torch.equal(poisoned.x, expected)
+    if name == "clean":
+        assert torch.equal(poisoned.x, data.test.x[keep])
+    else:
+        assert (poisoned.x != data.test.x[keep]).flatten(1).any(1).all()
+
+
+def test_state_tensors_survive_a_file_and_are_checked(name, tmp_path):
+    data = dataset()
+    attack = make_attack(name, data)
+    state = attack.state_tensors()
+    again = make_attack(name, data)
+    again.load_state(load_tensors(save_tensors(tmp_path / "attack.safetensors", state)) if state else {})
+    x = torch.rand(4, 3, 32, 32, generator=gen(1))
+    assert torch.equal(again.apply_trigger(x), attack.apply_trigger(x))
+    for key, value in state.items():
+        if value.is_floating_point():
+            with pytest.raises(ValueError, match=key):
+                again.load_state({**state, key: value + 0.5})
+
+
+def test_target_must_be_a_class(name):
+    with pytest.raises(ConfigError, match="attack.target"):
+        make_attack(name, dataset(), target=NUM_CLASSES)
+
+
+# -- BadNets ------------------------------------------------------------------------------------
+
+
+def changed_region(attack, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = image_set(4, size, 5).x
+    out = to_uint8(attack.apply_trigger(to_float(x)))
+    return out, (out != x).any(0).any(0)  # (H, W): pixels the trigger touched in any image
+
+
+def test_badnets_default_is_a_white_3x3_square_bottom_right():
+    attack = make_attack("badnets", dataset())
+    out, touched = changed_region(attack, 32)
+    expected = torch.zeros(32, 32, dtype=torch.bool)
+    expected[29:, 29:] = True
+    assert torch.equal(touched, expected)
+    assert (out[:, :, 29:, 29:] == 255).all()
+
+
+def test_badnets_position_size_and_pattern_are_configurable():
+    data = dataset()
+    out, touched = changed_region(make_attack("badnets", data, position=[5, 7], size=4), 32)
+    assert touched[5:9, 7:11].all() and touched.sum() == 16 and (out[:, :, 5:9, 7:11] == 255).all()
+
+    out, touched = changed_region(make_attack("badnets", data, position="top-left"), 32)
+    assert touched[:3, :3].all() and touched.sum() == 9
+
+    attack = make_attack("badnets", data, pattern="checkerboard", position="top-right")
+    out = to_uint8(attack.apply_trigger(torch.full((1, 3, 32, 32), 0.5)))
+    patch = out[0, 0, :3, 29:].float() / 255
+    assert torch.equal(patch, torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 0, 1]]))
+    assert (out[0, :, 3:, :] == 127).all() and (out[0, :, :, :29] == 127).all()
+
+
+def test_badnets_scales_with_resolution():
+    data64 = dataset(64)
+    # bilinear (BackdoorBench resizes its 32x32 trigger image): a 5x5 core of 255 in a 7x7 region
+    out, touched = changed_region(make_attack("badnets", data64), 64)
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    expected[57:, 57:] = True
+    assert torch.equal(touched, expected)
+    assert (out[:, :, 59:, 59:] == 255).all()
+    rim = out[:, :, 57, 57:].float()
+    assert (rim > 0).all() and (rim < 255).all()
+    # nearest: a crisp 6x6 square
+    out, touched = changed_region(make_attack("badnets", data64, resize="nearest"), 64)
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    expected[58:, 58:] = True
+    assert torch.equal(touched, expected) and (out[:, :, 58:, 58:] == 255).all()
+
+
+def test_badnets_trigger_image_file(tmp_path):
+    from PIL import Image
+
+    array = np.zeros((32, 32, 3), dtype=np.uint8)
+    array[10:12, 20:23] = (200, 30, 90)
+    Image.fromarray(array).save(tmp_path / "trigger.png")
+    attack = make_attack("badnets", dataset(), image=str(tmp_path / "trigger.png"))
+    out, touched = changed_region(attack, 32)
+    assert touched.sum() == 6 and touched[10:12, 20:23].all()
+    assert (out[:, :, 10:12, 20:23] == torch.tensor([200, 30, 90], dtype=torch.uint8).view(1, 3, 1, 1)).all()
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"position": "middle"}, "attack.position"),
+    ({"position": [30, 0]}, "attack.position"),
+    ({"size": 0}, "attack.size"),
+    ({"pattern": "stripes"}, "attack.pattern"),
+    ({"image": "/nonexistent/trigger.png"}, "attack.image"),
+])
+def test_badnets_bad_options_name_the_field(options, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build(AttackConfig, {"name": "badnets", **options}, "attack", registry=ATTACKS)
+
+
+# -- Blended ------------------------------------------------------------------------------------
+
+
+def test_blended_is_0_8_x_plus_0_2_k():
+    from sklearn.datasets import load_sample_image
+
+    attack = make_attack("blended", dataset())
+    k = attack.state_tensors()["image"]
+    photo = torch.from_numpy(np.array(load_sample_image("china.jpg"))).permute(2, 0, 1).float()[None] / 255
+    reference = F.interpolate(photo, size=(32, 32), mode="bilinear", antialias=True)[0]
+    assert k.shape == (3, 32, 32) and (k - reference).abs().max() <= 0.5 / 255 + 1e-6
+    assert k.std() > 0.05, "the trigger should be a photo, not a flat colour"
+
+    x = torch.rand(8, 3, 32, 32, generator=gen(2))
+    for train in (True, False):
+        assert torch.allclose(attack.apply_trigger(x, train=train), 0.8 * x + 0.2 * k, atol=1e-6)
+    data = dataset()
+    poisoned, index = attack.poison_trainset(data.train, gen(0))
+    exact = (0.8 * data.train.x[index].double() + 0.2 * (k.double() * 255)).floor()
+    assert (poisoned.x[index].double() - exact).abs().max() <= 1  # truncated like astype(uint8)
+
+
+def test_blended_alphas_and_image_file(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 50, 3), (250, 10, 130), dtype=np.uint8)).save(tmp_path / "k.png")
+    attack = make_attack("blended", dataset(), alpha_train=0.3, alpha_test=0.1, image=str(tmp_path / "k.png"))
+    k = torch.tensor([250, 10, 130]).view(3, 1, 1) / 255
+    assert torch.allclose(attack.state_tensors()["image"], k.expand(3, 32, 32), atol=1e-6)
+    x = torch.rand(2, 3, 32, 32, generator=gen(3))
+    assert torch.allclose(attack.apply_trigger(x, train=True), 0.7 * x + 0.3 * k, atol=1e-6)
+    assert torch.allclose(attack.apply_trigger(x, train=False), 0.9 * x + 0.1 * k, atol=1e-6)
+    flower = make_attack("blended", dataset(), image="sklearn:flower.jpg").state_tensors()["image"]
+    assert not torch.allclose(flower, make_attack("blended", dataset()).state_tensors()["image"])
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"alpha_train": 1.5}, "attack.alpha_train"),
+    ({"image": "sklearn:astronaut.png"}, "attack.image"),
+    ({"image": "/nonexistent.png"}, "attack.image"),
+    ({"alpha": 0.2}, "attack.alpha"),
+])
+def test_blended_bad_options_name_the_field(options, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build(AttackConfig, {"name": "blended", **options}, "attack", registry=ATTACKS)

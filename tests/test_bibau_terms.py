@@ -1,0 +1,398 @@
+"""BI-BAU's terms checked one by one (METHOD.md) on tiny synthetic models and random tensors."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import trainables  # noqa: F401  (fill the registries)
+from trainables.config import ConfigError, build
+from trainables.defenses import DefenseConfig, build_defense
+from trainables.defenses.bibau import PRESETS, BiBauConfig
+from trainables.defenses.fisher import diagonal_fisher, normalize_fisher
+from trainables.defenses.losses import (backdoor_direction, cosine, ewc_penalty, inverse_ewc, kd_loss,
+                                        prior_terms, trigger_loss)
+from trainables.defenses.pgd import EStep
+from trainables.models.base import Classifier
+from trainables.registry import DEFENSES
+
+CPU = torch.device("cpu")
+
+
+class Tiny(Classifier):
+    """conv-BN-ReLU-pool features and a linear head: enough to have BatchNorm and a W."""
+
+    def __init__(self, num_classes=4, seed=0):
+        super().__init__((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, num_classes)
+
+    def embed(self, x):
+        return F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1)
+
+
+def images(n=8, size=8, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def labels(n=8, k=4, seed=0):
+    return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# -- E-step terms ----------------------------------------------------------------------------
+def test_kd_equals_weighted_ce_when_student_is_teacher():
+    model = Tiny().eval()
+    x, y = images(), labels()
+    with torch.no_grad():
+        z = model(x)
+    for gamma in (0.0, 0.5, 0.9):
+        got = kd_loss(z, model(x).detach(), y, temperature=2.0, gamma=gamma)
+        assert torch.allclose(got, (1 - gamma) * F.cross_entropy(z, y), atol=1e-6)
+    # and the KL part is positive as soon as they differ
+    other = z + torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    assert kd_loss(other, z, y, 2.0, 0.5) > 0.5 * F.cross_entropy(other, y) + 1e-4
+
+
+def test_kd_soft_term_scales_with_t_squared():
+    z_s, z_t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    for T in (1.0, 2.0, 4.0):
+        kl = F.kl_div(F.log_softmax(z_s / T, 1), F.softmax(z_t / T, 1), reduction="batchmean")
+        assert torch.allclose(kd_loss(z_s, z_t, y, T, gamma=1.0), T * T * kl, atol=1e-6)
+
+
+def test_trigger_loss_targeted_and_untargeted():
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    assert torch.allclose(trigger_loss(z, y, None), -F.cross_entropy(z, y))
+    assert torch.allclose(trigger_loss(z, y, 2), F.cross_entropy(z, torch.full_like(y, 2)))
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.3, 0.5, 1.0])
+def test_angle_term_is_zero_when_cosine_equals_theta(theta):
+    d = 6
+    h = torch.zeros(3, d)
+    h[:, 0] = torch.tensor([1.0, 2.0, 0.5])
+    dh = torch.zeros(3, d)
+    dh[:, 0] = theta
+    dh[:, 1] = math.sqrt(1 - theta ** 2)
+    assert torch.allclose(cosine(dh, h), torch.full((3,), theta), atol=1e-6)
+    angle, _ = prior_terms(h + dh, h, torch.zeros(3, d), theta)
+    assert angle.item() < 1e-10
+    off, _ = prior_terms(h + dh, h, torch.zeros(3, d), (theta + 0.5) % 1.0)
+    assert off.item() > 0.05
+
+
+def test_alignment_is_skipped_when_heads_agree_and_rewards_alignment_otherwise():
+    w = torch.randn(4, 6)
+    k = torch.tensor([0, 3, 1])
+    u = backdoor_direction(w, w.clone(), k)
+    assert u.abs().max() == 0
+    h = torch.randn(3, 6)
+    h_adv = (h + torch.randn(3, 6)).requires_grad_(True)
+    angle, align = prior_terms(h_adv, h, u, 0.5)
+    assert align.item() == 0.0 and not align.requires_grad  # a constant: no pull on δ
+    assert angle.requires_grad
+    w_theta = w + torch.randn(4, 6)
+    u = backdoor_direction(w, w_theta, k)
+    assert torch.allclose(u, (w - w_theta)[k])
+    _, aligned = prior_terms(h + 2.0 * u, h, u, 0.5)  # Δh along u: cos = 1
+    assert torch.allclose(aligned, torch.tensor(-1.0), atol=1e-6)
+
+
+# -- M-step terms -----------------------------------------------------------------------------
+def _params(model):
+    return dict(model.named_parameters())
+
+
+def test_ewc_is_zero_at_anchor_and_grows_away():
+    model = Tiny()
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher = {n: torch.rand_like(p) for n, p in anchor.items()}
+    assert ewc_penalty(_params(model), anchor, fisher).item() == 0.0
+    values = []
+    for scale in (0.01, 0.1, 1.0):
+        moved = {n: p + scale for n, p in anchor.items()}
+        values.append(ewc_penalty(moved, anchor, fisher).item())
+    assert 0 < values[0] < values[1] < values[2]
+    # exactly Σ F Δ²
+    expected = sum((f * 0.01).sum() for f in fisher.values()).item()  # Δ = 0.1
+    assert values[1] == pytest.approx(expected, rel=1e-4)
+
+
+def test_inverse_ewc_is_clip_at_bd_bounded_and_decreasing():
+    model = Tiny()
+    theta_bd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher = normalize_fisher({n: torch.rand_like(p) for n, p in theta_bd.items()})
+    C = 10.0
+    params = _params(model)
+    at_bd = inverse_ewc(params, theta_bd, fisher, C)
+    assert at_bd.item() == pytest.approx(C)
+    at_bd.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+    direction = {n: torch.randn_like(p) for n, p in theta_bd.items()}
+    values = [inverse_ewc({n: theta_bd[n] + t * direction[n] for n in theta_bd}, theta_bd, fisher, C).item()
+              for t in (1e-4, 1e-2, 0.1, 1.0, 10.0)]
+    assert all(v <= C for v in values)
+    assert values[0] == pytest.approx(C)  # still clipped close to θ_bd
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] < values[2] < C
+
+
+def test_inverse_ewc_gradient_pushes_away_from_bd():
+    model = Tiny()
+    theta_bd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher = {n: torch.ones_like(p) for n, p in theta_bd.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    loss = inverse_ewc(_params(model), theta_bd, fisher, 10.0)
+    assert loss.item() < 10.0
+    loss.backward()
+    # -grad (the descent direction) points away from θ_bd: same sign as θ - θ_bd
+    for n, p in model.named_parameters():
+        assert (-p.grad * (p.detach() - theta_bd[n]) >= 0).all()
+
+
+# -- Fisher ---------------------------------------------------------------------------------------
+def test_batch_fisher_is_mean_of_squared_batch_gradients_and_leaves_model_alone():
+    model = Tiny()
+    model.train()
+    x, y = images(12), labels(12)
+    state = copy.deepcopy(model.state_dict())
+    raw = diagonal_fisher(model, x, y, CPU, batch_size=4, normalize="none")
+    assert model.training  # mode restored
+    for k, v in model.state_dict().items():  # BN running statistics not updated, weights untouched
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    ref = copy.deepcopy(model).eval()
+    expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for i in range(0, 12, 4):
+        ref.zero_grad()
+        F.cross_entropy(ref(x[i:i + 4]), y[i:i + 4]).backward()
+        for n, p in ref.named_parameters():
+            expected[n] += p.grad ** 2 / 3
+    for n in expected:
+        assert torch.allclose(raw[n], expected[n], rtol=1e-4, atol=1e-10), n
+
+
+def test_sample_fisher_matches_a_per_sample_loop_and_max_normalises():
+    model = Tiny().eval()
+    x, y = images(6), labels(6)
+    got = diagonal_fisher(model, x, y, CPU, batch_size=4, estimator="sample", normalize="none")
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(6):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad ** 2 / 6
+    for n in expected:
+        assert torch.allclose(got[n], expected[n], rtol=1e-4, atol=1e-10), n
+    norm = normalize_fisher(got, "max")
+    top = max(f.max().item() for f in norm.values())
+    assert top == pytest.approx(1.0) and min(f.min().item() for f in norm.values()) >= 0
+    mean = normalize_fisher(got, "mean")
+    assert torch.cat([f.flatten() for f in mean.values()]).mean().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_fisher_without_labels_uses_the_models_predictions():
+    model = Tiny().eval()
+    x = images(8)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    assert all(torch.equal(a, b) for a, b in zip(
+        diagonal_fisher(model, x, None, CPU, batch_size=8).values(),
+        diagonal_fisher(model, x, pred, CPU, batch_size=8).values()))
+    # uint8 images are read as [0, 1]
+    x8 = (x * 255).round().to(torch.uint8)
+    f8 = diagonal_fisher(model, x8, pred, CPU, batch_size=8, normalize="none")
+    ff = diagonal_fisher(model, x8.float() / 255, pred, CPU, batch_size=8, normalize="none")
+    assert all(torch.allclose(f8[n], ff[n]) for n in f8)
+
+
+# -- PGD ------------------------------------------------------------------------------------------
+def _pair(seed=0):
+    f_bd = Tiny(seed=seed).eval()
+    f_theta = copy.deepcopy(f_bd)
+    with torch.no_grad():  # W_θ != W_bd so the alignment term is live
+        f_theta.head.weight.add_(0.3 * torch.randn(f_theta.head.weight.shape,
+                                                   generator=torch.Generator().manual_seed(5)))
+    return f_bd, f_theta
+
+
+@pytest.mark.parametrize("target", [None, 1])
+def test_pgd_respects_budget_and_pixel_range(target):
+    f_bd, f_theta = _pair()
+    x = images(16)
+    x[:4] = 0.0  # corners of the pixel box
+    x[4:8] = 1.0
+    y = labels(16)
+    eps = 25 / 255
+    estep = EStep(eps=eps, step=2 / 255, steps=20, target=target)
+    x_adv, stats = estep.craft(f_bd, f_theta, x, y, CPU, torch.Generator().manual_seed(0))
+    assert x_adv.shape == x.shape
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert (x_adv - x).abs().max().item() <= eps + 1e-6
+    assert 0 < stats["delta_linf"] <= eps + 1e-6
+    for key in ("l_in", "l_trig", "l_kd", "l_angle", "l_align"):
+        assert math.isfinite(stats[key]), key
+    # the same generator seed gives the same examples
+    again, _ = estep.craft(f_bd, f_theta, x, y, CPU, torch.Generator().manual_seed(0))
+    assert torch.equal(x_adv, again)
+
+
+def test_pgd_leaves_models_unchanged():
+    f_bd, f_theta = _pair()
+    f_theta.train()
+    before = [copy.deepcopy(m.state_dict()) for m in (f_bd, f_theta)]
+    EStep(eps=0.1, step=0.02, steps=3).craft(f_bd, f_theta, images(), labels(), CPU, torch.Generator().manual_seed(0))
+    assert f_theta.training and not f_bd.training
+    assert all(p.requires_grad for p in f_theta.parameters())
+    assert all(p.grad is None for m in (f_bd, f_theta) for p in m.parameters())
+    for m, state in zip((f_bd, f_theta), before):
+        for k, v in m.state_dict().items():  # eval mode: BN running statistics untouched
+            assert torch.equal(v, state[k]), k
+
+
+def test_targeted_trigger_loss_decreases_over_pgd_steps():
+    f_bd, f_theta = _pair(seed=3)
+    x, y = images(16, size=8, seed=2), labels(16, seed=2)
+    estep = EStep(eps=0.3, step=0.02, steps=30, random_start=False, target=2, alpha=0.0, beta=0.0)
+    x_adv, stats = estep.craft(f_bd, f_theta, x, y, CPU, trace=True)
+    trace = stats["l_trig_trace"]
+    assert len(trace) == 30 and trace[-1] < trace[0] - 0.1
+    with torch.no_grad():
+        ce_before = F.cross_entropy(f_bd(x), torch.full_like(y, 2))
+        ce_after = F.cross_entropy(f_bd(x_adv), torch.full_like(y, 2))
+    assert ce_after < ce_before - 0.1
+
+
+def test_untargeted_trigger_loss_raises_ce_of_true_label():
+    f_bd, f_theta = _pair(seed=4)
+    x, y = images(16, seed=3), labels(16, seed=3)
+    estep = EStep(eps=0.3, step=0.02, steps=20, random_start=False, alpha=0.0, beta=0.0)
+    x_adv, _ = estep.craft(f_bd, f_theta, x, y, CPU)
+    with torch.no_grad():
+        assert F.cross_entropy(f_bd(x_adv), y) > F.cross_entropy(f_bd(x), y) + 0.1
+
+
+class _Counter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, *args):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_pgd_does_no_work_twice(alpha, beta):
+    f_bd, f_theta = _pair()
+    bd_calls, theta_calls = _Counter(f_bd.conv), _Counter(f_theta.conv)
+    steps = 5
+    EStep(eps=0.1, step=0.02, steps=steps, alpha=alpha, beta=beta).craft(
+        f_bd, f_theta, images(), labels(), CPU, torch.Generator().manual_seed(0))
+    # f_bd: one pass on x (KD's teacher, only when α is on) + one per step on x'
+    assert bd_calls.calls == steps + (1 if alpha > 0 else 0)
+    # f_θ: h_θ(x) once (prior, β on) + one per step on x' when α or β is on; none for Base AT
+    assert theta_calls.calls == (1 if beta > 0 else 0) + (steps if alpha > 0 or beta > 0 else 0)
+
+
+# -- config and presets ---------------------------------------------------------------------------
+def test_presets_switch_the_right_terms_off():
+    on = {"alpha": 2.0, "beta": 3.0, "lambda1": 4.0, "lambda2": 0.5}
+    expect = {
+        "full": on,
+        "base_at": {"alpha": 0.0, "beta": 0.0, "lambda1": 0.0, "lambda2": 0.0},
+        "base_at_a": {"alpha": 2.0, "beta": 0.0, "lambda1": 4.0, "lambda2": 0.0},  # L_KD, L_EWC
+        "base_at_b": {"alpha": 0.0, "beta": 3.0, "lambda1": 0.0, "lambda2": 0.5},  # L_prior, L_invEWC
+    }
+    assert set(PRESETS) == set(expect)
+    for preset, weights in expect.items():
+        cfg = build(DefenseConfig, {"name": "bibau_u", "preset": preset, **on}, "defense", registry=DEFENSES)
+        assert cfg.weights() == weights
+        estep = build_defense(cfg).estep(None)
+        assert (estep.alpha, estep.beta) == (weights["alpha"], weights["beta"])
+
+
+def test_config_defaults_match_method():
+    cfg = build(DefenseConfig, {"name": "bibau_u"}, "defense", registry=DEFENSES)
+    assert isinstance(cfg, BiBauConfig)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule) == (20, 128, 0.01, "cosine")
+    assert (cfg.theta, cfg.lambda1, cfg.lambda2, cfg.kd_temperature, cfg.kd_gamma, cfg.inv_ewc_clip) == (
+        0.5, 1.0, 0.1, 2.0, 0.5, 10.0)
+    assert (cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, cfg.pgd_random_start) == (25 / 255, 2 / 255, 20, True)
+    assert cfg.fisher_norm == "max" and cfg.preset == "full"
+    targeted = build_defense(build(DefenseConfig, {"name": "bibau_t"}, "defense", registry=DEFENSES))
+    assert targeted.needs_target and targeted.estep(3).target == 3
+    assert build_defense(cfg).estep(3).target is None  # untargeted ignores a known target
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("theta", 1.5, "defense.theta"),
+    ("preset", "base_at_c", "defense.preset"),
+    ("fisher_norm", "median", "defense.fisher_norm"),
+    ("kd_temperature", 0.0, "defense.kd_temperature"),
+    ("pgd_steps", 0, "defense.pgd_steps"),
+    ("lambda_1", 1.0, "defense.lambda_1: unknown key"),
+])
+def test_bad_config_names_the_field(key, value, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        build(DefenseConfig, {"name": "bibau_u", key: value}, "defense", registry=DEFENSES)
+
+
+# -- the terms as the defense runs them -----------------------------------------------------------
+def _purify(lines=None, seed=0, **overrides):
+    from trainables.data.base import ImageSet
+    from trainables.defenses import DefenseContext
+
+    g = torch.Generator().manual_seed(seed)
+    clean = ImageSet(torch.randint(0, 256, (24, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(24) % 4)
+    cfg = build(DefenseConfig, {"name": "bibau_u", "epochs": 3, "batch_size": 8, "pgd_steps": 2, **overrides},
+                "defense", registry=DEFENSES)
+    ctx = DefenseContext(device=CPU, num_classes=4, seed=seed, log=(lines.append if lines is not None else lambda s: None))
+    return build_defense(cfg).purify(Tiny(), clean, ctx)
+
+
+def test_full_history_logs_every_term_and_inverse_ewc_starts_in_epoch_two():
+    history = _purify(lambda2=1.0).history
+    for row in history:
+        for key in ("l_in", "l_trig", "l_kd", "l_angle", "l_align", "l_prior", "delta_linf",
+                    "ce_clean", "ce_adv", "ewc", "loss_out", "seconds", "fisher_seconds", "lr"):
+            assert math.isfinite(row[key]), (row["epoch"], key)
+        assert 0 < row["delta_linf"] <= 25 / 255 + 1e-6
+    assert "inv_ewc" not in history[0]  # F^U needs the previous epoch's x'
+    assert all(0 < row["inv_ewc"] <= 10.0 for row in history[1:])
+    # L_out is the sum of its weighted terms (λ1 = 1, λ2 = 1)
+    for row in history[1:]:
+        total = row["ce_clean"] + row["ce_adv"] + row["ewc"] + row["inv_ewc"]
+        assert row["loss_out"] == pytest.approx(total, rel=1e-4)
+
+
+@pytest.mark.parametrize("preset,absent,present", [
+    ("base_at", {"l_kd", "l_angle", "l_align", "l_prior", "ewc", "inv_ewc"}, set()),
+    ("base_at_a", {"l_angle", "l_align", "l_prior", "inv_ewc"}, {"l_kd", "ewc"}),
+    ("base_at_b", {"l_kd", "ewc"}, {"l_angle", "l_align", "l_prior", "inv_ewc"}),
+])
+def test_presets_leave_their_terms_out_of_the_run(preset, absent, present):
+    history = _purify(preset=preset)
+    rows = history.history
+    keys = set(rows[-1])
+    assert not (absent & keys), f"{preset} computed {absent & keys}"
+    assert present <= keys
+    for row in rows:  # Base AT's L_out is the two cross-entropies and nothing else
+        extra = row["loss_out"] - row["ce_clean"] - row["ce_adv"]
+        if preset == "base_at":
+            assert abs(extra) < 1e-5
+        assert row["l_in"] == pytest.approx(row["l_trig"] + row.get("l_kd", 0.0) + row.get("l_prior", 0.0), rel=1e-4)
+
+
+def test_warns_with_numbers_when_ewc_pull_is_too_stiff():
+    lines: list[str] = []
+    _purify(lines, epochs=1, lr=0.02, lambda1=50.0)
+    warning = [s for s in lines if s.startswith("warning")]
+    assert warning and "2·0.02·50 = 2 > 1" in warning[0]
+    quiet: list[str] = []
+    _purify(quiet, epochs=1)
+    assert not [s for s in quiet if s.startswith("warning")]

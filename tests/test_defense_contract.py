@@ -1,0 +1,153 @@
+"""Contract test over every registered defense: purified copy of the same architecture, input
+model untouched, reproducible under a seed, per-epoch history, needs_target/uses_poisoned_data
+honoured. Tiny random data and a tiny model: seconds per defense."""
+import pytest
+import torch
+
+import trainables  # noqa: F401  (fill the registries)
+from trainables.config import build
+from trainables.data.base import ImageSet
+from trainables.defenses import DefenseConfig, DefenseContext, build_defense
+from trainables.models import ModelConfig, create_model
+from trainables.registry import DEFENSES
+
+NAMES = DEFENSES.names()
+CLASSES = 4
+CPU = torch.device("cpu")
+# small enough for seconds on a shared CPU; every defense's own keys are set where it has them
+SMALL = {"epochs": 2, "batch_size": 16, "pgd_steps": 2, "fisher_samples": 16}
+
+
+def small_config(name: str, **extra) -> DefenseConfig:
+    impl = DEFENSES.get(name)
+    fields = impl.Config.__dataclass_fields__
+    data = {"name": name, **{k: v for k, v in SMALL.items() if k in fields}, **extra}
+    return build(DefenseConfig, data, "defense", registry=DEFENSES)
+
+
+def tiny_model(seed=0):
+    return create_model(ModelConfig(name="small_resnet", width=4, depth=2), CLASSES,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+def random_set(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    return ImageSet(x, torch.arange(n) % CLASSES)
+
+
+def poisoned_set():
+    images = random_set(12, seed=7)
+    images.x[:, :, -3:, -3:] = 255  # a white corner patch; labels stay the true ones
+    return images
+
+
+def context(name, seed=0, log=None, **kw):
+    impl = DEFENSES.get(name)
+    base = dict(device=CPU, num_classes=CLASSES, seed=seed, log=log or (lambda line: None))
+    if impl.needs_target:
+        base["target"] = 0
+    if impl.uses_poisoned_data:
+        base["poisoned"] = poisoned_set()
+    base.update(kw)
+    return DefenseContext(**base)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_registered_defenses():
+    assert {"bibau_t", "bibau_u", "ft", "ibu"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_purify_returns_a_purified_copy_and_leaves_the_input_alone(name):
+    model = tiny_model()
+    model.train()
+    before = snapshot(model)
+    lines: list[str] = []
+    defense = build_defense(small_config(name))
+    result = defense.purify(model, random_set(40, seed=1), context(name, log=lines.append))
+
+    purified = result.model
+    assert purified is not model and type(purified) is type(model)
+    after = purified.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k].shape == before[k].shape for k in before)
+    assert any(not torch.equal(after[k], before[k]) for k in before), "purification changed nothing"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"input model changed: {k}"
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not purified.training
+    with torch.no_grad():
+        assert torch.isfinite(purified(torch.rand(2, 3, 16, 16))).all()
+
+    assert len(result.history) == 2 and [row["epoch"] for row in result.history] == [1, 2]
+    for row in result.history:
+        assert row["seconds"] > 0 and row["lr"] > 0
+    assert result.seconds >= sum(row["seconds"] for row in result.history) * 0.99
+    assert any("epoch 2/2" in line for line in lines)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_weights(name):
+    clean = random_set(32, seed=2)
+
+    def run(seed):
+        defense = build_defense(small_config(name))
+        return defense.purify(tiny_model(), clean, context(name, seed=seed)).model.state_dict()
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_seed_overrides_the_trials(name):
+    clean = random_set(32, seed=2)
+    run = lambda ctx_seed: build_defense(small_config(name, seed=5)).purify(  # noqa: E731
+        tiny_model(), clean, context(name, seed=ctx_seed)).model.state_dict()
+    a, b = run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if DEFENSES.get(n).needs_target])
+def test_targeted_defense_without_target_raises(name):
+    defense = build_defense(small_config(name))
+    with pytest.raises(ValueError, match="target"):
+        defense.purify(tiny_model(), random_set(16, seed=1), context(name, target=None))
+    with pytest.raises(ValueError, match="0..3"):
+        defense.purify(tiny_model(), random_set(16, seed=1), context(name, target=CLASSES))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if DEFENSES.get(n).uses_poisoned_data])
+def test_reference_without_poisoned_data_raises(name):
+    defense = build_defense(small_config(name))
+    with pytest.raises(ValueError, match="poisoned"):
+        defense.purify(tiny_model(), random_set(16, seed=1), context(name, poisoned=None))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not DEFENSES.get(n).uses_poisoned_data])
+def test_real_defenses_ignore_poisoned_data(name):
+    clean = random_set(32, seed=3)
+    run = lambda **kw: build_defense(small_config(name)).purify(  # noqa: E731
+        tiny_model(), clean, context(name, **kw)).model.state_dict()
+    a, b = run(), run(poisoned=poisoned_set())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ibu_uses_the_poisoned_samples():
+    clean = random_set(32, seed=3)
+    run = lambda poisoned: build_defense(small_config("ibu")).purify(  # noqa: E731
+        tiny_model(), clean, context("ibu", poisoned=poisoned)).model.state_dict()
+    a, b = run(poisoned_set()), run(random_set(12, seed=9))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_build_defense_accepts_a_base_config_and_rejects_unknown_names():
+    defense = build_defense(DefenseConfig(name="ft"))
+    assert defense.cfg.epochs == 10 and defense.cfg.lr == 0.01  # FT defaults of METHOD's table
+    with pytest.raises(KeyError, match="unknown defense 'nope'"):
+        build_defense(DefenseConfig(name="nope"))  # dataclasses do not validate; the registry does

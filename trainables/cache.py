@@ -1,0 +1,71 @@
+"""Content hashes: cache keys of trained models and the version of the code that trains them."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+PACKAGE = "bibau-sweep"
+_ROOT = Path(__file__).resolve().parent
+# the sources whose change changes what a trained attack-stage model is
+TRAINING_SOURCES = ("data", "models", "attacks", "train.py", "runtime.py")
+
+
+def _canonical(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"content_hash: {obj} has no canonical JSON form")
+        return obj
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    raise TypeError(f"content_hash: cannot hash a {type(obj).__name__} ({obj!r})")
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace, ASCII: the same content always gives the same text."""
+    return json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of ``obj`` (dicts, lists, numbers, strings, config dataclasses)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:  # a source checkout that was never installed
+        import tomllib
+
+        pyproject = _ROOT.parent / "pyproject.toml"
+        if pyproject.is_file():
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        return "0+unknown"
+
+
+@functools.cache
+def code_version() -> str:
+    """``<package version>+<hash of the training sources>``: a cache entry is reused only by
+    the code that would have produced it."""
+    h = hashlib.sha256()
+    for entry in TRAINING_SOURCES:
+        path = _ROOT / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+        for f in files:
+            h.update(f.relative_to(_ROOT).as_posix().encode() + b"\0")
+            h.update(f.read_bytes() + b"\0")
+    return f"{package_version()}+{h.hexdigest()[:12]}"

@@ -1,0 +1,123 @@
+"""Fine-tuning defenses: ``ft`` (the FT baseline, clean split only) and ``ibu`` (METHOD's
+idealised backdoor unlearning, a reference rather than a defense: it also fine-tunes on the
+real poisoned training samples relabelled to their true class)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..config import param
+from ..data.base import ImageSet
+from ..models.base import Classifier
+from ..registry import DEFENSES
+from ..runtime import autocast, prepare_batch
+from .base import Defense, DefenseContext, DefenseResult, SGDDefenseConfig, sgd, trainable_copy
+
+
+@dataclass
+class FineTuneConfig(SGDDefenseConfig):
+    """FT: METHOD's table used 10 epochs at lr 0.01 (Min et al.'s FT baseline)."""
+
+
+@dataclass
+class IbuConfig(SGDDefenseConfig):
+    clean_weight: float = param(1.0, "weight of the CE on the defender's clean split (keeps the clean task)", low=0.0)
+    poison_weight: float = param(1.0, "weight of the CE on the real poisoned samples with their true labels "
+                                 "(the unlearning objective)", low=0.0)
+    poison_samples: int | None = param(None, "poisoned samples used, drawn with the seed; None: all handed over", low=1)
+
+
+def _cycle(images: ImageSet, cfg: SGDDefenseConfig, ctx: DefenseContext, gen: torch.Generator,
+           drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Augmented batches, reshuffled each time the set is exhausted (the smaller stream cycles)."""
+    from ..data import batches  # late: the data package imports its loaders
+
+    while True:
+        yield from batches(images, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,
+                           crop_padding=cfg.crop_padding, hflip=cfg.hflip and ctx.hflip, drop_last=drop_last)
+
+
+def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float]], cfg: SGDDefenseConfig,
+             ctx: DefenseContext, gen: torch.Generator, name: str) -> tuple[Classifier, list[dict]]:
+    """Fine-tune a copy of ``model`` on Σ_s weight_s · CE(stream s).
+
+    Each step takes one batch from every stream, in one forward; an epoch is one pass over the
+    largest stream.
+    """
+    f = trainable_copy(model, ctx.device)
+    streams = {k: (images.to(ctx.device), wt) for k, (images, wt) in streams.items()}
+    steps = max(math.ceil(len(images) / cfg.batch_size) for images, _ in streams.values())
+    optimizer, scheduler = sgd(f, cfg, steps)
+    # alone, a trailing batch of one image would break BatchNorm; beside another stream it is fine
+    lone = len(streams) == 1
+    iters = {k: _cycle(images, cfg, ctx, gen, lone and len(images) % cfg.batch_size == 1)
+             for k, (images, _) in streams.items()}
+    history = []
+    f.train()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        sums = {f"ce_{k}": 0.0 for k in streams} | {"loss": 0.0}
+        for _ in range(steps):
+            parts = [next(it) for it in iters.values()]
+            sizes = [len(y) for _, y in parts]
+            with autocast(ctx.device):
+                logits = f(prepare_batch(torch.cat([x for x, _ in parts]), ctx.device)).float()
+            loss = logits.new_zeros(())
+            for (k, (_, wt)), chunk, (_, y) in zip(streams.items(), logits.split(sizes), parts):
+                ce = F.cross_entropy(chunk, y)
+                loss = loss + wt * ce
+                sums[f"ce_{k}"] += ce.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums["loss"] += loss.item()
+        row = {"epoch": epoch, "lr": lr, **{k: v / steps for k, v in sums.items()},
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        ctx.log(f"{name} epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+    f.eval()
+    return f, history
+
+
+@DEFENSES.register("ft")
+class FineTune(Defense):
+    """FT: plain fine-tuning on the defender's clean split."""
+
+    Config = FineTuneConfig
+
+    def purify(self, model: Classifier, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        self.check_context(clean, ctx)
+        started = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.seed(ctx))
+        f, history = finetune(model, {"clean": (clean, 1.0)}, self.cfg, ctx, gen, self.name)
+        return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started)
+
+
+@DEFENSES.register("ibu")
+class IdealisedUnlearning(Defense):
+    """IBU: fine-tuning on D_c plus the real poisoned samples with their true labels (paper
+    App. D.3, Eq. 49: clean CE and unlearning CE, weighted). Knows the trigger by construction."""
+
+    Config = IbuConfig
+    uses_poisoned_data = True
+
+    def purify(self, model: Classifier, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
+        self.check_context(clean, ctx)
+        cfg: IbuConfig = self.cfg
+        started = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.seed(ctx))
+        poisoned = ctx.poisoned
+        if cfg.poison_samples is not None and cfg.poison_samples < len(poisoned):
+            pick = torch.randperm(len(poisoned), generator=gen)[: cfg.poison_samples].sort().values
+            poisoned = poisoned.subset(pick)
+        ctx.log(f"{self.name}: {len(clean)} clean and {len(poisoned)} poisoned samples (true labels)")
+        streams = {"clean": (clean, cfg.clean_weight), "poisoned": (poisoned, cfg.poison_weight)}
+        f, history = finetune(model, streams, cfg, ctx, gen, self.name)
+        return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started)

@@ -1,0 +1,173 @@
+"""The only trial-side module that imports Ray: thin Tune trainables around ``trial.py``.
+
+``defense_trainable`` runs one trial of a sweep (attack stage from the cache, defense,
+evaluation) and reports once, with every objective: a trial whose objectives are not finite
+numbers is reported as ``diverged`` with the objectives' worst values, so no NaN ever reaches
+Optuna. An exception propagates: Tune retries the trial (``FailureConfig``) and then records it
+as failed. The final report carries a checkpoint holding ``results.json``, so a trial that is
+restarted after it finished (a restored driver) reports again without recomputing.
+
+``run_attack_stages`` trains (or finds in the cache) every attack's backdoored model and the
+clean reference as Ray tasks, before any defense trial starts.
+
+How a trial runs is a :class:`TrialBackend`; the sweep's tests substitute a cheap stand-in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+STATUS_KEY = "trial_status"
+
+
+class TrialBackend:
+    """The product path: ``trainables.trial``. Methods take and return plain data (picklable)."""
+
+    def run(self, cfg: dict, out_dir: Path, log: Callable[[str], None]) -> dict:
+        from .config import build
+        from .schema import RunConfig
+        from .trial import run_trial
+
+        return run_trial(build(RunConfig, cfg), out_dir, log=log)
+
+    def attack_stage(self, cfg: dict, log: Callable[[str], None]) -> dict:
+        """Train or load the attack's backdoored model; return what the driver logs."""
+        from .config import build
+        from .schema import RunConfig
+        from .trial import attack_stage
+
+        return _plain(attack_stage(build(RunConfig, cfg), log=log))
+
+    def clean_reference(self, cfg: dict, log: Callable[[str], None]) -> dict:
+        """Train or load the clean reference model of ``cfg``'s data, model and training."""
+        from .config import build
+        from .schema import RunConfig
+        from .trial import clean_reference
+
+        return _plain(clean_reference(build(RunConfig, cfg), log=log))
+
+
+def _plain(info: Any) -> dict:
+    """The JSON-able, numeric or short-text part of a stage's return value."""
+    if isinstance(info, tuple):
+        info = next((x for x in info if isinstance(x, dict)), {})
+    if not isinstance(info, dict):
+        info = getattr(info, "info", None) or getattr(info, "meta", None) or {}
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def make_report(result: dict, objectives: list[dict]) -> dict:
+    """The Tune report of a finished trial: every numeric metric, every objective as a finite
+    number, the trial's status and its per-epoch history."""
+    report: dict[str, Any] = {}
+    for k, v in result.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            report[k] = float(v) if math.isfinite(v) else None
+    bad = [o["metric"] for o in objectives if report.get(o["metric"]) is None]
+    report = {k: v for k, v in report.items() if v is not None}
+    if bad:
+        # the worst value of each objective stands in for what diverged (the reference point)
+        for o in objectives:
+            report[f"raw_{o['metric']}"] = result.get(o["metric"]) if isinstance(result.get(o["metric"]), (int, float)) else None
+            report[o["metric"]] = float(o["ref"])
+        report[STATUS_KEY] = "diverged"
+        report["diverged_objectives"] = ",".join(bad)
+        report = {k: v for k, v in report.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
+    else:
+        report[STATUS_KEY] = "completed"
+    history = result.get("history")
+    report["history"] = history if isinstance(history, list) else []
+    return report
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None:
+    """Tune function trainable of one defense trial (``config`` comes from StudySearcher)."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = Path(d) / "report.json"
+            if saved.is_file():
+                tune.report(json.loads(saved.read_text()), checkpoint=checkpoint)
+                return
+    backend = backend or TrialBackend()
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logfile = open(out_dir / "trial.log", "a", buffering=1)
+
+    def log(msg: str) -> None:
+        line = f"[{config['study']}] {msg}"
+        print(line, flush=True)
+        logfile.write(line + "\n")
+
+    started = time.perf_counter()
+    try:
+        result = backend.run(config["run"], out_dir, log)
+    finally:
+        logfile.close()
+    report = make_report(result, config["objectives"])
+    report.setdefault("time_trial_s", time.perf_counter() - started)
+    report = _json_safe(report)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "report.json").write_text(json.dumps(report))
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_attack_stages(jobs: list[tuple[str, str, dict]], *, cpus: float, gpus: float,
+                      backend: TrialBackend | None = None, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run ``(label, kind, cfg)`` jobs (kind: ``attack`` or ``clean``) as parallel Ray tasks.
+
+    Returns label -> the stage's info plus ``ok``, ``seconds`` and, on failure, ``error``.
+    """
+    import ray
+
+    backend = backend or TrialBackend()
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    def stage(label: str, kind: str, cfg: dict) -> dict:
+        t0 = time.perf_counter()
+        lines: list[str] = []
+
+        def say(msg: str) -> None:
+            lines.append(msg)
+            print(f"[{label}] {msg}", flush=True)
+
+        fn = backend.clean_reference if kind == "clean" else backend.attack_stage
+        info = fn(cfg, say)
+        return {**info, "ok": True, "seconds": time.perf_counter() - t0, "log_tail": "\n".join(lines[-20:])}
+
+    futures = {label: stage.remote(label, kind, cfg) for label, kind, cfg in jobs}
+    out: dict[str, dict] = {}
+    for label, fut in futures.items():
+        try:
+            out[label] = ray.get(fut)
+        except Exception as exc:  # one failed attack does not stop the others
+            out[label] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+            log(f"attack stage {label} failed: {out[label]['error'].splitlines()[0]}")
+    return out
+
+
+def env_for_trials() -> dict[str, str]:
+    """Environment the driver hands Ray's workers (trials never talk to MLflow)."""
+    keep = ("BIBAU_DATA", "BIBAU_CACHE", "PYTHONPATH")
+    return {k: os.environ[k] for k in keep if k in os.environ}

@@ -1,0 +1,154 @@
+"""The one training loop, for clean and poisoned models alike: SGD with momentum and weight
+decay, a per-step lr schedule (cosine, step or constant, optional linear warm-up), bf16
+autocast and channels_last on CUDA, and batches that stay on the device.
+
+Deterministic on the CPU: the caller's generator drives the order and the augmentation, and
+the model's initial weights come from the caller's seed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import data
+from .data.base import ImageSet
+from .evaluation.metrics import accuracy
+from .runtime import autocast, prepare_model
+
+if TYPE_CHECKING:  # type names only: the schema imports the attack and defense modules
+    from .attacks.base import Attack
+    from .schema import TrainConfig
+
+# fixed, not the run's seed: every run evaluates on the same test images, so curves compare
+EVAL_SUBSAMPLE_SEED = 0
+_RESERVED = ("epoch", "loss", "lr", "seconds", "eval_seconds")
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
+                   nesterov: bool = False) -> torch.optim.SGD:
+    """SGD over the parameters that require gradients (fused kernels when they all live on CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("make_optimizer: the model has no parameter that requires a gradient")
+    if nesterov and momentum <= 0:
+        raise ValueError(f"nesterov: Nesterov momentum needs momentum > 0, got momentum={momentum}")
+    fused = all(p.is_cuda for p in params) or None
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov, fused=fused)
+
+
+def lr_factor(cfg: "TrainConfig", step: int, steps_per_epoch: int) -> float:
+    """The multiplier of the peak lr at optimiser step ``step`` (0-based).
+
+    Warm-up rises linearly to 1 over ``warmup_epochs``; then cosine decays to 0 over the
+    remaining steps, ``step`` multiplies by ``gamma`` once past each milestone (a fraction of
+    all steps), ``constant`` stays at 1.
+    """
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(total, round(getattr(cfg, "warmup_epochs", 0.0) * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    schedule = getattr(cfg, "schedule", "cosine")
+    if schedule == "cosine":
+        progress = (step - warm) / max(1, total - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        passed = sum(step >= round(m * total) for m in getattr(cfg, "milestones", (0.5, 0.75)))
+        return getattr(cfg, "gamma", 0.1) ** passed
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"train.schedule: {schedule!r} is not allowed; allowed: 'cosine', 'step', 'constant'")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: "TrainConfig",
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler to step once per optimiser step; ``cfg`` needs ``epochs`` and ``schedule``
+    (``milestones``, ``gamma``, ``warmup_epochs`` are read when present)."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"make_scheduler: steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    lr_factor(cfg, 0, steps_per_epoch)  # an unknown schedule fails here, not at the first step
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+
+
+def _eval_subsets(eval_sets: dict[str, ImageSet] | None, size: int,
+                  device: torch.device) -> dict[str, ImageSet]:
+    out = {}
+    for name, images in (eval_sets or {}).items():
+        if name in _RESERVED:
+            raise ValueError(f"eval_sets: the name {name!r} is taken by the history; use another")
+        if len(images) > size:
+            g = torch.Generator().manual_seed(EVAL_SUBSAMPLE_SEED)
+            images = images.subset(torch.randperm(len(images), generator=g)[:size].sort().values)
+        out[name] = images.to(device)
+    return out
+
+
+def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: torch.device, *,
+                generator: torch.Generator, attack: "Attack | None" = None, hflip_allowed: bool = True,
+                eval_sets: dict[str, ImageSet] | None = None,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """Train ``model`` in place on ``train`` and return the per-epoch history.
+
+    Each row holds ``epoch`` (1-based), ``loss`` (mean cross-entropy over the epoch's images),
+    ``lr`` (of the epoch's first step), ``seconds`` (training only) and, every
+    ``cfg.eval_every`` epochs and after the last, the accuracy on each of ``eval_sets`` under
+    its own name (a fixed subsample of ``cfg.eval_size`` images) and ``eval_seconds``.
+    ``attack.training_batch`` sees every augmented batch (crop and flip are skipped for an
+    attack with ``standard_augmentation = False``). A non-finite loss raises
+    :class:`FloatingPointError`. The model is left in eval mode.
+    """
+    if len(train) < 2:
+        raise ValueError(f"train_model: need at least 2 training images (BatchNorm), got {len(train)}")
+    device = torch.device(device)
+    model = prepare_model(model, device)
+    images = train.to(device)  # once, not per epoch
+    checks = _eval_subsets(eval_sets, cfg.eval_size, device)
+    # a trailing batch of one image breaks BatchNorm; any other remainder is trained on
+    drop_last = len(train) % cfg.batch_size == 1
+    steps = len(train) // cfg.batch_size + (0 if drop_last or len(train) % cfg.batch_size == 0 else 1)
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    # an attack that augments inside training_batch (WaNet) replaces crop and flip
+    standard = attack is None or getattr(attack, "standard_augmentation", True)
+    hflip = cfg.hflip and hflip_allowed and standard
+    crop = cfg.crop_padding if standard else 0
+    history: list[dict] = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        # summed on the device: one host sync per epoch instead of one per step
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        for x, y in data.batches(images, cfg.batch_size, device=device, shuffle=True, generator=generator,
+                                 crop_padding=crop, hflip=hflip, drop_last=drop_last):
+            if attack is not None:
+                x, y = attack.training_batch(x, y, model, generator)
+            with autocast(device):
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().float() * len(y)
+            seen += len(y)
+        mean_loss = loss_sum.item() / max(1, seen)
+        seconds = time.perf_counter() - start
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"training diverged: the loss of epoch {epoch}/{cfg.epochs} is {mean_loss} "
+                                     f"(lr {lr:.4g}); lower train.lr or raise train.warmup_epochs")
+        row = {"epoch": epoch, "loss": mean_loss, "lr": lr, "seconds": seconds}
+        if checks and ((cfg.eval_every and epoch % cfg.eval_every == 0) or epoch == cfg.epochs):
+            t = time.perf_counter()
+            row.update({name: accuracy(model, subset, device) for name, subset in checks.items()})
+            row["eval_seconds"] = time.perf_counter() - t
+        history.append(row)
+        scores = "".join(f" {k} {row[k]:.4f}" for k in checks if k in row)
+        log(f"epoch {epoch}/{cfg.epochs} loss {mean_loss:.4f} lr {lr:.4g}{scores} {seconds:.1f}s")
+    model.eval()
+    return history
