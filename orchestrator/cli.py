@@ -90,7 +90,19 @@ def add_config(subparsers) -> None:
 
 # -- the entry point -----------------------------------------------------------------------------
 
-SUBCOMMANDS = [add_run, add_config]
+def add_sweep(subparsers) -> None:  # the sweep system lives in sweep.py / export.py
+    from .sweep import add_sweep as add
+
+    add(subparsers)
+
+
+def add_export(subparsers) -> None:
+    from .export import add_export as add
+
+    add(subparsers)
+
+
+SUBCOMMANDS = [add_run, add_config, add_sweep, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,7 +115,8 @@ def build_export(records: Sequence[TrialRecord], rule: Rule, metrics: Sequence[s
             "attack": r.attack,
             "defense": r.defense,
             "config": r.config,
-            "metrics": {k: float(v) for k, v in sorted(r.metrics.items()) if isinstance(v, (int, float))},
+            "metrics": {k: float(v) for k, v in sorted(r.metrics.items())
+                        if isinstance(v, (int, float)) and not k.startswith("curve/")},
             "provenance": {**provenance, "run_id": r.run_id, "trial_id": r.trial_id, "rule": rule.text,
                            "picked_by": how},
         })
@@ -140,3 +141,77 @@ def read_export(path: str | Path) -> dict:
     if doc.get("version") != EXPORT_VERSION:
         raise ValueError(f"{path}: version {doc.get('version')!r}; this code reads version {EXPORT_VERSION}")
     return doc
+
+
+# -- bibau export ---------------------------------------------------------------------------------
+
+
+def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule: str | None = None,
+                 per_defense: bool = False, out: str | Path | None = None, log=print) -> tuple[Path, dict]:
+    """Read a finished sweep from MLflow, pick by ``rule`` and write the export file.
+
+    Without ``sweep_id`` the newest sweep of ``experiment`` is used; without ``rule``, the
+    sweep spec's own ``export_rule``. The objectives come from the spec the sweep logged.
+    """
+    import os
+
+    from .spec import Objective
+    from .tracking import open_sweep
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    tracker, spec = open_sweep(uri, experiment, sweep_id)
+    objectives = [Objective(**o) for o in spec["objectives"]]
+    metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
+    parsed = parse_rule(rule or spec.get("export_rule") or DEFAULT_RULE, metrics)
+    records = [r for r in tracker.records() if r.usable(metrics)]
+    for r in records:
+        r.config = tracker.load_config(r.run_id)
+    state = tracker.state()
+    doc = build_export(records, parsed, metrics, modes, [o.best for o in objectives],
+                       {"experiment": experiment, "sweep": tracker.sweep_id,
+                        "code_version": state.get("code_version", ""), "tracking_uri": uri}, per_defense)
+    if not doc["selections"]:
+        raise ValueError(f"sweep {tracker.sweep_id}: no completed trial to export (rule {parsed.text!r}, fallback {parsed.fallback})")
+    path = write_export(doc, out or "export.yaml")
+    for s in doc["selections"]:
+        shown = ", ".join(f"{m}={s['metrics'].get(m, float('nan')):.4f}" for m in metrics)
+        log(f"{s['attack']}: {s['defense']} ({s['provenance']['picked_by']}) {shown}  run {s['provenance']['run_id']}")
+    log(f"wrote {path} ({len(doc['selections'])} selection(s)); reproduce with: bibau run {path} --attack NAME")
+    return path, doc
+
+
+def cmd_export(args) -> int:
+    from trainables.config import ConfigError
+
+    uri, experiment = args.tracking_uri, args.experiment
+    if args.spec:
+        from .spec import load_spec
+
+        spec, _ = load_spec(args.spec, args.overrides)
+        uri, experiment = uri or spec.tracking_uri, experiment or spec.experiment
+    if not uri or not experiment:
+        raise ConfigError("bibau export: give the sweep's SPEC, or --tracking-uri and --experiment")
+    try:
+        export_sweep(uri, experiment, sweep_id=args.sweep, rule=args.rule, per_defense=args.per_defense, out=args.out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
+def add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="pick configurations from a sweep's Pareto fronts and write them with their provenance",
+        description="Per attack, the rule picks one point of the Pareto front. A rule is a ';'-separated list "
+        "of clauses: 'max METRIC' or 'min METRIC' (what is optimised), constraints 'METRIC <= VALUE' (or >=, <, >) "
+        "and 'fallback nearest' (default: with no point meeting the constraints, take the point nearest the "
+        "ideal) or 'fallback none'. The file is accepted by 'bibau run FILE --attack NAME' and 'bibau sweep FILE'.")
+    p.add_argument("spec", nargs="?", help="the sweep spec (gives the tracking URI and experiment)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="spec overrides the sweep ran with (e.g. storage)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the spec's)")
+    p.add_argument("--sweep", help="sweep id (default: the newest sweep of the experiment)")
+    p.add_argument("--rule", help=f"selection rule (default: the spec's export_rule, normally {DEFAULT_RULE!r})")
+    p.add_argument("--per-defense", action="store_true", help="one selection per attack and defense, not per attack")
+    p.add_argument("-o", "--out", default="export.yaml", help="file to write (default: export.yaml)")
+    p.set_defaults(func=cmd_export)

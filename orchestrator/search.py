@@ -180,6 +180,12 @@ class StudySearcher(Searcher):
         return out
 
 
+def trial_dirname(trial) -> str:
+    """Short trial folders (Tune's default spells out the whole config)."""
+    study = str(trial.config.get("study", "trial")).replace("/", "-")
+    return f"{study}-{trial.trial_id}"
+
+
 def describe(studies: list[Study]) -> list[dict[str, Any]]:
     return [{"study": s.key, "trials": s.trials, "tuned": s.tuned, "sampler": s.sampler if s.tuned else "-",
              "space": sorted(s.space)} for s in studies]

@@ -200,6 +200,8 @@ class SweepSpec(Config):
     storage: str = param("runs/sweeps", "folder of Tune state, Optuna studies, the model cache and results "
                          "(a shared file system for multi-node clusters)")
     seed: int = param(0, "seed of the samplers (each study adds its index)", low=0)
+    save_models: bool = param(False, "keep every trial's purified and backdoored model in its folder "
+                              "(off: config.yaml and results.json only; the attack models stay in the cache)")
     export_rule: str = param(DEFAULT_RULE, "rule the sweep's own export picks configurations by (see bibau export --help)")
     replay: list[dict[str, Any]] = param([], "fixed runs {attack, defense, config}, filled from a bibau export file")
 

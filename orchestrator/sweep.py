@@ -91,6 +91,10 @@ def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
     return max(candidates)[1]
 
 
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def _ray_init(address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
     import ray
 
@@ -111,9 +115,9 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from trainables.ray_adapters import defense_trainable, run_attack_stages
+    from trainables.ray_adapters import TrialBackend, defense_trainable, run_attack_stages
 
-    from .search import StudySearcher
+    from .search import StudySearcher, trial_dirname
     from .tracking import SweepTracker, TrackingCallback
 
     storage = spec.storage_path
@@ -136,6 +140,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             sweep_dir = folder / f"{sweep_id}-{n}"
         sweep_id = sweep_dir.name
         sweep_dir.mkdir(parents=True)
+    _quiet_mlflow()
     version = code_version()
     uri = spec.tracking_uri
     local_store = uri.startswith("sqlite:")
@@ -151,6 +156,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
         f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
 
+    backend = backend or TrialBackend(save_models=spec.save_models)
     started_ray = _ray_init(address, num_cpus, num_gpus)
     try:
         # -- attack stage ------------------------------------------------------------------------
@@ -180,7 +186,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
 
         # -- defense stage -------------------------------------------------------------------------
         tune_dir = sweep_dir / "tune"
-        trainable = tune.with_parameters(defense_trainable, backend=backend) if backend is not None else defense_trainable
+        trainable = tune.with_parameters(defense_trainable, backend=backend)
         trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
         restored = bool(resume) and tune.Tuner.can_restore(str(tune_dir))
         if restored:
@@ -192,7 +198,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                 trainable,
                 param_space={},
                 tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
-                                            num_samples=-1, reuse_actors=False),
+                                            num_samples=-1, reuse_actors=False,
+                                            trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=tune_dir.name, storage_path=str(sweep_dir), verbose=verbose,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
@@ -275,3 +282,64 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     if out.export_file:
         lines.append(f"reproduce: bibau run {out.export_file}")
     return "\n".join(lines)
+
+
+# -- bibau sweep ----------------------------------------------------------------------------------
+
+
+def smoke_plan(plan: Plan) -> Plan:
+    """At most 2 trials per study on the trial's smoke-test sizes (a quick end-to-end check)."""
+    from trainables.config import build
+    from trainables.schema import RunConfig
+    from trainables.trial import smoke_config
+
+    def shrink(cfg: dict) -> dict:
+        return to_dict(smoke_config(build(RunConfig, cfg)))
+
+    for a in plan.attacks:
+        a.config = shrink(a.config)
+    for s in plan.studies:
+        s.config = shrink(s.config)
+        s.trials = min(s.trials, 2)
+    return plan
+
+
+def cmd_sweep(args) -> int:
+    from .spec import load_spec
+
+    spec, plan = load_spec(args.spec, args.overrides)  # every spec error surfaces here, before Ray starts
+    if args.smoke_test:
+        plan = smoke_plan(plan)
+    if args.check:
+        from .search import describe
+
+        for row in describe(plan.studies):
+            print(f"{row['study']}: {row['trials']} trial(s), sampler {row['sampler']}, space {row['space']}")
+        print(f"spec {args.spec} is valid: {len(plan.attacks)} attack(s), {len(plan.studies)} studies")
+        return 0
+    resume: bool | str = False
+    if args.resume is not None:
+        resume = True if args.resume == "latest" else args.resume
+    out = run_sweep(spec, plan, resume=resume, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    return 0 if any(r.status == "completed" for r in out.records) else 1
+
+
+def add_sweep(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="run a sweep spec (or an export file) on Ray Tune + Optuna, tracked in MLflow",
+        description="Attack stage (cached), then one Optuna study per attack x tuned defense and the fixed "
+        "baselines, all sharing the cluster; Pareto fronts, plots and hypervolumes in MLflow; an export of "
+        "the configurations the spec's export_rule picks.")
+    p.add_argument("spec", help="sweep spec YAML (see search_spaces/), or an export file written by bibau export")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field; lists by index or label, e.g. --set defenses.bibau_u.trials=8 "
+                   "--set base.train.epochs=3 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP_ID",
+                   help="continue the newest unfinished sweep of this spec (or SWEEP_ID) whose driver died; "
+                   "finished trials are neither rerun nor logged twice")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--num-gpus", type=float, help="GPUs of a local Ray (default: all)")
+    p.add_argument("--smoke-test", action="store_true", help="at most 2 trials per study on tiny sizes")
+    p.add_argument("--check", action="store_true", help="validate the spec, list the studies and exit")
+    p.set_defaults(func=cmd_sweep)

@@ -55,13 +55,14 @@ class SweepTracker:
     """The sweep's MLflow runs. Picklable (the client is rebuilt after unpickling), because
     Tune stores its callbacks with the experiment for ``Tuner.restore``."""
 
-    def __init__(self, uri: str, experiment: str, sweep_id: str, state_file: str | Path,
-                 artifact_root: str | Path | None = None):
+    def __init__(self, uri: str, experiment: str, sweep_id: str, state_file: str | Path | None,
+                 artifact_root: str | Path | None = None, state: dict | None = None):
         self.uri = uri
         self.experiment = experiment
         self.sweep_id = sweep_id
-        self.state_file = str(state_file)
+        self.state_file = str(state_file) if state_file else None
         self.artifact_root = str(artifact_root) if artifact_root else None
+        self._fixed_state = state  # a sweep read back from MLflow alone (bibau export)
         self._client = None
 
     def __getstate__(self) -> dict:
@@ -77,6 +78,8 @@ class SweepTracker:
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
+        if self._fixed_state is not None:
+            return self._fixed_state
         p = Path(self.state_file)
         return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -128,7 +131,11 @@ class SweepTracker:
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         tags = {f"attack_stage.{k}": str(v)[:5000] for k, v in info.items()
                 if isinstance(v, (str, bool)) and k != "log_tail"}
-        self._log_batch(run, metrics=metrics, tags=tags)
+        steps = [(f"curve/attack/{k}", v, int(e.get("epoch", i)))
+                 for i, e in enumerate(info.get("history") or []) if isinstance(e, dict)
+                 for k, v in e.items()
+                 if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        self._log_batch(run, metrics=metrics, tags=tags, steps=steps)
         if info.get("log_tail") or info.get("error"):
             self.client.log_text(run, info.get("error") or info["log_tail"], "attack_stage.log")
 
@@ -241,6 +248,35 @@ class SweepTracker:
         self.client.set_terminated(parent, status)
         self.save_state(status="finished" if status == "FINISHED" else "failed")
         return fronts
+
+
+def open_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> tuple[SweepTracker, dict]:
+    """A tracker on an existing sweep (the newest of ``experiment`` unless ``sweep_id``) and
+    the spec it logged. Its state comes from MLflow, so this works away from the storage path."""
+    import tempfile
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow {uri}: no experiment {experiment!r}")
+    query = "tags.role = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
+    parents = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                                 max_results=1)
+    if not parents:
+        raise ValueError(f"MLflow {uri}, experiment {experiment!r}: no sweep" + (f" {sweep_id!r}" if sweep_id else ""))
+    parent = parents[0]
+    sid = parent.data.tags["sweep_id"]
+    attacks = client.search_runs([exp.experiment_id], filter_string=f"tags.role = 'attack' and tags.sweep_id = '{sid}'",
+                                 max_results=10000)
+    with tempfile.TemporaryDirectory() as d:
+        spec = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "spec.yaml", d)).read_text())
+    state = {"sweep_id": sid, "experiment_id": exp.experiment_id, "parent_run_id": parent.info.run_id,
+             "attack_runs": {r.data.tags["attack"]: r.info.run_id for r in attacks},
+             "code_version": parent.data.tags.get("code_version", "")}
+    return SweepTracker(uri, experiment, sid, None, state=state), spec
 
 
 def record_from_run(run) -> TrialRecord:
@@ -368,8 +404,13 @@ class TrackingCallback(tune.Callback):
             return
         metrics = {k: float(v) for k, v in result.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        if status == "diverged" and error is None:
-            error = f"diverged: objectives {result.get('diverged_objectives', '?')} were not finite"
+        if status == "diverged":
+            # MLflow gets what the trial measured, not the stand-in values Optuna was spared NaN with
+            for o in self.objectives:
+                metrics.pop(o.metric, None)
+                if f"raw_{o.metric}" in metrics:
+                    metrics[o.metric] = metrics.pop(f"raw_{o.metric}")
+            error = error or f"diverged: objectives {result.get('diverged_objectives', '?')} were not finite"
         rec = TrialRecord(trial_id=trial.trial_id, study=cfg["study"], attack=cfg["attack"], defense=cfg["defense"],
                           status=status, metrics=metrics, params=dict(cfg.get("params", {})), config=cfg["run"],
                           tuned=bool(cfg.get("tuned", True)), order=len(self.records) + 1, error=error)

@@ -68,7 +68,7 @@ def make_gtsrb(root: Path, n_train: int = 10, n_test: int = 12) -> Path:
     test.mkdir(parents=True)
     rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
     for i in range(n_test):
-        label = (i * 7) % 3  # not in folder order: labels must come from the csv
+        label = (2 * i + 1) % 3  # not the file order: labels must come from the csv
         w, h = sizes[i % 3]
         _image(label, 500 + i, (w, h)).save(test / f"{i:05d}.ppm")
         rows.append(f"{i:05d}.ppm;{w};{h};5;5;{w - 5};{h - 5};{label}")
@@ -403,11 +403,10 @@ def test_small_cifar_fixture(small_cifar):
 
 
 def test_cifar10_default_root_is_the_shared_archive(cifar10_archive, monkeypatch, tmp_path):
+    cache = Path(load_dataset(DataConfig(name="cifar10", root=str(cifar10_archive))).info["cache"]).parent
     monkeypatch.delenv("BIBAU_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # nothing in ~/.cache/bibau/datasets
-    cfg = DataConfig(name="cifar10", train_size=100, test_size=50)
-    cache = Path(load_dataset(DataConfig(name="cifar10", root=str(cifar10_archive))).info["cache"]).parent
-    ds = load_dataset(cfg.replace(cache_dir=str(cache)))
+    ds = load_dataset(DataConfig(name="cifar10", train_size=100, test_size=50, cache_dir=str(cache)))
     assert Path(ds.info["source"]) == cifar10_archive.resolve() and ds.info["cache_hit"] is True
 
 

@@ -104,8 +104,8 @@ def _tail(path: Path, n: int = 4000) -> str:
 
 # -- the Ray head ---------------------------------------------------------------------------------------
 class RayHead:
-    def __init__(self, proc: subprocess.Popen, env: dict, dashboard: str, gcs: str, log: Path):
-        self.proc, self.env, self.dashboard, self.gcs, self.log = proc, env, dashboard, gcs, log
+    def __init__(self, proc: subprocess.Popen, env: dict, dashboard: str, temp_dir: Path, log: Path):
+        self.proc, self.env, self.dashboard, self.temp_dir, self.log = proc, env, dashboard, temp_dir, log
 
     def submit(self, entrypoint: list[str], *, runtime_env: dict, working_dir: Path | None = None,
                timeout: float = 300) -> subprocess.CompletedProcess:
@@ -146,7 +146,7 @@ def ray_head():
     with log.open("w") as fh:
         # --block keeps `ray start` as the parent; its session holds every process the head starts
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    head = RayHead(proc, env, f"http://{LOOPBACK}:{ports['dashboard-port']}", f"{LOOPBACK}:{ports['port']}", log)
+    head = RayHead(proc, env, f"http://{LOOPBACK}:{ports['dashboard-port']}", tmp, log)
     try:
         deadline = time.monotonic() + 150
         while True:
@@ -243,9 +243,69 @@ def test_trivial_job_logs_to_mlflow_through_runtime_env(ray_head, mlflow_uri):
     assert run.data.params["ray_address"].startswith(f"{LOOPBACK}:"), run.data.params["ray_address"]
 
 
-def test_failing_job_fails_the_submit(ray_head):
-    """``ray job submit`` (waiting) reports a failed job by its exit status, which is what the
-    sweep test and CI scripts rely on."""
-    result = ray_head.submit(["python", "-c", "import sys; sys.exit(3)"], runtime_env={})
-    assert result.returncode != 0
-    assert "failed" in (result.stdout + result.stderr).lower()
+# -- the quickstart sweep, submitted as the README says -------------------------------------------------------
+SUBMIT = REPO / "cluster" / "submit.sh"
+QUICKSTART = "search_spaces/quickstart.yaml"
+# what cluster/submit.sh (and the RayJob) run; tests/test_cluster_files.py checks they agree
+SWEEP_COMMAND = "python -m orchestrator.cli sweep"
+# the tiniest sweep that still runs every stage: smoke sizes, at most 2 trials per study
+TINY_BUDGET = ["concurrency=2", "max_failures=0"]
+
+
+@pytest.mark.skipif(not (REPO / QUICKSTART).is_file(), reason=f"{QUICKSTART} is not in this checkout")
+def test_quickstart_sweep_runs_as_a_ray_job(ray_head, mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.spec import load_spec
+
+    storage = tmp_path / "storage"
+    experiment = "job-quickstart"
+    settings = [*TINY_BUDGET, f"tracking.experiment={experiment}"]
+    args = ["--smoke-test", *(a for s in settings for a in ("--set", s))]
+    env = dict(ray_head.env, RAY_ADDRESS=ray_head.dashboard, MLFLOW_TRACKING_URI=mlflow_uri,
+               BIBAU_STORAGE=str(storage))
+    shared_data = REPO.parent / "shared" / "data"
+    if shared_data.is_dir():  # the job runs from a copy of the repo, so ../shared is not beside it
+        env["BIBAU_DATA"] = str(shared_data)
+    # from another folder: submit.sh makes the repository root the working dir itself
+    result = subprocess.run(["bash", str(SUBMIT), QUICKSTART, *args], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, _job_failure(result, ray_head)
+    ran = next((line for line in result.stdout.splitlines() if line.startswith("Running entrypoint for job")), "")
+    assert SWEEP_COMMAND in ran, ran
+
+    # what the sweep was asked to do, read as the driver read it
+    spec, plan = load_spec(str(REPO / QUICKSTART), settings)
+    attacks = {a.label for a in plan.attacks}
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} in {mlflow_uri}: the job did not log to the server"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_role: dict[str, list] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("role"), []).append(r)
+    (sweep,) = by_role.get("sweep", [])
+    assert sweep.info.status == "FINISHED"
+    attack_runs = {r.data.tags["attack"]: r for r in by_role.get("attack", [])}
+    assert set(attack_runs) == attacks
+    for r in attack_runs.values():
+        assert r.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+        assert r.info.status == "FINISHED"
+        assert "pareto/front.csv" in {a.path for a in client.list_artifacts(r.info.run_id, "pareto")}
+    trials = by_role.get("trial", [])
+    completed = [t for t in trials if t.data.tags.get("status") == "completed"]
+    assert completed, f"no completed trial among {[t.data.tags.get('status') for t in trials]}"
+    parents = {r.info.run_id for r in attack_runs.values()}
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] in parents
+    for t in completed:
+        for metric in spec.metrics:
+            assert 0.0 <= t.data.metrics[metric] <= 1.0, (metric, t.data.metrics.get(metric))
+
+    # the sweep's own state went to the storage it was given, and it finished
+    states = [json.loads(p.read_text()) for p in storage.glob(f"{spec.name}/*/state.json")]
+    assert [s["status"] for s in states] == ["finished"], states
+    assert states[0]["tracking_uri"] == mlflow_uri
+    # and nothing fell back to a throwaway SQLite store inside the job's working dir
+    assert not list(ray_head.temp_dir.rglob("mlflow.db"))

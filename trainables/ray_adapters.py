@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,37 +27,57 @@ STATUS_KEY = "trial_status"
 class TrialBackend:
     """The product path: ``trainables.trial``. Methods take and return plain data (picklable)."""
 
+    def __init__(self, save_models: bool = False):
+        self.save_models = save_models
+
     def run(self, cfg: dict, out_dir: Path, log: Callable[[str], None]) -> dict:
+        """One trial; ``out_dir`` gets the resolved config and results (and the models with
+        ``save_models``: a sweep of hundreds of trials would otherwise fill the disk)."""
         from .config import build
         from .schema import RunConfig
-        from .trial import run_trial
+        from .trial import resolved_yaml, run_trial
 
-        return run_trial(build(RunConfig, cfg), out_dir, log=log)
+        run_cfg = build(RunConfig, cfg)
+        if self.save_models:
+            return run_trial(run_cfg, out_dir, log=log)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(resolved_yaml(run_cfg))
+        report = run_trial(run_cfg, None, log=log)
+        (out_dir / "results.json").write_text(json.dumps(_json_safe(report), indent=1))
+        return report
 
     def attack_stage(self, cfg: dict, log: Callable[[str], None]) -> dict:
-        """Train or load the attack's backdoored model; return what the driver logs."""
+        """Train the attack's backdoored model (or find it in the cache); what the driver logs."""
         from .config import build
+        from .data import load_dataset
+        from .runtime import resolve_device
         from .schema import RunConfig
         from .trial import attack_stage
 
-        return _plain(attack_stage(build(RunConfig, cfg), log=log))
+        run_cfg = build(RunConfig, cfg)
+        stage = attack_stage(run_cfg, load_dataset(run_cfg.data), resolve_device(run_cfg.device), log)
+        info = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, (int, float))}
+        return {**info, "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
+                "cache_dir": str(stage.cache_dir), "n_poisoned": int(len(stage.poison_index)),
+                "history": _json_safe(stage.history)}
 
     def clean_reference(self, cfg: dict, log: Callable[[str], None]) -> dict:
-        """Train or load the clean reference model of ``cfg``'s data, model and training."""
+        """Train the clean reference model (or find it in the cache) before the trials need it."""
         from .config import build
+        from .data import load_dataset
+        from .runtime import resolve_device
         from .schema import RunConfig
         from .trial import clean_reference
 
-        return _plain(clean_reference(build(RunConfig, cfg), log=log))
+        run_cfg = build(RunConfig, cfg)
+        lines: list[str] = []
 
+        def keep(msg: str) -> None:
+            lines.append(msg)
+            log(msg)
 
-def _plain(info: Any) -> dict:
-    """The JSON-able, numeric or short-text part of a stage's return value."""
-    if isinstance(info, tuple):
-        info = next((x for x in info if isinstance(x, dict)), {})
-    if not isinstance(info, dict):
-        info = getattr(info, "info", None) or getattr(info, "meta", None) or {}
-    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        clean_reference(run_cfg, load_dataset(run_cfg.data), keep, resolve_device(run_cfg.device))
+        return {"cached": any("cache hit" in line for line in lines)}  # for the driver's message only
 
 
 def make_report(result: dict, objectives: list[dict]) -> dict:
@@ -82,9 +101,16 @@ def make_report(result: dict, objectives: list[dict]) -> dict:
         report = {k: v for k, v in report.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
     else:
         report[STATUS_KEY] = "completed"
-    history = result.get("history")
-    report["history"] = history if isinstance(history, list) else []
+    report["history"] = defense_history(result.get("history"))
     return report
+
+
+def defense_history(history: Any) -> list[dict]:
+    """The per-epoch records a trial run logs: the defense's (the attack's belong to the
+    attack's own run), each tagged with its stage."""
+    if isinstance(history, dict):
+        history = [{**e, "stage": "defense"} for e in history.get("defense", []) if isinstance(e, dict)]
+    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
 
 
 def _json_safe(obj: Any) -> Any:
@@ -165,9 +191,3 @@ def run_attack_stages(jobs: list[tuple[str, str, dict]], *, cpus: float, gpus: f
             out[label] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
             log(f"attack stage {label} failed: {out[label]['error'].splitlines()[0]}")
     return out
-
-
-def env_for_trials() -> dict[str, str]:
-    """Environment the driver hands Ray's workers (trials never talk to MLflow)."""
-    keep = ("BIBAU_DATA", "BIBAU_CACHE", "PYTHONPATH")
-    return {k: os.environ[k] for k in keep if k in os.environ}

@@ -17,16 +17,17 @@ from .base import ImageSet
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pad (B, C, H, W) with ``padding`` zeros per side and cut a random H x W window per sample,
-    like torchvision's ``RandomCrop(padding=p)``, as two gathers instead of a per-image loop."""
+    like torchvision's ``RandomCrop(padding=p)``, as one gather instead of a per-image loop."""
     if padding <= 0:
         return x
     b, c, h, w = x.shape
     offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(x.device)
-    padded = F.pad(x, (padding, padding, padding, padding))
-    rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # (B, H) rows of the padded image
-    cols = offsets[1][:, None] + torch.arange(w, device=x.device)
-    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * padding))
-    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    padded = F.pad(x, (padding, padding, padding, padding)).flatten(2)  # (B, C, (H+2p)(W+2p))
+    wide = w + 2 * padding
+    window = (torch.arange(h, device=x.device)[:, None] * wide + torch.arange(w, device=x.device)).flatten()
+    start = offsets[0] * wide + offsets[1]  # flat position of each window's top-left pixel
+    index = (start[:, None] + window)[:, None, :].expand(b, c, h * w)
+    return padded.gather(2, index).view(b, c, h, w)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -42,6 +42,8 @@ ACCEPTED = (
 
 def detect(path: Path) -> tuple[str, Path] | None:
     """(layout, where) for a CIFAR-10 source, or None."""
+    if path.name.lower().startswith(("cifar100", "cifar-100")):  # the default glob cifar10* matches it
+        return None
     if path.is_file():
         if path.name.lower().endswith(_ARCHIVE_SUFFIXES) and tarfile.is_tarfile(path):
             return "archive", path

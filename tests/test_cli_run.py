@@ -1,0 +1,120 @@
+"""``bibau run`` end to end on the offline digits data (smoke-test sizes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from orchestrator.cli import main
+from orchestrator.config import load_run_config
+from trainables.checkpoint import load_checkpoint, load_tensors
+from trainables.config import to_dict
+from trainables.data import load_dataset
+from trainables.evaluation.metrics import clean_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def config_file(workdir) -> Path:
+    path = workdir / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"name": "digits"},
+        "model": {"name": "small_resnet", "width": 8, "depth": 2},
+        "attack": {"name": "badnets"},
+        "defense": {"name": "ft"},
+        "evaluation": {"metrics": ["ca", "asr"]},
+        "cache_dir": str(workdir / "cache"),
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir, config_file):
+    out = workdir / "first"
+    code = main(["run", str(config_file), "--smoke-test", "--out", str(out), "--set", "train.lr=0.05"])
+    return code, out
+
+
+def test_run_writes_results_config_and_checkpoints(first_run, config_file):
+    code, out = first_run
+    assert code == 0
+    for name in ("results.json", "config.yaml", "backdoored.safetensors", "backdoored.json", "attack.safetensors",
+                 "purified.safetensors", "purified.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "results.json").read_text())
+    for key in ("ca", "asr", "backdoored_ca", "backdoored_asr", "wall_time_s", "time_attack_s", "time_defense_s",
+                "time_eval_s", "data_fingerprint", "cache_hit"):
+        assert key in report, key
+    assert report["cache_hit"] is False and report["defense"] == "ft" and report["n_train"] == 400
+    assert report["n_poisoned"] > 0 and 0.0 <= report["ca"] <= 1.0
+    assert [row["epoch"] for row in report["history"]["attack"]] == [1]
+
+    # the saved config is the resolved one: defaults, YAML, --set and the smoke-test sizes
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    cfg = load_run_config(str(config_file), ["train.lr=0.05"], smoke_test=True)
+    assert saved == to_dict(cfg) and saved["train"]["lr"] == 0.05 and saved["train"]["epochs"] == 1
+
+    # the checkpoints rebuild the models that were measured
+    dataset = load_dataset(cfg.data)
+    backdoored, meta = load_checkpoint(out / "backdoored.safetensors")
+    assert meta["data_fingerprint"] == report["data_fingerprint"]
+    assert clean_accuracy(backdoored, dataset.test, torch.device("cpu")) == pytest.approx(report["backdoored_ca"])
+    purified, _ = load_checkpoint(out / "purified.safetensors")
+    assert clean_accuracy(purified, dataset.test, torch.device("cpu")) == pytest.approx(report["ca"])
+    assert set(load_tensors(out / "attack.safetensors")) == {"pattern", "mask"}
+
+
+def test_second_run_hits_the_cache_in_a_subprocess(first_run, config_file, workdir):
+    _, first = first_run
+    out = workdir / "second"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(config_file), "--smoke-test",
+                           "--out", str(out), "--set", "train.lr=0.05", "--set", "defense=null"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "cache hit" in proc.stdout
+    report = json.loads((out / "results.json").read_text())
+    before = json.loads((first / "results.json").read_text())
+    assert report["cache_hit"] is True and report["cache_key"] == before["cache_key"]
+    assert report["ca"] == before["backdoored_ca"] and report["asr"] == before["backdoored_asr"]
+    assert not (out / "purified.safetensors").exists()
+
+
+def test_bad_config_exits_2_naming_the_field_before_any_work(workdir, config_file, capsys):
+    out = workdir / "bad"
+    assert main(["run", str(config_file), "--out", str(out), "--set", "attack.poison_rate=2"]) == 2
+    err = capsys.readouterr().err
+    assert "attack.poison_rate: 2" in err and "out of range" in err
+    assert not out.exists(), "nothing may be written before the config is valid"
+
+    bad = workdir / "bad.yaml"
+    bad.write_text("attack: {name: badnet}\n")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(bad), "--out", str(out)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "attack.name: unknown attack 'badnet'; known: badnets, blended, clean" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_print_config_and_export_selection(workdir, capsys):
+    export = workdir / "export.yaml"
+    export.write_text(yaml.safe_dump({"kind": "bibau-export", "version": 1, "selections": [
+        {"attack": name, "defense": None, "config": {"attack": {"name": name}, "data": {"name": "digits"}},
+         "metrics": {}, "provenance": {}} for name in ("badnets", "blended")]}))
+    assert main(["run", str(export), "--print-config"]) == 2
+    assert "choices (attack/defense): badnets/none, blended/none" in capsys.readouterr().err
+    assert main(["run", str(export), "--attack", "blended", "--print-config", "--set", "seed=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["attack"]["name"] == "blended" and printed["seed"] == 3 and printed["data"]["name"] == "digits"
