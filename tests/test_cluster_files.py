@@ -114,7 +114,7 @@ def ray_up_errors(cfg: dict) -> list[str]:
         errors.append("available_node_types: no worker type with resources.GPU >= 1 and max_workers >= 1")
     for name, t in types.items():
         commands = t.get("initialization_commands", full["initialization_commands"])
-        if not any(f"mount" in c and SHARED_STORAGE in c for c in commands):
+        if not any("mount" in c and SHARED_STORAGE in c for c in commands):
             errors.append(f"node type {name}: its initialization_commands do not mount {SHARED_STORAGE}")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in full[key] if "ray start" in c]

@@ -1,10 +1,10 @@
 """``ray job submit --working-dir .`` end to end, on this machine only.
 
-A module-scoped fixture starts one Ray head on 127.0.0.1 (token auth, free ports, its own temp
-dir) and another a real ``mlflow server`` on 127.0.0.1; both run in sessions of their own and
-are stopped by the process ids of those sessions, never by ``ray stop`` (other Ray instances
-on the machine are not ours to stop). Every job gets the tracking URI through the runtime
-env's ``env_vars``: the submitting shell's environment never reaches a job.
+Module-scoped fixtures start one Ray head on 127.0.0.1 (token auth, free ports, its own temp
+dir) and one real ``mlflow server`` on 127.0.0.1. Each runs in a session of its own and is
+stopped through the process ids of that session, never by ``ray stop``: other Ray instances
+on the machine are not ours to stop. Every job gets the tracking URI through the runtime
+env's ``env_vars``, because the submitting shell's environment never reaches a job.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -248,8 +247,10 @@ SUBMIT = REPO / "cluster" / "submit.sh"
 QUICKSTART = "search_spaces/quickstart.yaml"
 # what cluster/submit.sh (and the RayJob) run; tests/test_cluster_files.py checks they agree
 SWEEP_COMMAND = "python -m orchestrator.cli sweep"
-# the tiniest sweep that still runs every stage: smoke sizes, at most 2 trials per study
-TINY_BUDGET = ["concurrency=2", "max_failures=0"]
+# the tiniest sweep that still runs every stage (attack stage, a tuned study, a baseline, fronts,
+# export): --smoke-test sizes, one attack, one trial per study, both studies at once
+TINY_BUDGET = ["attacks=[{name: badnets, target: 0, poison_rate: 0.1}]", "defenses.bibau_u.trials=1",
+               "concurrency=2", "max_failures=0"]
 
 
 @pytest.mark.skipif(not (REPO / QUICKSTART).is_file(), reason=f"{QUICKSTART} is not in this checkout")

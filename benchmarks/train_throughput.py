@@ -1,0 +1,205 @@
+"""Training throughput: the project's loop (uint8 images on the device, batched tensor
+augmentation) against the usual research pipeline (a torchvision DataLoader over PIL images
+with RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor()), same model, same images,
+same batch size, same optimiser step, on each device.
+
+Only training epochs after one warm-up epoch are timed (the loop's own per-epoch timer, which
+syncs once per epoch; the same for the DataLoader side). Pipelines alternate over
+``--repeats`` rounds and the best round of each is kept, which damps the noise of a shared CPU.
+The result is printed and appended as a row to the throughput table of docs/benchmarks.md.
+
+    python benchmarks/train_throughput.py                      # CPU (+ CUDA when present)
+    python benchmarks/train_throughput.py --device cuda --model preact_resnet18 --images 20000
+    python benchmarks/train_throughput.py --smoke-test         # seconds; records nothing
+
+Target (the issue): ratio >= 1.0 on CPU, >= 3 on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
+
+import trainables  # noqa: E402,F401  (fill the registries)
+from trainables.data import DataConfig, ImageSet, load_dataset  # noqa: E402
+from trainables.models import ModelConfig, create_model  # noqa: E402
+from trainables.runtime import autocast, prepare_batch, prepare_model, resolve_device  # noqa: E402
+from trainables.schema import TrainConfig  # noqa: E402
+from trainables.train import make_optimizer, make_scheduler, train_model  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+SECTION = "## Training throughput (benchmarks/train_throughput.py)"
+TABLE_HEAD = [
+    "| date | machine | device | model | images | timed epochs | batch | workers | loop img/s | DataLoader img/s | ratio | command |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+SECTION_TEXT = f"""{SECTION}
+
+Images per second of `trainables.train.train_model` (uint8 images on the device, crop and flip
+as batched tensor ops) against the same model fed by a torchvision `DataLoader` over PIL
+images with `RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`, `ToTensor()` (persistent
+workers, pinned memory on CUDA): same images, batch size, optimiser step (SGD, autocast,
+channels_last on CUDA); training epochs after one warm-up epoch, best of the alternating
+rounds. Ratio = loop / DataLoader. Target: >= 1.0 on CPU, >= 3 on a GPU.
+Each run of the script appends one row per device.
+
+{TABLE_HEAD[0]}
+{TABLE_HEAD[1]}
+"""
+
+
+class PILImages(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 does: HWC uint8 arrays, one PIL image per __getitem__."""
+
+    def __init__(self, images: ImageSet, transform):
+        self.x = images.x.permute(0, 2, 3, 1).contiguous().numpy()
+        self.y = images.y.numpy()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def dataloader_epochs(model, images: ImageSet, cfg: TrainConfig, device: torch.device, workers: int,
+                      seed: int) -> list[float]:
+    """Seconds of each epoch of the DataLoader pipeline, with the loop's own optimiser step."""
+    from torchvision import transforms
+
+    side = images.x.shape[-1]
+    tf = transforms.Compose([transforms.RandomCrop(side, padding=cfg.crop_padding),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor()])
+    loader = torch.utils.data.DataLoader(
+        PILImages(images, tf), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    model = prepare_model(model, device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
+    scheduler = make_scheduler(optimizer, cfg, len(loader))
+    seconds = []
+    for _ in range(cfg.epochs):
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for x, y in loader:
+            x = prepare_batch(x.to(device, non_blocking=True), device)
+            y = y.to(device, non_blocking=True)
+            with autocast(device):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().float() * len(y)
+        loss_sum.item()  # the same one sync per epoch as the loop
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; " + text
+    return text
+
+
+def record(rows: list[str], doc: Path) -> None:
+    """Append rows to the throughput table (creating the file or the section when absent),
+    leaving the other sections of the file alone."""
+    if not doc.exists():
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text("# Benchmarks\n\nResults of the scripts in `benchmarks/`, one section per script.\n\n")
+    lines = doc.read_text().splitlines()
+    if SECTION not in lines:
+        text = "\n".join(lines).rstrip("\n") + "\n\n" + SECTION_TEXT
+        lines = text.splitlines()
+    start = lines.index(SECTION)
+    head = next(i for i in range(start, len(lines)) if lines[i] == TABLE_HEAD[1])
+    end = head + 1
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[end:end] = rows
+    doc.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="'auto' (cpu, plus cuda when present), or a comma list: cpu,cuda")
+    p.add_argument("--model", default="small_resnet", help="registered model")
+    p.add_argument("--images", type=int, default=4000, help="CIFAR-10 training images (stratified subset)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up epoch)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds per pipeline; the best is kept")
+    p.add_argument("--data", default=None, help="CIFAR-10 source (data.root); default: the usual places")
+    p.add_argument("--doc", default=str(DOC), help="markdown file whose throughput table gets the result")
+    p.add_argument("--no-record", action="store_true", help="print only; leave the doc alone")
+    p.add_argument("--smoke-test", action="store_true", help="256 images, 1 timed epoch, 1 round, nothing recorded")
+    args = p.parse_args(argv)
+    if args.smoke_test:
+        args.images, args.epochs, args.repeats, args.no_record = 256, 1, 1, True
+
+    names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else args.device.split(",")
+    devices = [resolve_device(n.strip()) for n in names]
+    ds = load_dataset(DataConfig(name="cifar10", root=args.data, train_size=args.images, test_size=10))
+    images = ds.train
+    cfg = TrainConfig(epochs=args.epochs + 1, batch_size=args.batch_size, lr=0.05, crop_padding=4, hflip=True,
+                      eval_every=0)
+    timed = len(images) * args.epochs
+    command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    print(f"{len(images)} CIFAR-10 images, {args.model}, batch {args.batch_size}, 1 warm-up + {args.epochs} "
+          f"timed epochs, {args.repeats} round(s), DataLoader workers {args.workers}")
+    rows = []
+    for device in devices:
+        best = {"loop": 0.0, "dataloader": 0.0}
+        for r in range(args.repeats):
+            for kind in ("loop", "dataloader"):
+                model = create_model(ModelConfig(name=args.model), ds.num_classes, mean=ds.mean, std=ds.std,
+                                     generator=torch.Generator().manual_seed(0))
+                if kind == "loop":
+                    history = train_model(model, images, cfg, device, generator=torch.Generator().manual_seed(r),
+                                          log=lambda _: None)
+                    seconds = [row["seconds"] for row in history]
+                else:
+                    seconds = dataloader_epochs(model, images, cfg, device, args.workers, seed=r)
+                ips = timed / sum(seconds[1:])
+                best[kind] = max(best[kind], ips)
+                print(f"  {device.type} round {r + 1} {kind:10s} {ips:9.1f} img/s "
+                      f"(epochs {', '.join(f'{s:.2f}' for s in seconds)} s; first is warm-up)")
+        ratio = best["loop"] / best["dataloader"]
+        print(f"{device.type}: loop {best['loop']:.1f} img/s, DataLoader {best['dataloader']:.1f} img/s, "
+              f"ratio {ratio:.2f} (target {'>= 1.0' if device.type == 'cpu' else '>= 3'})")
+        rows.append(f"| {datetime.date.today().isoformat()} | {machine(device)} | {device.type} | {args.model} | "
+                    f"{len(images)} | {args.epochs} | {args.batch_size} | {args.workers} | {best['loop']:.0f} | "
+                    f"{best['dataloader']:.0f} | {ratio:.2f} | `{command}` |")
+    if not args.no_record:
+        record(rows, Path(args.doc))
+        print(f"recorded in {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
