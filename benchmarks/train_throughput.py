@@ -120,7 +120,8 @@ def machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    text = f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
+    text = (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+            f"{platform.system()} {platform.release()}, torch {torch.__version__}")
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)}; " + text
     return text

@@ -116,3 +116,36 @@ def test_weights_that_do_not_fit_the_sidecar_are_refused(tmp_path):
     save_checkpoint(tmp_path, model, {**meta, "model": {"name": "small_resnet", "width": 8, "depth": 2}})
     with pytest.raises(CheckpointError, match="do not fit small_resnet"):
         load_checkpoint(tmp_path / "model.safetensors")
+
+
+# -- content hashes (the cache keys of trained models) ---------------------------------------------
+
+
+def test_content_hash_is_canonical_and_sensitive():
+    from trainables.cache import content_hash
+
+    a = {"train": {"epochs": 3, "lr": 0.05}, "attack": {"name": "badnets", "position": (1, 2)}}
+    b = {"attack": {"position": [1, 2], "name": "badnets"}, "train": {"lr": 0.05, "epochs": 3}}
+    assert content_hash(a) == content_hash(b) and len(content_hash(a)) == 16
+    assert content_hash(a) != content_hash({**a, "train": {"epochs": 3, "lr": 0.051}})
+    assert content_hash({"x": 1}) != content_hash({"x": "1"}) != content_hash({"x": True})
+    with pytest.raises(ValueError):
+        content_hash({"x": float("nan")})
+
+
+def test_code_version_follows_the_training_sources(tmp_path, monkeypatch):
+    from trainables import cache
+
+    for rel in ("data/base.py", "models/resnet.py", "attacks/badnets.py", "train.py", "defenses/bibau.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    monkeypatch.setattr(cache, "_ROOT", tmp_path)
+    version = cache.code_version.__wrapped__
+    before = version()
+    (tmp_path / "defenses/bibau.py").write_text("# a defense does not change the attacked model\n")
+    assert version() == before
+    (tmp_path / "attacks/badnets.py").write_text("# a changed trigger does\n")
+    changed = version()
+    assert changed != before and changed.startswith(cache.package_version() + "+")
+    (tmp_path / "attacks/new_attack.py").write_text("# so does a new file\n")
+    assert version() != changed

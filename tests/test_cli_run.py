@@ -26,28 +26,32 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cli")
 
 
-@pytest.fixture(scope="module")
-def config_file(workdir) -> Path:
-    path = workdir / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "data": {"name": "digits"},
-        "model": {"name": "small_resnet", "width": 8, "depth": 2},
-        "attack": {"name": "badnets"},
-        "defense": {"name": "ft"},
-        "evaluation": {"metrics": ["ca", "asr"]},
-        "cache_dir": str(workdir / "cache"),
-    }))
-    return path
+# the example config (BadNets, then ft, CA and ASR): the test keeps it runnable
+CONFIG = REPO / "search_spaces" / "run_digits_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def first_run(workdir, config_file):
+def config_file() -> Path:
+    return CONFIG
+
+
+@pytest.fixture(scope="module")
+def overrides(workdir) -> list[str]:
+    return [f"cache_dir={workdir / 'cache'}", "train.lr=0.04"]
+
+
+def set_flags(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir, config_file, overrides):
     out = workdir / "first"
-    code = main(["run", str(config_file), "--smoke-test", "--out", str(out), "--set", "train.lr=0.05"])
+    code = main(["run", str(config_file), "--smoke-test", "--out", str(out), *set_flags(overrides)])
     return code, out
 
 
-def test_run_writes_results_config_and_checkpoints(first_run, config_file):
+def test_run_writes_results_config_and_checkpoints(first_run, config_file, overrides):
     code, out = first_run
     assert code == 0
     for name in ("results.json", "config.yaml", "backdoored.safetensors", "backdoored.json", "attack.safetensors",
@@ -63,8 +67,8 @@ def test_run_writes_results_config_and_checkpoints(first_run, config_file):
 
     # the saved config is the resolved one: defaults, YAML, --set and the smoke-test sizes
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    cfg = load_run_config(str(config_file), ["train.lr=0.05"], smoke_test=True)
-    assert saved == to_dict(cfg) and saved["train"]["lr"] == 0.05 and saved["train"]["epochs"] == 1
+    cfg = load_run_config(str(config_file), overrides, smoke_test=True)
+    assert saved == to_dict(cfg) and saved["train"]["lr"] == 0.04 and saved["train"]["epochs"] == 1
 
     # the checkpoints rebuild the models that were measured
     dataset = load_dataset(cfg.data)
@@ -76,12 +80,12 @@ def test_run_writes_results_config_and_checkpoints(first_run, config_file):
     assert set(load_tensors(out / "attack.safetensors")) == {"pattern", "mask"}
 
 
-def test_second_run_hits_the_cache_in_a_subprocess(first_run, config_file, workdir):
+def test_second_run_hits_the_cache_in_a_subprocess(first_run, config_file, overrides, workdir):
     _, first = first_run
     out = workdir / "second"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(config_file), "--smoke-test",
-                           "--out", str(out), "--set", "train.lr=0.05", "--set", "defense=null"],
+                           "--out", str(out), *set_flags(overrides), "--set", "defense=null"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "cache hit" in proc.stdout
@@ -118,3 +122,27 @@ def test_print_config_and_export_selection(workdir, capsys):
     assert main(["run", str(export), "--attack", "blended", "--print-config", "--set", "seed=3"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["attack"]["name"] == "blended" and printed["seed"] == 3 and printed["data"]["name"] == "digits"
+
+
+def test_cache_key_covers_what_changes_the_model():
+    from trainables.cache import content_hash
+    from trainables.trial import attack_key
+
+    cfg = load_run_config(None, ["data.name=digits", "data.train_size=200", "data.test_size=100"])
+    dataset = load_dataset(cfg.data)
+    cpu = torch.device("cpu")
+
+    def key(*overrides: str) -> str:
+        changed = load_run_config(None, ["data.name=digits", "data.train_size=200", "data.test_size=100", *overrides])
+        return content_hash(attack_key(changed, dataset, cpu))
+
+    base = key()
+    assert base == content_hash(attack_key(cfg, dataset, cpu))
+    for same in ("train.eval_every=3", "data.root=/elsewhere", "defense=null", "evaluation.ra_epochs=2"):
+        assert key(same) == base, same
+    for different in ("attack.target=1", "attack.name=blended", "train.epochs=2", "model.width=4", "seed=1",
+                      "data.clean_fraction=0.1"):
+        assert key(different) != base, different
+    other = load_dataset(load_run_config(None, ["data.name=digits", "data.train_size=200", "data.test_size=100",
+                                                "data.seed=1"]).data)
+    assert content_hash(attack_key(cfg, other, cpu)) != base  # other images: another data fingerprint

@@ -1,6 +1,8 @@
 """Loading a run config: defaults < YAML < --set, every error names its field, exports."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -117,3 +119,10 @@ def test_export_errors_name_the_field(tmp_path):
         load_run_config(write(tmp_path, {**export_doc(("badnets", None)), "version": 2}))
     with pytest.raises(ConfigError, match=r"selections\[0\]\.config: expected the mapping"):
         load_run_config(write(tmp_path, {"kind": "bibau-export", "version": 1, "selections": [{"attack": "x"}]}))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("run_*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_run_configs_are_valid(path):
+    cfg = load_run_config(str(path))
+    assert cfg.attack.name in ("badnets", "blended") and cfg.train.epochs >= 1

@@ -74,10 +74,12 @@ def cache_root(cfg: RunConfig) -> Path:
 
 def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device) -> dict:
     """Everything that determines the attack-stage model. Where the data came from (root,
-    cache folder) does not matter: the data's fingerprint stands for its content."""
+    cache folder) does not matter: the data's fingerprint stands for its content. Nor does how
+    often training was watched: the per-epoch evaluation leaves the weights alone."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("root", "cache_dir", "download")}
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("eval_every", "eval_size")}
     return {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
-            "train": to_dict(cfg.train), "attack": to_dict(cfg.attack), "seed": cfg.seed,
+            "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
             "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
             "code_version": code_version()}
 
