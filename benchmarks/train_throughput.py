@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -40,8 +42,8 @@ from trainables.train import make_optimizer, make_scheduler, train_model  # noqa
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Training throughput (benchmarks/train_throughput.py)"
 TABLE_HEAD = [
-    "| date | machine | device | model | images | timed epochs | batch | workers | loop img/s | DataLoader img/s | ratio | command |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| date | machine | device | model | images | timed epochs | batch | workers | loop img/s | DataLoader img/s | ratio | loop CPU ms/img | DataLoader CPU ms/img | command |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 SECTION_TEXT = f"""{SECTION}
 
@@ -50,7 +52,9 @@ as batched tensor ops) against the same model fed by a torchvision `DataLoader` 
 images with `RandomCrop(32, padding=4)`, `RandomHorizontalFlip()`, `ToTensor()` (persistent
 workers, pinned memory on CUDA): same images, batch size, optimiser step (SGD, autocast,
 channels_last on CUDA); training epochs after one warm-up epoch, best of the alternating
-rounds. Ratio = loop / DataLoader. Target: >= 1.0 on CPU, >= 3 on a GPU.
+rounds. Ratio = loop / DataLoader. Target: >= 1.0 on CPU, >= 3 on a GPU. CPU ms/img: CPU time
+of the whole run (warm-up included; DataLoader workers included) per image trained, the
+contention-proof measure of work on a shared machine.
 Each run of the script appends one row per device.
 
 {TABLE_HEAD[0]}
@@ -75,9 +79,17 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's finished (reaped) children: the DataLoader workers."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def dataloader_epochs(model, images: ImageSet, cfg: TrainConfig, device: torch.device, workers: int,
-                      seed: int) -> list[float]:
-    """Seconds of each epoch of the DataLoader pipeline, with the loop's own optimiser step."""
+                      seed: int) -> tuple[list[float], float]:
+    """Seconds of each epoch of the DataLoader pipeline, with the loop's own optimiser step, and
+    the CPU seconds of the whole run (this process and its workers, warm-up included)."""
+    cpu0, children0 = time.process_time(), children_cpu()
     from torchvision import transforms
 
     side = images.x.shape[-1]
@@ -108,7 +120,9 @@ def dataloader_epochs(model, images: ImageSet, cfg: TrainConfig, device: torch.d
             loss_sum += loss.detach().float() * len(y)
         loss_sum.item()  # the same one sync per epoch as the loop
         seconds.append(time.perf_counter() - start)
-    return seconds
+    del loader
+    gc.collect()  # shuts the persistent workers down and reaps them, so their CPU time is counted
+    return seconds, time.process_time() - cpu0 + children_cpu() - children0
 
 
 def machine(device: torch.device) -> str:
@@ -170,32 +184,39 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(epochs=args.epochs + 1, batch_size=args.batch_size, lr=0.05, crop_padding=4, hflip=True,
                       eval_every=0)
     timed = len(images) * args.epochs
-    command = "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES") if k in os.environ]
+    command = " ".join(env + ["python"] + [shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]])
     print(f"{len(images)} CIFAR-10 images, {args.model}, batch {args.batch_size}, 1 warm-up + {args.epochs} "
           f"timed epochs, {args.repeats} round(s), DataLoader workers {args.workers}")
     rows = []
     for device in devices:
         best = {"loop": 0.0, "dataloader": 0.0}
+        cpu_ms = {"loop": float("inf"), "dataloader": float("inf")}
         for r in range(args.repeats):
             for kind in ("loop", "dataloader"):
                 model = create_model(ModelConfig(name=args.model), ds.num_classes, mean=ds.mean, std=ds.std,
                                      generator=torch.Generator().manual_seed(0))
                 if kind == "loop":
+                    cpu0 = time.process_time()
                     history = train_model(model, images, cfg, device, generator=torch.Generator().manual_seed(r),
                                           log=lambda _: None)
+                    cpu = time.process_time() - cpu0
                     seconds = [row["seconds"] for row in history]
                 else:
-                    seconds = dataloader_epochs(model, images, cfg, device, args.workers, seed=r)
+                    seconds, cpu = dataloader_epochs(model, images, cfg, device, args.workers, seed=r)
                 ips = timed / sum(seconds[1:])
                 best[kind] = max(best[kind], ips)
-                print(f"  {device.type} round {r + 1} {kind:10s} {ips:9.1f} img/s "
+                cpu_ms[kind] = min(cpu_ms[kind], 1000 * cpu / (len(images) * cfg.epochs))
+                print(f"  {device.type} round {r + 1} {kind:10s} {ips:9.1f} img/s, "
+                      f"{1000 * cpu / (len(images) * cfg.epochs):.2f} CPU ms/img "
                       f"(epochs {', '.join(f'{s:.2f}' for s in seconds)} s; first is warm-up)")
         ratio = best["loop"] / best["dataloader"]
         print(f"{device.type}: loop {best['loop']:.1f} img/s, DataLoader {best['dataloader']:.1f} img/s, "
-              f"ratio {ratio:.2f} (target {'>= 1.0' if device.type == 'cpu' else '>= 3'})")
+              f"ratio {ratio:.2f} (target {'>= 1.0' if device.type == 'cpu' else '>= 3'}); CPU ms/img "
+              f"loop {cpu_ms['loop']:.2f}, DataLoader {cpu_ms['dataloader']:.2f}")
         rows.append(f"| {datetime.date.today().isoformat()} | {machine(device)} | {device.type} | {args.model} | "
                     f"{len(images)} | {args.epochs} | {args.batch_size} | {args.workers} | {best['loop']:.0f} | "
-                    f"{best['dataloader']:.0f} | {ratio:.2f} | `{command}` |")
+                    f"{best['dataloader']:.0f} | {ratio:.2f} | {cpu_ms['loop']:.2f} | {cpu_ms['dataloader']:.2f} | `{command}` |")
     if not args.no_record:
         record(rows, Path(args.doc))
         print(f"recorded in {args.doc}")

@@ -91,8 +91,11 @@ def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
     return max(candidates)[1]
 
 
-def _quiet_mlflow() -> None:
+def _quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # each trial checkpoints once, at its end, and Tune then snapshots the experiment: on purpose
+    # (a resumed sweep loses as little as possible), so its warning about frequent snapshots is noise
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _ray_init(address: str | None, num_cpus: int | None, num_gpus: float | None) -> bool:
@@ -140,7 +143,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             sweep_dir = folder / f"{sweep_id}-{n}"
         sweep_id = sweep_dir.name
         sweep_dir.mkdir(parents=True)
-    _quiet_mlflow()
+    _quiet()
     version = code_version()
     uri = spec.tracking_uri
     local_store = uri.startswith("sqlite:")

@@ -329,6 +329,29 @@ def test_rayjob_is_valid_and_runs_the_raycluster_spec():
     assert job["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode"
 
 
+def test_rayjob_entrypoint_is_a_valid_sweep_of_the_image():
+    """The RayJob's command parses with the CLI, from the image's working directory, and its
+    spec and overrides load: MLflow at the URI the pods use, storage on the shared volume."""
+    import shlex
+
+    from orchestrator.cli import build_parser
+    from orchestrator.spec import load_spec
+
+    job = _load(RAYJOB)["spec"]
+    cd, _, command = job["entrypoint"].partition("&&")
+    workdir = next(arg for word, arg in _instructions(DOCKERFILE) if word == "WORKDIR")
+    assert cd.split() == ["cd", workdir]
+    argv = shlex.split(command)
+    assert " ".join(argv[:4]) == SWEEP_COMMAND
+    args = build_parser().parse_args(argv[3:])
+    assert args.command == "sweep"
+    spec, plan = load_spec(str(REPO / args.spec), args.overrides)
+    assert plan.studies
+    assert spec.tracking_uri == yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
+    assert spec.storage.startswith(SHARED_STORAGE + "/")
+    assert spec.resources.gpus > 0, "the cluster's sweep should use the GPU workers"
+
+
 @pytest.mark.parametrize("mutate, expected", [
     (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "'ray.io/v1' was expected"),
     (lambda d: d["spec"].update(workerGroupSpec=[]), "'workerGroupSpec' was unexpected"),

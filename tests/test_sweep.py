@@ -201,7 +201,7 @@ def test_sweep_lands_runs_metrics_tags_and_artifacts_in_mlflow(tmp_path, local_r
     from orchestrator.export import read_export
     from orchestrator.sweep import run_sweep
 
-    spec, plan = load_spec(write_spec(tmp_path, spec_dict(tmp_path / "store")))
+    spec, plan = load_spec(write_spec(tmp_path, spec_dict(tmp_path / "store", trials=2)))
     lines: list[str] = []
     out = run_sweep(spec, plan, backend=StandIn(str(tmp_path / "markers")), log=lines.append, verbose=0)
     assert all(info["ok"] for info in out.attack_stage.values()), out.attack_stage
@@ -215,7 +215,7 @@ def test_sweep_lands_runs_metrics_tags_and_artifacts_in_mlflow(tmp_path, local_r
     trials = by_role["trial"]
     assert set(attacks) == {"badnets", "blended"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in attacks.values())
-    assert len(trials) == 2 * 3 + 2 + 2  # every trial of the budget, logged once
+    assert len(trials) == 2 * 2 + 2 + 2  # every trial of the budget, logged once
     assert len({r.data.tags["trial_id"] for r in trials}) == len(trials)
     for r in trials:
         t = r.data.tags
@@ -224,8 +224,8 @@ def test_sweep_lands_runs_metrics_tags_and_artifacts_in_mlflow(tmp_path, local_r
     status = {(r.data.tags["attack"], r.data.tags["defense"]): r for r in trials if r.data.tags["defense"] != "bibau_u"}
     failed = status[("blended", "ft")]
     assert failed.data.tags["status"] == "failed" and failed.info.status == "FAILED"
-    assert "this study always fails" in client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path)) \
-        and "this study always fails" in (tmp_path / "error.txt").read_text()
+    error = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))).read_text()
+    assert "this study always fails" in error
     for attack in ("badnets", "blended"):  # NaN: recorded as diverged, never as a number on a front
         diverged = status[(attack, "ibu")]
         assert diverged.data.tags["status"] == "diverged" and "ca" not in diverged.data.metrics
@@ -259,7 +259,7 @@ def test_sweep_lands_runs_metrics_tags_and_artifacts_in_mlflow(tmp_path, local_r
     storage = f"sqlite:///{out.folder / 'optuna.db'}"
     for attack in ("badnets", "blended"):
         study = optuna.load_study(study_name=f"{out.sweep_id}/{attack}/bibau_u", storage=storage)
-        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
     # the sweep's own export and its summary
     doc = read_export(out.export_file)
     assert {s["attack"] for s in doc["selections"]} == {"badnets", "blended"}
@@ -271,10 +271,12 @@ def test_sweep_lands_runs_metrics_tags_and_artifacts_in_mlflow(tmp_path, local_r
     assert str(out.export_file) in text
     # a second sweep of the same spec reuses the attack stage and says so
     lines.clear()
-    out2 = run_sweep(*load_spec(write_spec(tmp_path, {**spec_dict(tmp_path / "store"), "defenses": [{"name": "ft"}]})),
-                     backend=StandIn(str(tmp_path / "markers")), log=lines.append, verbose=0)
+    again = {**spec_dict(tmp_path / "store"), "attacks": ["badnets"], "defenses": [{"name": "ft"}]}
+    out2 = run_sweep(*load_spec(write_spec(tmp_path, again)), backend=StandIn(str(tmp_path / "markers")),
+                     log=lines.append, verbose=0)
     assert out2.sweep_id != out.sweep_id
-    assert sum("reused from the cache" in line for line in lines) == 3  # two attacks and the clean reference
+    reused = [line for line in lines if "reused from the cache" in line]
+    assert len(reused) == 2 and "badnets" in reused[0] and "clean-reference" in reused[1], lines
 
 
 DRIVER = textwrap.dedent("""

@@ -1,0 +1,119 @@
+"""Superficial safety on real data (Min et al. 2024, the paper's motivation): a BadNets model on
+CIFAR-10, fine-tuned on the defender's clean split until its ASR drops, gets the backdoor back
+from RA (5 poisoned images among 500) and from QRA's perturbations, while the same RA leaves a
+clean model clean; BEC sits between the clean model (0) and the backdoored one (1).
+
+Small on purpose (about 3 minutes on 2 busy cores): 3,000 training images at 16x16, a narrow
+ResNet trained 15 epochs at 20% poison (ASR above 99%, CA about 38%), FT for 10 epochs at lr
+0.08 (ASR down to about 35%: plain FT at lr 0.01 barely moves it), QRA for 20 epochs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainables.attacks import build_attack
+from trainables.attacks.base import AttackConfig
+from trainables.config import build
+from trainables.data import defender_split, load_dataset
+from trainables.data.base import DataConfig
+from trainables.defenses import build_defense
+from trainables.defenses.base import DefenseConfig, DefenseContext
+from trainables.evaluation import EvalContext, evaluate
+from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
+from trainables.models.base import ModelConfig, create_model
+from trainables.registry import ATTACKS, DEFENSES
+from trainables.schema import EvalConfig, TrainConfig
+from trainables.train import train_model
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions: intra-op threads only contend on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(data, seed: int):
+    return create_model(ModelConfig(name="small_resnet", width=8, depth=3), data.num_classes, 3, data.mean, data.std,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def scene(cifar10_archive, one_thread):
+    if "ft" not in DEFENSES:
+        pytest.skip("the ft defense is not registered")
+    data = load_dataset(DataConfig(name="cifar10", root=str(cifar10_archive), train_size=3000, test_size=1000,
+                                   image_size=16, seed=0))
+    rest, clean_index = defender_split(data.train, 0.1, 0)
+    attack = build_attack(build(AttackConfig, {"name": "badnets", "target": 0, "poison_rate": 0.2, "size": 6},
+                                "attack", registry=ATTACKS), data)  # a 3x3 patch at 16x16
+    poisoned_train, _ = attack.poison_trainset(data.train, torch.Generator().manual_seed(1), exclude=clean_index)
+    poisoned_test = attack.poison_testset(data.test)
+    train_cfg = build(TrainConfig, {"epochs": 15, "batch_size": 128, "lr": 0.1, "eval_every": 0, "eval_size": 200})
+
+    backdoored = _model(data, 0)
+    train_model(backdoored, poisoned_train, train_cfg, CPU, generator=torch.Generator().manual_seed(2),
+                attack=attack, hflip_allowed=data.hflip, log=lambda s: None)
+    clean = _model(data, 1)
+    train_model(clean, data.train, train_cfg, CPU, generator=torch.Generator().manual_seed(3),
+                hflip_allowed=data.hflip, log=lambda s: None)
+
+    ft = build_defense(build(DefenseConfig, {"name": "ft", "epochs": 10, "lr": 0.08}, "defense", registry=DEFENSES))
+    purified = ft.purify(backdoored, data.train.subset(clean_index),
+                         DefenseContext(device=CPU, num_classes=data.num_classes, seed=0, hflip=data.hflip,
+                                        log=lambda s: None)).model
+    cfg = build(EvalConfig, {"ra_size": 500, "qra_epochs": 20, "qra_clean_size": 250, "qra_poison_size": 250,
+                             "qra_hidden": 512, "bec_samples": 250, "bec_layers": 6}, "evaluation")
+    ctx = EvalContext(model=purified, backdoored=backdoored, clean_reference=lambda: clean, attack=attack,
+                      dataset=data, attacker_train=data.train.subset(rest), poisoned_test=poisoned_test, cfg=cfg,
+                      device=CPU, log=print)
+    return {"ctx": ctx, "backdoored": backdoored, "clean": clean, "purified": purified,
+            "metrics": evaluate(ctx, ["ca", "asr", "ra", "qra", "bec"])}
+
+
+def test_setting_is_a_working_backdoor_that_ft_hides(scene):
+    ctx = scene["ctx"]
+    bd_asr = attack_success_rate(scene["backdoored"], ctx.poisoned_test, CPU)
+    clean_asr = attack_success_rate(scene["clean"], ctx.poisoned_test, CPU)
+    m = scene["metrics"]
+    print(f"backdoored CA {clean_accuracy(scene['backdoored'], ctx.dataset.test, CPU):.3f} ASR {bd_asr:.3f}; "
+          f"clean ASR {clean_asr:.3f}; FT CA {m['ca']:.3f} ASR {m['asr']:.3f}")
+    assert bd_asr > 0.9 and clean_asr < 0.2
+    assert m["asr"] < bd_asr - 0.2, "FT should lower the ASR for this test to mean anything"
+
+
+def test_ra_brings_the_backdoor_back_but_not_into_a_clean_model(scene):
+    m = scene["metrics"]
+    print({k: round(m[k], 3) for k in ("asr", "r_asr", "ra_ca", "ra_clean_asr", "ra_clean_ca")})
+    assert m["ra_poison_count"] == 5
+    assert m["r_asr"] > m["asr"] + 0.25
+    assert m["ra_clean_asr"] < 0.3 and m["r_asr"] > m["ra_clean_asr"] + 0.3
+
+
+def test_qra_reactivates_through_queries_only(scene):
+    m = scene["metrics"]
+    print({k: round(m[k], 3) for k in ("asr", "q_asr", "q_asr_clean_model", "qra_clean_target_rate")})
+    assert m["q_asr"] > m["asr"] + 0.08
+    # the perturbation is no generic adversarial example: the clean model and clean images resist it
+    assert m["q_asr_clean_model"] < 0.2 and m["qra_clean_target_rate"] < 0.3
+
+
+def test_bec_places_ft_between_clean_and_backdoored(scene):
+    ctx, m = scene["ctx"], scene["metrics"]
+    print({k: round(m[k], 3) for k in ("bec", "bec_raw", "bec_similarity", "bec_clean_similarity")})
+    assert m["bec_similarity"] > m["bec_clean_similarity"]
+    assert 0.2 < m["bec_raw"] < 1.0
+    reuse = {k: ctx.cache[k] for k in ("clean_model", "bec_backdoored", "bec_clean_similarity")}
+    for model, raw in ((scene["backdoored"], 1.0), (scene["clean"], 0.0)):
+        other = EvalContext(model=model, backdoored=ctx.backdoored, clean_reference=ctx.clean_reference,
+                            attack=ctx.attack, dataset=ctx.dataset, attacker_train=ctx.attacker_train,
+                            poisoned_test=ctx.poisoned_test, cfg=ctx.cfg, device=CPU, log=print, cache=dict(reuse))
+        out = evaluate(other, ["bec"])
+        assert out["bec_raw"] == pytest.approx(raw, abs=1e-6)
+        assert (out["bec"] > 0.99) if raw else (out["bec"] < 0.01)
