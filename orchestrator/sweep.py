@@ -211,7 +211,10 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         else:
             tuner = None
         if tuner is not None:
-            tuner.fit()
+            results = tuner.fit()
+            fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
+            if fixed:
+                log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
 
         # -- fronts, export, summary -----------------------------------------------------------------
         records = tracker.records()

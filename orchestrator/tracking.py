@@ -156,6 +156,10 @@ class SweepTracker:
         for i in range(0, len(m), 1000):
             self.client.log_batch(run_id, metrics=m[i:i + 1000])
 
+    def unfinished_trial_runs(self) -> dict[str, str]:
+        """Trial id -> run id of trial runs a dead driver left RUNNING (created, not completed)."""
+        return {tid: r.info.run_id for tid, r in self.trial_runs().items() if r.info.status == "RUNNING"}
+
     def trial_runs(self) -> dict[str, Any]:
         """Tune trial id -> MLflow run of this sweep's logged trials."""
         state = self.state()
@@ -176,15 +180,19 @@ class SweepTracker:
     def records(self) -> list[TrialRecord]:
         return [record_from_run(r) for r in self.trial_runs().values()]
 
-    def log_trial(self, rec: TrialRecord, report: dict, history: list) -> str:
-        """One child run under the attack's run, created and finished in one go."""
+    def log_trial(self, rec: TrialRecord, report: dict, history: list, run_id: str | None = None) -> str:
+        """One child run under the attack's run, created and finished in one go; ``run_id``
+        completes a run a dead driver left unfinished (same params, so re-logging them is allowed)."""
         state = self.state()
         parent = state["attack_runs"][rec.attack]
-        run = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}", tags={
-            "mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
-            "attack": rec.attack, "defense": rec.defense, "study": rec.study, "status": rec.status,
-            "tuned": str(rec.tuned).lower(), "order": str(rec.order), "params_json": json.dumps(rec.params)[:5000]})
-        run_id = run.info.run_id
+        tags = {"mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
+                "attack": rec.attack, "defense": rec.defense, "study": rec.study, "status": rec.status,
+                "tuned": str(rec.tuned).lower(), "order": str(rec.order), "params_json": json.dumps(rec.params)[:5000]}
+        if run_id is None:
+            run_id = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}",
+                                            tags=tags).info.run_id
+        else:
+            self._log_batch(run_id, tags=tags)
         metrics = {k: v for k, v in report.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         steps = []
@@ -371,23 +379,24 @@ def plot_growth(attack: str, curve: list[tuple[int, float]]):
 
 class TrackingCallback(tune.Callback):
     """Logs each finished or failed trial to MLflow from the driver, and the attack's
-    hypervolume as it grows. Trials already logged (a resumed sweep) are not logged again."""
+    hypervolume as it grows. A trial already logged (a resumed sweep) is not logged again; a
+    run a dead driver left unfinished is completed."""
 
     def __init__(self, tracker: SweepTracker, objectives: Sequence):
         self.tracker = tracker
         self.objectives = list(objectives)
         self.records: dict[str, TrialRecord] = {}
+        self.unfinished: dict[str, str] = {}
 
     def setup(self, **info) -> None:
-        self.records = {r.trial_id: r for r in self.tracker.records()}
+        self.unfinished = self.tracker.unfinished_trial_runs()
+        self.records = {r.trial_id: r for r in self.tracker.records() if r.trial_id not in self.unfinished}
 
     def get_state(self) -> dict | None:
         return None  # MLflow holds the records; setup() reloads them
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        result = trial.last_result or {}
-        status = result.get(STATUS_KEY)
-        self._record(trial, result, status if status in ("completed", "diverged") else "failed", None)
+        self.log(trial.trial_id, trial.config, trial.last_result or {}, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         text = None
@@ -396,12 +405,14 @@ class TrackingCallback(tune.Callback):
                 text = Path(trial.error_file).read_text()[-8000:]
         except Exception:  # the error file is a nicety; the status is what matters
             text = None
-        self._record(trial, {}, "failed", text or "trial raised (see the Tune trial folder)")
+        self.log(trial.trial_id, trial.config, {}, text or "trial raised (see the Tune trial folder)")
 
-    def _record(self, trial, result: dict, status: str, error: str | None) -> None:
-        cfg = trial.config
-        if "study" not in cfg or trial.trial_id in self.records:
-            return
+    def log(self, trial_id: str, cfg: dict, result: dict, error: str | None) -> TrialRecord | None:
+        """Log one trial from its Tune config and last result (``error``: it raised)."""
+        if "study" not in cfg or trial_id in self.records:
+            return self.records.get(trial_id)
+        status = result.get(STATUS_KEY) if error is None else "failed"
+        status = status if status in ("completed", "diverged") else "failed"
         metrics = {k: float(v) for k, v in result.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if status == "diverged":
@@ -411,22 +422,40 @@ class TrackingCallback(tune.Callback):
                 if f"raw_{o.metric}" in metrics:
                     metrics[o.metric] = metrics.pop(f"raw_{o.metric}")
             error = error or f"diverged: objectives {result.get('diverged_objectives', '?')} were not finite"
-        rec = TrialRecord(trial_id=trial.trial_id, study=cfg["study"], attack=cfg["attack"], defense=cfg["defense"],
+        rec = TrialRecord(trial_id=trial_id, study=cfg["study"], attack=cfg["attack"], defense=cfg["defense"],
                           status=status, metrics=metrics, params=dict(cfg.get("params", {})), config=cfg["run"],
                           tuned=bool(cfg.get("tuned", True)), order=len(self.records) + 1, error=error)
         try:
-            rec.run_id = self.tracker.log_trial(rec, metrics, result.get("history") or [])
+            rec.run_id = self.tracker.log_trial(rec, metrics, result.get("history") or [],
+                                                run_id=self.unfinished.pop(trial_id, None))
         except Exception as exc:  # MLflow trouble must not kill the sweep; the trial stays in Tune
-            print(f"MLflow: could not log trial {trial.trial_id}: {exc}", flush=True)
-        self.records[trial.trial_id] = rec
-        objectives = self.objectives
+            print(f"MLflow: could not log trial {trial_id}: {exc}", flush=True)
+        self.records[trial_id] = rec
+        metric_names = [o.metric for o in self.objectives]
+        modes = [o.mode for o in self.objectives]
         recs = [r for r in self.records.values() if r.attack == rec.attack]
-        metrics_ = [o.metric for o in objectives]
-        modes = [o.mode for o in objectives]
-        curve = growth(recs, metrics_, modes, [o.reference for o in objectives])
+        curve = growth(recs, metric_names, modes, [o.reference for o in self.objectives])
         try:
-            self.tracker.log_growth(rec.attack, len(recs), curve[-1][1], len(front_of(recs, metrics_, modes)))
+            self.tracker.log_growth(rec.attack, len(recs), curve[-1][1], len(front_of(recs, metric_names, modes)))
         except Exception as exc:
             print(f"MLflow: could not log the hypervolume of {rec.attack}: {exc}", flush=True)
-        print(f"[sweep] {rec.study} trial {rec.trial_id}: {status}"
-              + "".join(f", {m}={rec.metrics[m]:.4f}" for m in metrics_ if m in rec.metrics), flush=True)
+        print(f"[sweep] {rec.study} trial {trial_id}: {status}"
+              + "".join(f", {m}={rec.metrics[m]:.4f}" for m in metric_names if m in rec.metrics), flush=True)
+        return rec
+
+    def reconcile(self, results) -> int:
+        """After ``fit()``: log what Tune finished but MLflow lacks or holds unfinished (a driver
+        that died between the two). ``results`` is the ``ResultGrid``. Returns how many."""
+        self.setup()
+        fixed = 0
+        for res in results:
+            cfg = res.config or {}
+            metrics = dict(res.metrics or {})
+            trial_id = metrics.get("trial_id") or Path(res.path).name.rsplit("-", 1)[-1]
+            if trial_id in self.records or "study" not in cfg:
+                continue
+            if res.error is None and STATUS_KEY not in metrics:
+                continue  # not finished: nothing to log yet
+            self.log(trial_id, cfg, metrics, None if res.error is None else f"{type(res.error).__name__}: {res.error}")
+            fixed += 1
+        return fixed

@@ -4,8 +4,9 @@ from RA (5 poisoned images among 500) and from QRA's perturbations, while the sa
 clean model clean; BEC sits between the clean model (0) and the backdoored one (1).
 
 Small on purpose (about 3 minutes on 2 busy cores): 3,000 training images at 16x16, a narrow
-ResNet trained 15 epochs at 20% poison (ASR above 99%, CA about 38%), FT for 10 epochs at lr
-0.08 (ASR down to about 35%: plain FT at lr 0.01 barely moves it), QRA for 20 epochs.
+ResNet trained 15 epochs at 20% poison (ASR above 99%, CA about 35%), FT for 10 epochs at lr
+0.05 (ASR down to 20-50%: at lr 0.01 FT barely moves it, from lr 0.08 on it starts to really
+remove it at this scale), QRA for 20 epochs.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def scene(cifar10_archive, one_thread):
     train_model(clean, data.train, train_cfg, CPU, generator=torch.Generator().manual_seed(3),
                 hflip_allowed=data.hflip, log=lambda s: None)
 
-    ft = build_defense(build(DefenseConfig, {"name": "ft", "epochs": 10, "lr": 0.08}, "defense", registry=DEFENSES))
+    ft = build_defense(build(DefenseConfig, {"name": "ft", "epochs": 10, "lr": 0.05}, "defense", registry=DEFENSES))
     purified = ft.purify(backdoored, data.train.subset(clean_index),
                          DefenseContext(device=CPU, num_classes=data.num_classes, seed=0, hflip=data.hflip,
                                         log=lambda s: None)).model
@@ -99,7 +100,7 @@ def test_ra_brings_the_backdoor_back_but_not_into_a_clean_model(scene):
 def test_qra_reactivates_through_queries_only(scene):
     m = scene["metrics"]
     print({k: round(m[k], 3) for k in ("asr", "q_asr", "q_asr_clean_model", "qra_clean_target_rate")})
-    assert m["q_asr"] > m["asr"] + 0.08
+    assert m["q_asr"] > m["asr"] + 0.1
     # the perturbation is no generic adversarial example: the clean model and clean images resist it
     assert m["q_asr_clean_model"] < 0.2 and m["qra_clean_target_rate"] < 0.3
 
