@@ -170,6 +170,34 @@ def test_searcher_restore_brings_back_its_counters_and_fails_trials_lost_with_th
     assert restored.suggest("t2")["study"] == "blended/bibau_u"
 
 
+def test_a_trial_run_left_unfinished_by_a_dead_driver_is_completed_not_duplicated(tmp_path):
+    from orchestrator.tracking import SweepTracker, TrackingCallback
+
+    spec, plan = load_spec(write_spec(tmp_path, spec_dict(tmp_path / "store")))
+    tracker = SweepTracker(spec.tracking_uri, spec.experiment, "s1", tmp_path / "state.json",
+                           artifact_root=tmp_path / "artifacts")
+    state = tracker.start(name="s", attacks=["badnets"], spec={"name": "s"}, code_version="v", summary={})
+    study = plan.study("badnets/bibau_u")
+    cfg = {"study": study.key, "attack": "badnets", "defense": "bibau_u", "tuned": True, "params": {"theta": 0.5},
+           "run": study.config}
+    result = {"ca": 0.8, "r_asr": 0.1, "q_asr": 0.2, STATUS_KEY: "completed", "time_total_s": 3.0,
+              "history": [{"epoch": 1, "loss": 0.3, "stage": "defense"}]}
+    # the dead driver had created the run (tags only) when it was killed
+    half = tracker.client.create_run(state["experiment_id"], tags={
+        "mlflow.parentRunId": state["attack_runs"]["badnets"], "role": "trial", "sweep_id": "s1", "trial_id": "t1",
+        "attack": "badnets", "defense": "bibau_u", "study": study.key, "status": "completed"}).info.run_id
+    callback = TrackingCallback(tracker, spec.objectives)
+    callback.setup()
+    rec = callback.log("t1", cfg, result, None)
+    assert rec.run_id == half
+    again = callback.log("t1", cfg, result, None)  # Tune reporting it twice logs nothing new
+    assert again is rec
+    runs = tracker.trial_runs()
+    assert list(runs) == ["t1"] and runs["t1"].info.status == "FINISHED"
+    assert runs["t1"].data.metrics["ca"] == 0.8 and "time_total_s" not in runs["t1"].data.metrics
+    assert runs["t1"].data.params["defense.name"] == "bibau_u"
+
+
 # -- small real sweeps on a local Ray ----------------------------------------------------------------
 
 
