@@ -18,6 +18,8 @@ import datetime as _dt
 import json
 import os
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -91,6 +93,12 @@ def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
     return max(candidates)[1]
 
 
+def _start_tracking(tracker, spec: SweepSpec, plan: Plan, version: str, summary: dict, fingerprint: str) -> dict:
+    tracker.start(name=spec.name, attacks=[a.label for a in plan.attacks], spec=to_dict(spec), code_version=version,
+                  summary=summary)
+    return tracker.save_state(spec_fingerprint=fingerprint, code_version=version)
+
+
 def _quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # each trial checkpoints once, at its end, and Tune then snapshots the experiment: on purpose
@@ -153,15 +161,16 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                "studies": ", ".join(s.key for s in plan.studies),
                "objectives": ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
                "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency}
-    state = tracker.start(name=spec.name, attacks=[a.label for a in plan.attacks], spec=to_dict(spec),
-                          code_version=version, summary=summary)
-    tracker.save_state(spec_fingerprint=fingerprint, code_version=version)
-    log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
-        f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
-
+    clock = _Clock()
     backend = backend or TrialBackend(save_models=spec.save_models)
-    started_ray = _ray_init(address, num_cpus, num_gpus)
+    # MLflow's first use (imports, schema migration of a new SQLite file) takes seconds; it runs in a
+    # thread while Ray starts and the attack stage trains or loads its models
+    pool = ThreadPoolExecutor(max_workers=1)
+    mlflow_ready = pool.submit(_start_tracking, tracker, spec, plan, version, summary, fingerprint)
+    started_ray = False
     try:
+        started_ray = _ray_init(address, num_cpus, num_gpus)
+        clock.lap("ray start")
         # -- attack stage ------------------------------------------------------------------------
         res = spec.attack_resources or spec.resources
         jobs = [(a.label, "attack", a.config) for a in plan.attacks]
@@ -174,6 +183,9 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                 jobs.append((f"clean-reference-{key[:6]}", "clean", a.config))
         log(f"attack stage: {len(jobs)} model(s) ({', '.join(j[0] for j in jobs)}), cache {plan.attacks[0].config['cache_dir']}")
         infos = run_attack_stages(jobs, cpus=res.cpus, gpus=res.gpus, backend=backend, log=log)
+        state = mlflow_ready.result()
+        log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
+            f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
         for label, info in infos.items():
             where = "reused from the cache" if info.get("cached") else "trained"
             if info.get("ok"):
@@ -186,6 +198,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         if broken:
             log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped (see MLflow)")
         studies = [s for s in plan.studies if s.attack not in broken]
+        clock.lap("attack stage")
 
         # -- defense stage -------------------------------------------------------------------------
         tune_dir = sweep_dir / "tune"
@@ -201,7 +214,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                 trainable,
                 param_space={},
                 tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
-                                            num_samples=-1, reuse_actors=False,
+                                            num_samples=-1, reuse_actors=True,
                                             trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=tune_dir.name, storage_path=str(sweep_dir), verbose=verbose,
@@ -210,11 +223,17 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                     callbacks=[TrackingCallback(tracker, spec.objectives)]))
         else:
             tuner = None
+        configs: dict[str, dict] = {}
         if tuner is not None:
             results = tuner.fit()
+            clock.lap("defense stage")
             fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
             if fixed:
                 log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
+            for res in results:
+                tid = (res.metrics or {}).get("trial_id")
+                if tid and isinstance((res.config or {}).get("run"), dict):
+                    configs[tid] = res.config["run"]
 
         # -- fronts, export, summary -----------------------------------------------------------------
         records = tracker.records()
@@ -230,7 +249,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         rule = parse_rule(spec.export_rule, spec.metrics)
         for r in records:
             if r.usable(spec.metrics):
-                r.config = tracker.load_config(r.run_id)
+                r.config = configs.get(r.trial_id) or tracker.load_config(r.run_id)
         doc = build_export([r for r in records if r.usable(spec.metrics)], rule, spec.metrics, spec.modes,
                            [o.best for o in spec.objectives],
                            {"experiment": spec.experiment, "sweep": sweep_id, "code_version": version,
@@ -238,15 +257,32 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         if doc["selections"]:
             export_file = write_export(doc, sweep_dir / "export.yaml")
         fronts = tracker.finish(records, spec.objectives, export_file=export_file)
+        clock.lap("fronts and export")
+        log("time: " + clock.text())
         outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
                                export_file, infos, bool(resume))
         log(summary_text(outcome, spec))
         return outcome
     finally:
+        pool.shutdown(wait=True)
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+class _Clock:
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((name, now - self.t))
+        self.t = now
+
+    def text(self) -> str:
+        return ", ".join(f"{name} {sec:.1f}s" for name, sec in self.laps)
 
 
 def _tune_trial_ids(tune_dir: Path) -> set[str]:

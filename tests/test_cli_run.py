@@ -146,3 +146,20 @@ def test_cache_key_covers_what_changes_the_model():
     other = load_dataset(load_run_config(None, ["data.name=digits", "data.train_size=200", "data.test_size=100",
                                                 "data.seed=1"]).data)
     assert content_hash(attack_key(cfg, other, cpu)) != base  # other images: another data fingerprint
+
+
+def test_attack_stage_is_deterministic_on_cpu(tmp_path):
+    from trainables.trial import attack_stage
+
+    cfg = load_run_config(None, ["data.name=digits", "data.train_size=200", "data.test_size=100",
+                                 "model.width=4", "model.depth=2", "train.epochs=1", "train.batch_size=32",
+                                 "train.eval_every=0", "attack.name=blended", "device=cpu"])
+    dataset = load_dataset(cfg.data)
+    cpu = torch.device("cpu")
+    a = attack_stage(cfg.replace(cache_dir=str(tmp_path / "a")), dataset, cpu, log=lambda _: None)
+    b = attack_stage(cfg.replace(cache_dir=str(tmp_path / "b")), dataset, cpu, log=lambda _: None)
+    assert not a.cache_hit and not b.cache_hit
+    assert torch.equal(a.poison_index, b.poison_index) and torch.equal(a.poisoned_train.x, b.poisoned_train.x)
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert a.metrics == b.metrics

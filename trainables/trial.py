@@ -12,7 +12,6 @@ separate functions so each can be run, timed and tested alone:
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
@@ -204,10 +203,8 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
     else:
         log(f"[attack] poisoned {len(index)} of {len(dataset.train)} training images ({len(clean_index)} held out "
             f"as the defender's clean split); {len(poisoned_test)} triggered test images")
-        train_cfg = cfg.train
-        if not attack.standard_augmentation:
-            train_cfg = train_cfg.replace(crop_padding=0, hflip=False)
-        history = train_model(model, poisoned_train, train_cfg, device, generator=seeded_generator(cfg.seed, "train"),
+        # train_model skips crop and flip itself for an attack that augments on its own
+        history = train_model(model, poisoned_train, cfg.train, device, generator=seeded_generator(cfg.seed, "train"),
                               attack=attack, hflip_allowed=dataset.hflip,
                               eval_sets={"ca": dataset.test, "asr": poisoned_test}, log=log)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
@@ -373,7 +370,3 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     log("[trial] " + ", ".join(f"{k} {report[k]:.4f}" for k in REPORTED_METRICS if isinstance(report[k], float))
         + f" ({report['wall_time_s']:.1f}s, cache {'hit' if stage.cache_hit else 'miss'})")
     return report
-
-
-def read_results(out_dir: Path) -> dict:
-    return json.loads((Path(out_dir) / "results.json").read_text())

@@ -1,0 +1,160 @@
+"""Orchestration overhead: the same trials through ``bibau sweep`` (Ray Tune, Optuna, MLflow)
+and as a plain loop of ``bibau run``-equivalent calls (``run_trial`` on each config, one process).
+
+The trials are fixed BI-BAU(U) settings on the offline digits data (one attack, ``--trials``
+defenses that differ in θ), each at least ~30 s on one 2-core machine. Both sides run one trial
+at a time with the same thread count (the sweep gives each trial ``--cpus`` CPUs, so Ray sets
+``OMP_NUM_THREADS`` to that; the loop gets the same variable), from a warm model cache (the
+attack stage and the clean reference are trained once, untimed, before either side runs), and
+both are timed end to end as commands: interpreter start, imports, Ray start and MLflow
+included. Overhead = sweep wall time / loop wall time - 1. Target (the issue): below 10%.
+
+    python benchmarks/orchestration_overhead.py                 # about 2 x trials x 40 s
+    python benchmarks/orchestration_overhead.py --trials 6 --record   # append a row to docs/benchmarks.md
+    python benchmarks/orchestration_overhead.py --smoke-test    # tiny trials; records nothing
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runnable from a plain checkout
+
+SECTION = "## Orchestration overhead (benchmarks/orchestration_overhead.py)"
+HEADER = """{section}
+
+The same fixed trials (BI-BAU(U) on digits, θ varied) through `bibau sweep` and as a plain loop of
+`run_trial` calls in one process: one trial at a time on both sides, the same thread count, a warm
+model cache, both timed end to end as commands (interpreter start, imports, Ray start, MLflow
+included). Overhead = sweep / loop - 1. Target: below 10% with trials of at least 30 s.
+
+| date | machine | trials | mean trial s (loop) | loop s | sweep s | overhead | load avg | command |
+|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def spec(storage: Path, trials: int, smoke: bool, cpus: int) -> dict:
+    epochs = 1 if smoke else 8
+    return {
+        "name": "overhead",
+        "storage": str(storage),
+        "base": {
+            "seed": 0, "device": "cpu",
+            "data": {"name": "digits", "clean_fraction": 0.1, **({"train_size": 400, "test_size": 100} if smoke else {})},
+            "model": {"name": "small_resnet", "width": 8, "depth": 3},
+            "train": {"epochs": 1 if smoke else 6, "batch_size": 64, "crop_padding": 0, "eval_every": 0},
+            "evaluation": {"metrics": ["ca", "asr", "ra", "qra"], "ra_size": 200, "ra_epochs": 2, "ra_on_clean": False,
+                           "qra_epochs": 1 if smoke else 10, "qra_clean_size": 100, "qra_poison_size": 100,
+                           "qra_hidden": 128},
+        },
+        "attacks": ["badnets"],
+        "defenses": [{"name": "bibau_u", "label": f"bibau-{i}",
+                      "fixed": {"epochs": epochs, "batch_size": 64, "crop_padding": 0, "pgd_steps": 5,
+                                "pgd_step": 0.006, "pgd_eps": 0.0157, "theta": round(i / max(trials - 1, 1), 3)}}
+                     for i in range(trials)],
+        "concurrency": 1,
+        "resources": {"cpus": cpus, "gpus": 0},
+        "export_rule": "max ca; r_asr <= 0.1; q_asr <= 0.1; fallback nearest",
+    }
+
+
+LOOP = """
+import json, sys, time
+from pathlib import Path
+from orchestrator.spec import load_spec
+from trainables.ray_adapters import TrialBackend
+spec, plan = load_spec({spec!r})
+backend, times = TrialBackend(), []
+for study in plan.studies:
+    t = time.perf_counter()
+    backend.run(study.config, Path({out!r}) / study.defense, lambda m: None)
+    times.append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
+
+
+def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str]:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=str(cwd), capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{cmd[:4]} failed with exit code {proc.returncode}")
+    return seconds, proc.stdout
+
+
+def record(row: str) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip() + "\n\n" + HEADER.format(section=SECTION)
+    head, _, tail = text.partition(SECTION)
+    # the table ends at the first blank line after the header row
+    lines = tail.split("\n")
+    end = next((i for i, line in enumerate(lines) if i > 2 and line.startswith("|") and
+                (i + 1 >= len(lines) or not lines[i + 1].startswith("|"))), len(lines) - 1)
+    lines.insert(end + 1, row)
+    doc.write_text(head + SECTION + "\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=4, help="fixed trials on each side")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs (threads) per trial on both sides")
+    ap.add_argument("--smoke-test", action="store_true", help="tiny trials: checks the script, records nothing")
+    ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
+    args = ap.parse_args()
+
+    import yaml
+
+    from orchestrator.spec import load_spec
+    from trainables.ray_adapters import TrialBackend
+
+    with tempfile.TemporaryDirectory(prefix="bibau-overhead-") as tmp:
+        tmp = Path(tmp)
+        spec_file = tmp / "spec.yaml"
+        spec_file.write_text(yaml.safe_dump(spec(tmp / "store", args.trials, args.smoke_test, args.cpus)))
+        _, plan = load_spec(str(spec_file))
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus), "PYTHONPATH": str(ROOT),
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_ADDRESS": ""}
+        print(f"warming the model cache (attack stage, clean reference) in {tmp / 'store' / 'cache'} ...", flush=True)
+        backend = TrialBackend()
+        backend.attack_stage(plan.attacks[0].config, lambda m: None)
+        backend.clean_reference(plan.attacks[0].config, lambda m: None)
+
+        print(f"loop: {len(plan.studies)} trials, one process ...", flush=True)
+        loop_s, out = timed([sys.executable, "-c", LOOP.format(spec=str(spec_file), out=str(tmp / "loop"))], env, tmp)
+        per_trial = json.loads(out.strip().splitlines()[-1])
+        print(f"  {loop_s:.1f} s; trials {', '.join(f'{t:.1f}' for t in per_trial)} s", flush=True)
+
+        print("sweep: bibau sweep ...", flush=True)
+        sweep_s, out = timed([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file)], env, tmp)
+        if "finished: " not in out:
+            raise SystemExit("the sweep did not report finishing:\n" + out[-3000:])
+        overhead = sweep_s / loop_s - 1.0
+        mean = sum(per_trial) / len(per_trial)
+        load = os.getloadavg()[0]
+        print(f"  {sweep_s:.1f} s\n\nloop {loop_s:.1f} s, sweep {sweep_s:.1f} s: overhead {100 * overhead:+.1f}% "
+              f"({len(per_trial)} trials of {mean:.1f} s on average; target < 10%; load average {load:.1f})")
+        if mean < 30 and not args.smoke_test:
+            print("note: trials averaged under 30 s; the target is stated for trials of at least 30 s")
+        if args.record and not args.smoke_test:
+            machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
+            cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+            record(f"| {datetime.date.today()} | {machine} | {len(per_trial)} | {mean:.1f} | {loop_s:.1f} | "
+                   f"{sweep_s:.1f} | {100 * overhead:+.1f}% | {load:.1f} | `{cmd}` |")
+            print("recorded in docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
