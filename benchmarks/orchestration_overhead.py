@@ -9,7 +9,7 @@ attack stage and the clean reference are trained once, untimed, before either si
 both are timed end to end as commands: interpreter start, imports, Ray start and MLflow
 included. Overhead = sweep wall time / loop wall time - 1. Target (the issue): below 10%.
 
-    python benchmarks/orchestration_overhead.py                 # about 2 x trials x 40 s
+    python benchmarks/orchestration_overhead.py                 # about 2 x trials x 40 s + 1 min
     python benchmarks/orchestration_overhead.py --trials 6 --record   # append a row to docs/benchmarks.md
     python benchmarks/orchestration_overhead.py --smoke-test    # tiny trials; records nothing
 """
@@ -43,8 +43,8 @@ included). Overhead = sweep / loop - 1. Target: below 10% with trials of at leas
 """
 
 
-def spec(storage: Path, trials: int, smoke: bool, cpus: int) -> dict:
-    epochs = 1 if smoke else 8
+def spec(storage: Path, trials: int, smoke: bool, cpus: int, epochs: int = 16) -> dict:
+    epochs = 1 if smoke else epochs
     return {
         "name": "overhead",
         "storage": str(storage),
@@ -54,7 +54,7 @@ def spec(storage: Path, trials: int, smoke: bool, cpus: int) -> dict:
             "model": {"name": "small_resnet", "width": 8, "depth": 3},
             "train": {"epochs": 1 if smoke else 6, "batch_size": 64, "crop_padding": 0, "eval_every": 0},
             "evaluation": {"metrics": ["ca", "asr", "ra", "qra"], "ra_size": 200, "ra_epochs": 2, "ra_on_clean": False,
-                           "qra_epochs": 1 if smoke else 10, "qra_clean_size": 100, "qra_poison_size": 100,
+                           "qra_epochs": 1 if smoke else 20, "qra_clean_size": 100, "qra_poison_size": 100,
                            "qra_hidden": 128},
         },
         "attacks": ["badnets"],
@@ -110,7 +110,8 @@ def record(row: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=4, help="fixed trials on each side")
-    ap.add_argument("--cpus", type=int, default=2, help="CPUs (threads) per trial on both sides")
+    ap.add_argument("--cpus", type=int, default=1, help="CPUs (threads) per trial on both sides")
+    ap.add_argument("--epochs", type=int, default=16, help="BI-BAU epochs per trial (sets the trial length)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny trials: checks the script, records nothing")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = ap.parse_args()
@@ -123,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bibau-overhead-") as tmp:
         tmp = Path(tmp)
         spec_file = tmp / "spec.yaml"
-        spec_file.write_text(yaml.safe_dump(spec(tmp / "store", args.trials, args.smoke_test, args.cpus)))
+        spec_file.write_text(yaml.safe_dump(spec(tmp / "store", args.trials, args.smoke_test, args.cpus, args.epochs)))
         _, plan = load_spec(str(spec_file))
         env = {**os.environ, "OMP_NUM_THREADS": str(args.cpus), "PYTHONPATH": str(ROOT),
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_ADDRESS": ""}

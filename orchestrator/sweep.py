@@ -111,17 +111,16 @@ def _ray_init(address: str | None, num_cpus: int | None, num_gpus: float | None)
 
     if ray.is_initialized():
         return False
-    kwargs = {"include_dashboard": False, "log_to_driver": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    if address or os.environ.get("RAY_ADDRESS"):  # a cluster (ray job submit sets RAY_ADDRESS)
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False)
     return True
 
 
 def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backend=None, log: Callable[[str], None] = print,
               address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
-              verbose: int = 1) -> SweepOutcome:
+              verbose: int = 0) -> SweepOutcome:
     """Run (or resume) the sweep of ``spec``; see the module docstring."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -231,14 +230,12 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             if fixed:
                 log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
             for res in results:
-                tid = (res.metrics or {}).get("trial_id")
-                if tid and isinstance((res.config or {}).get("run"), dict):
-                    configs[tid] = res.config["run"]
+                if isinstance((res.config or {}).get("run"), dict):
+                    configs[_trial_id(res)] = res.config["run"]
 
         # -- fronts, export, summary -----------------------------------------------------------------
         records = tracker.records()
-        known = _tune_trial_ids(tune_dir)
-        orphans = [r for r in records if known and r.trial_id not in known]
+        orphans = [r for r in records if configs and r.trial_id not in configs]
         if orphans:
             # logged by a driver that died before Tune saved them: not part of this experiment
             for r in orphans:
@@ -285,22 +282,9 @@ class _Clock:
         return ", ".join(f"{name} {sec:.1f}s" for name, sec in self.laps)
 
 
-def _tune_trial_ids(tune_dir: Path) -> set[str]:
-    """Trial ids in the newest Tune experiment state (what a restore would know about)."""
-    states = sorted(tune_dir.glob("experiment_state-*.json"))
-    if not states:
-        return set()
-    try:
-        data = json.loads(states[-1].read_text())
-    except (OSError, json.JSONDecodeError):
-        return set()
-    ids = set()
-    for entry in data.get("trial_data", []):
-        try:
-            ids.add(json.loads(entry[0])["trial_id"])
-        except (KeyError, TypeError, IndexError, json.JSONDecodeError):
-            continue
-    return ids
+def _trial_id(result) -> str:
+    """Tune's trial id of a ``Result`` (its folder, ``<study>-<trial id>``, when it never reported)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
 
 
 def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
@@ -315,14 +299,17 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
             params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items())
             lines.append(f"  {r.defense:<14} {r.trial_id:<14} "
                          + " ".join(f"{r.metrics.get(m, float('nan')):8.4f}" for m in metrics) + f"  {params}")
-    lines.append(f"results:   {out.folder}")
+    lines.append(f"results:   {out.folder}  (trial logs: trials/<trial id>/trial.log)")
     if out.tracking_uri.startswith("sqlite:"):
         lines.append(f"MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri}  (experiment {out.experiment!r})")
     else:
         lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
     if out.export_file:
-        lines.append(f"reproduce: bibau run {out.export_file}")
+        threads = max(1, int(spec.resources.cpus))
+        attack = next(iter(out.fronts), "NAME")
+        # a trial ran with OMP_NUM_THREADS = its CPUs (Ray's default); the same count reproduces it bit for bit
+        lines.append(f"reproduce: OMP_NUM_THREADS={threads} bibau run {out.export_file} --attack {attack}")
     return "\n".join(lines)
 
 
@@ -362,7 +349,8 @@ def cmd_sweep(args) -> int:
     resume: bool | str = False
     if args.resume is not None:
         resume = True if args.resume == "latest" else args.resume
-    out = run_sweep(spec, plan, resume=resume, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    out = run_sweep(spec, plan, resume=resume, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                    verbose=args.verbose)
     return 0 if any(r.status == "completed" for r in out.records) else 1
 
 
@@ -384,4 +372,6 @@ def add_sweep(subparsers) -> None:
     p.add_argument("--num-gpus", type=float, help="GPUs of a local Ray (default: all)")
     p.add_argument("--smoke-test", action="store_true", help="at most 2 trials per study on tiny sizes")
     p.add_argument("--check", action="store_true", help="validate the spec, list the studies and exit")
+    p.add_argument("--verbose", type=int, default=0, choices=(0, 1, 2),
+                   help="Ray Tune's own progress tables (default 0: one line per finished trial)")
     p.set_defaults(func=cmd_sweep)

@@ -287,6 +287,14 @@ def open_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> tuple[
     return SweepTracker(uri, experiment, sid, None, state=state), spec
 
 
+def _history(result: dict) -> list:
+    try:
+        history = json.loads(result.get("history_json") or "[]")
+    except (TypeError, json.JSONDecodeError):
+        return []
+    return history if isinstance(history, list) else []
+
+
 def record_from_run(run) -> TrialRecord:
     tags = run.data.tags
     try:
@@ -412,9 +420,13 @@ class TrackingCallback(tune.Callback):
         if "study" not in cfg or trial_id in self.records:
             return self.records.get(trial_id)
         status = result.get(STATUS_KEY) if error is None else "failed"
+        if status == "invalid":
+            error = str(result.get("error_message", "invalid configuration"))
         status = status if status in ("completed", "diverged") else "failed"
         metrics = {k: float(v) for k, v in result.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if status == "failed":
+            metrics = {k: v for k, v in metrics.items() if k not in {o.metric for o in self.objectives}}
         if status == "diverged":
             # MLflow gets what the trial measured, not the stand-in values Optuna was spared NaN with
             for o in self.objectives:
@@ -426,7 +438,7 @@ class TrackingCallback(tune.Callback):
                           status=status, metrics=metrics, params=dict(cfg.get("params", {})), config=cfg["run"],
                           tuned=bool(cfg.get("tuned", True)), order=len(self.records) + 1, error=error)
         try:
-            rec.run_id = self.tracker.log_trial(rec, metrics, result.get("history") or [],
+            rec.run_id = self.tracker.log_trial(rec, metrics, _history(result),
                                                 run_id=self.unfinished.pop(trial_id, None))
         except Exception as exc:  # MLflow trouble must not kill the sweep; the trial stays in Tune
             print(f"MLflow: could not log trial {trial_id}: {exc}", flush=True)
@@ -451,7 +463,7 @@ class TrackingCallback(tune.Callback):
         for res in results:
             cfg = res.config or {}
             metrics = dict(res.metrics or {})
-            trial_id = metrics.get("trial_id") or Path(res.path).name.rsplit("-", 1)[-1]
+            trial_id = metrics.get("trial_id") or Path(res.path).name.rsplit("-", 1)[-1]  # see sweep._trial_id
             if trial_id in self.records or "study" not in cfg:
                 continue
             if res.error is None and STATUS_KEY not in metrics:

@@ -55,13 +55,15 @@ def purify(bd, name, **overrides):
 
 
 def test_backdoor_is_implanted(backdoored):
+    print(f"backdoored: CA {backdoored.ca:.3f} ASR {backdoored.asr:.3f}")
     assert backdoored.asr > 0.8
     assert backdoored.ca > 0.3  # chance is 0.1
 
 
 def test_bibau_u_removes_the_backdoor_and_keeps_clean_accuracy(backdoored):
     before = {k: v.clone() for k, v in backdoored.model.state_dict().items()}
-    result, ca, asr = purify(backdoored, "bibau_u", lr=0.02, pgd_steps=5, pgd_step=5 / 255)
+    result, ca, asr = purify(backdoored, "bibau_u", lr=0.02, pgd_steps=3, pgd_step=8 / 255)
+    print(f"bibau_u: CA {ca:.3f} ASR {asr:.3f} in {result.seconds:.1f}s")
     assert asr < 0.3 and asr < backdoored.asr - 0.5, f"ASR {backdoored.asr:.3f} -> {asr:.3f}"
     assert ca > 0.2, f"CA {backdoored.ca:.3f} -> {ca:.3f}"  # well above chance (0.1)
     assert all(torch.equal(v, before[k]) for k, v in backdoored.model.state_dict().items())
@@ -71,5 +73,6 @@ def test_bibau_u_removes_the_backdoor_and_keeps_clean_accuracy(backdoored):
 
 def test_fine_tuning_alone_leaves_the_backdoor(backdoored):
     _, ca, asr = purify(backdoored, "ft")
+    print(f"ft: CA {ca:.3f} ASR {asr:.3f}")
     assert asr > 0.7, f"FT: ASR {backdoored.asr:.3f} -> {asr:.3f}"
     assert ca > 0.3

@@ -105,7 +105,19 @@ TINY = {
 }
 
 
-def test_a_real_sweep_exports_a_configuration_that_bibau_run_reproduces(tmp_path):
+@pytest.fixture
+def local_ray():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_a_real_sweep_exports_a_configuration_that_bibau_run_and_bibau_sweep_reproduce(tmp_path, local_ray):
     from orchestrator.cli import main
     from orchestrator.spec import load_spec
     from orchestrator.sweep import run_sweep
@@ -113,7 +125,7 @@ def test_a_real_sweep_exports_a_configuration_that_bibau_run_reproduces(tmp_path
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump({**TINY, "storage": str(tmp_path / "store")}))
     spec, plan = load_spec(str(spec_file))
-    out = run_sweep(spec, plan, num_cpus=2, verbose=0, log=lambda m: None)
+    out = run_sweep(spec, plan, verbose=0, log=lambda m: None)
     assert [r.status for r in out.records] == ["completed", "completed"], out.records
     assert out.attack_stage["badnets"]["ok"] and out.attack_stage["badnets"]["backdoored_asr"] > 0.5
     # bibau export, by a rule of its own, from MLflow alone
@@ -133,3 +145,10 @@ def test_a_real_sweep_exports_a_configuration_that_bibau_run_reproduces(tmp_path
     assert again["cache_hit"] is True  # the sweep's attack-stage model, not a new one
     for m in ("ca", "asr", "r_asr"):
         assert again[m] == sel["metrics"][m], m
+    # bibau sweep of the export replays the selection as a fixed run, with the same metrics
+    replay_spec, replay_plan = load_spec(str(export_file), [f"storage={tmp_path / 'replay'}"])
+    replay = run_sweep(replay_spec, replay_plan, verbose=0, log=lambda m: None)
+    (r,) = replay.records
+    assert r.status == "completed" and not r.tuned and r.study == "badnets/bibau_u"
+    for m in ("ca", "asr", "r_asr"):
+        assert r.metrics[m] == sel["metrics"][m], m

@@ -131,7 +131,16 @@ def test_an_export_file_becomes_fixed_runs(tmp_path):
         load_spec(write(tmp_path, bad, "bad.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+SWEEP_SPECS = [p for p in sorted((ROOT / "search_spaces").glob("*.yaml"))
+               if "defenses" in (yaml.safe_load(p.read_text()) or {})]  # the folder also holds run configs
+
+
+def test_the_paper_scale_specs_and_the_quickstart_are_there():
+    assert {p.name for p in SWEEP_SPECS} >= {"quickstart.yaml", "cifar10_resnet18.yaml", "gtsrb_vgg19.yaml",
+                                              "tinyimagenet_resnet18.yaml", "cifar10_cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", SWEEP_SPECS, ids=lambda p: p.name)
 def test_shipped_specs_are_valid(path):
     spec, p = load_spec(str(path))
     assert p.studies and all(s.trials >= 1 for s in p.studies)

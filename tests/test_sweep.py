@@ -95,6 +95,28 @@ def write_spec(tmp_path: Path, data: dict) -> str:
     return str(path)
 
 
+# -- what a trial reports ------------------------------------------------------------------------------
+
+
+def test_a_trial_report_always_carries_every_objective_as_a_finite_number():
+    from trainables.ray_adapters import invalid_report, make_report
+
+    objectives = [{"metric": "ca", "mode": "max", "ref": 0.0}, {"metric": "r_asr", "mode": "min", "ref": 1.0},
+                  {"metric": "q_asr", "mode": "min", "ref": 1.0}]
+    history = {"attack": [{"epoch": 1, "loss": 2.0}], "defense": [{"epoch": 1, "loss_out": 0.5}]}
+    ok = make_report({"ca": 0.8, "r_asr": 0.1, "q_asr": 0.2, "bec": None, "cache_hit": True, "attack": "badnets",
+                      "history": history}, objectives)
+    assert ok[STATUS_KEY] == "completed" and (ok["ca"], ok["r_asr"], ok["q_asr"]) == (0.8, 0.1, 0.2)
+    assert "bec" not in ok and "cache_hit" not in ok and "attack" not in ok
+    assert json.loads(ok["history_json"]) == [{"epoch": 1, "loss_out": 0.5, "stage": "defense"}]
+    bad = make_report({"ca": float("nan"), "r_asr": 0.3, "asr": float("inf")}, objectives)  # q_asr missing too
+    assert bad[STATUS_KEY] == "diverged" and bad["diverged_objectives"] == "ca,q_asr"
+    assert (bad["ca"], bad["r_asr"], bad["q_asr"]) == (0.0, 1.0, 1.0) and bad["raw_r_asr"] == 0.3
+    assert all(math.isfinite(v) for v in bad.values() if isinstance(v, float)) and "asr" not in bad
+    invalid = invalid_report("invalid configuration: defense.pgd_step: ...", objectives)
+    assert invalid[STATUS_KEY] == "invalid" and invalid["ca"] == 0.0 and invalid["q_asr"] == 1.0
+
+
 # -- the searcher, without Ray running -------------------------------------------------------------
 
 
@@ -150,6 +172,18 @@ def test_searcher_interleaves_attacks_respects_budgets_and_never_tells_optuna_na
                                 optuna.study.StudyDirection.MINIMIZE]
 
 
+def test_nsga2_is_selectable_per_defense(tmp_path):
+    import optuna
+
+    data = spec_dict(tmp_path / "store", trials=3)
+    data["defenses"][0].update(sampler="nsga2", population=4)
+    spec, plan = load_spec(write_spec(tmp_path, data))
+    searcher = StudySearcher(plan.studies, spec.objectives, storage_url=None, prefix="unit", trials_dir=tmp_path)
+    sampler = searcher.optuna["badnets/bibau_u"]._ot_study.sampler
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler) and sampler._population_size == 4
+    assert set(searcher.suggest("t0")["params"]) == {"theta", "lr"}
+
+
 def test_searcher_restore_brings_back_its_counters_and_fails_trials_lost_with_the_driver(tmp_path):
     spec, plan = load_spec(write_spec(tmp_path, spec_dict(tmp_path / "store", trials=3)))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -181,7 +215,7 @@ def test_a_trial_run_left_unfinished_by_a_dead_driver_is_completed_not_duplicate
     cfg = {"study": study.key, "attack": "badnets", "defense": "bibau_u", "tuned": True, "params": {"theta": 0.5},
            "run": study.config}
     result = {"ca": 0.8, "r_asr": 0.1, "q_asr": 0.2, STATUS_KEY: "completed", "time_total_s": 3.0,
-              "history": [{"epoch": 1, "loss": 0.3, "stage": "defense"}]}
+              "history_json": json.dumps([{"epoch": 1, "loss": 0.3, "stage": "defense"}])}
     # the dead driver had created the run (tags only) when it was killed
     half = tracker.client.create_run(state["experiment_id"], tags={
         "mlflow.parentRunId": state["attack_runs"]["badnets"], "role": "trial", "sweep_id": "s1", "trial_id": "t1",
@@ -196,6 +230,8 @@ def test_a_trial_run_left_unfinished_by_a_dead_driver_is_completed_not_duplicate
     assert list(runs) == ["t1"] and runs["t1"].info.status == "FINISHED"
     assert runs["t1"].data.metrics["ca"] == 0.8 and "time_total_s" not in runs["t1"].data.metrics
     assert runs["t1"].data.params["defense.name"] == "bibau_u"
+    curve = tracker.client.get_metric_history(half, "curve/defense/loss")
+    assert [(m.step, m.value) for m in curve] == [(1, 0.3)]
 
 
 # -- small real sweeps on a local Ray ----------------------------------------------------------------

@@ -81,28 +81,30 @@ class TrialBackend:
 
 
 def make_report(result: dict, objectives: list[dict]) -> dict:
-    """The Tune report of a finished trial: every numeric metric, every objective as a finite
-    number, the trial's status and its per-epoch history."""
-    report: dict[str, Any] = {}
-    for k, v in result.items():
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)):
-            report[k] = float(v) if math.isfinite(v) else None
-    bad = [o["metric"] for o in objectives if report.get(o["metric"]) is None]
-    report = {k: v for k, v in report.items() if v is not None}
+    """The Tune report of a finished trial: every finite numeric metric, every objective as a
+    finite number (the objective's worst value, its reference, when the trial diverged), the
+    trial's status and its per-epoch history."""
+    report: dict[str, Any] = {k: float(v) for k, v in result.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    bad = [o["metric"] for o in objectives if o["metric"] not in report]
     if bad:
-        # the worst value of each objective stands in for what diverged (the reference point)
         for o in objectives:
-            report[f"raw_{o['metric']}"] = result.get(o["metric"]) if isinstance(result.get(o["metric"]), (int, float)) else None
+            if o["metric"] in report:
+                report[f"raw_{o['metric']}"] = report[o["metric"]]
             report[o["metric"]] = float(o["ref"])
         report[STATUS_KEY] = "diverged"
         report["diverged_objectives"] = ",".join(bad)
-        report = {k: v for k, v in report.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))}
     else:
         report[STATUS_KEY] = "completed"
-    report["history"] = defense_history(result.get("history"))
+    # one JSON string: Tune's loggers (TensorBoard, CSV) take numbers and strings, not lists
+    report["history_json"] = json.dumps(_json_safe(defense_history(result.get("history"))))
     return report
+
+
+def invalid_report(message: str, objectives: list[dict]) -> dict:
+    """A trial whose sampled combination breaks a rule between fields (no retry can help)."""
+    return {**{o["metric"]: float(o["ref"]) for o in objectives}, STATUS_KEY: "invalid", "error_message": message[:4000],
+            "history_json": "[]"}
 
 
 def defense_history(history: Any) -> list[dict]:
@@ -141,17 +143,19 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     out_dir.mkdir(parents=True, exist_ok=True)
     logfile = open(out_dir / "trial.log", "a", buffering=1)
 
-    def log(msg: str) -> None:
-        line = f"[{config['study']}] {msg}"
-        print(line, flush=True)
-        logfile.write(line + "\n")
+    def log(msg: str) -> None:  # the driver prints one line per finished trial; the details go here
+        logfile.write(msg + "\n")
+
+    from .config import ConfigError
 
     started = time.perf_counter()
     try:
-        result = backend.run(config["run"], out_dir, log)
+        report = make_report(backend.run(config["run"], out_dir, log), config["objectives"])
+    except ConfigError as exc:
+        log(f"invalid configuration: {exc}")
+        report = invalid_report(f"invalid configuration: {exc}", config["objectives"])
     finally:
         logfile.close()
-    report = make_report(result, config["objectives"])
     report.setdefault("time_trial_s", time.perf_counter() - started)
     report = _json_safe(report)
     with tempfile.TemporaryDirectory() as d:

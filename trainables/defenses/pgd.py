@@ -44,8 +44,12 @@ class EStep:
         ``l_trig_trace`` (floats) of every step.
         """
         x = prepare_batch(x.detach().float(), device)
+        with _eval(f_bd), _eval(f_theta), _frozen(f_theta):
+            return self._pgd(f_bd, f_theta, x, y, device, generator, trace)
+
+    def _pgd(self, f_bd, f_theta, x, y, device, generator, trace) -> tuple[torch.Tensor, dict]:
         use_theta = self.alpha > 0 or self.beta > 0
-        with _eval(f_bd), _eval(f_theta), _frozen(f_theta), torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device):
             teacher = f_bd(x) if self.alpha > 0 else None
             h_clean = f_theta.features(x).float() if self.beta > 0 else None
         w_bd, w_theta = f_bd.head.weight.detach(), f_theta.head.weight.detach()
@@ -53,37 +57,35 @@ class EStep:
         delta = torch.zeros_like(x)
         if self.random_start and self.eps > 0:
             noise = torch.rand(x.shape, generator=generator, dtype=torch.float32)
-            delta = ((noise * 2 - 1) * self.eps).to(device)
-            delta = self._project(x, delta)
+            delta = self._project(x, ((noise * 2 - 1) * self.eps).to(device))
         stats: dict = {"l_in_trace": [], "l_trig_trace": []} if trace else {}
         last: dict[str, torch.Tensor] = {}
-        with _eval(f_bd), _eval(f_theta), _frozen(f_theta):
-            for _ in range(self.steps):
-                delta.requires_grad_(True)
-                x_adv = prepare_batch(x + delta, device)
-                with autocast(device):
-                    logits_bd = f_bd(x_adv)
-                    h_adv = f_theta.features(x_adv) if use_theta else None
-                    logits_theta = f_theta.head(h_adv) if self.alpha > 0 else None
-                terms = {"l_trig": trigger_loss(logits_bd, y, self.target)}
-                loss = terms["l_trig"]
-                if self.alpha > 0:
-                    terms["l_kd"] = kd_loss(logits_theta, teacher, y, self.temperature, self.gamma)
-                    loss = loss + self.alpha * terms["l_kd"]
-                if self.beta > 0:
-                    k = (torch.full_like(y, self.target) if self.target is not None
-                         else logits_bd.detach().argmax(1))
-                    u = backdoor_direction(w_bd, w_theta, k)
-                    terms["l_angle"], terms["l_align"] = prior_terms(h_adv.float(), h_clean, u, self.theta)
-                    loss = loss + self.beta * (terms["l_angle"] + terms["l_align"])
-                (g,) = torch.autograd.grad(loss, delta)
-                with torch.no_grad():
-                    delta = self._project(x, delta - self.step * g.sign())
-                last = {"l_in": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
-                if trace:
-                    stats["l_in_trace"].append(loss.item())
-                    stats["l_trig_trace"].append(terms["l_trig"].item())
-        x_adv = (x + delta.detach()).clamp_(0.0, 1.0)
+        for _ in range(self.steps):
+            delta.requires_grad_(True)
+            x_adv = prepare_batch(x + delta, device)
+            with autocast(device):
+                logits_bd = f_bd(x_adv)
+                h_adv = f_theta.features(x_adv) if use_theta else None
+                logits_theta = f_theta.head(h_adv) if self.alpha > 0 else None
+            terms = {"l_trig": trigger_loss(logits_bd, y, self.target)}
+            loss = terms["l_trig"]
+            if self.alpha > 0:
+                terms["l_kd"] = kd_loss(logits_theta, teacher, y, self.temperature, self.gamma)
+                loss = loss + self.alpha * terms["l_kd"]
+            if self.beta > 0:
+                k = (torch.full_like(y, self.target) if self.target is not None
+                     else logits_bd.detach().argmax(1))
+                u = backdoor_direction(w_bd, w_theta, k)
+                terms["l_angle"], terms["l_align"] = prior_terms(h_adv.float(), h_clean, u, self.theta)
+                loss = loss + self.beta * (terms["l_angle"] + terms["l_align"])
+            (g,) = torch.autograd.grad(loss, delta)
+            with torch.no_grad():
+                delta = self._project(x, delta - self.step * g.sign())
+            last = {"l_in": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+            if trace:
+                stats["l_in_trace"].append(loss.item())
+                stats["l_trig_trace"].append(terms["l_trig"].item())
+        x_adv = (x + delta).clamp_(0.0, 1.0)
         stats.update(last)
         stats["delta_linf"] = (x_adv - x).abs().flatten(1).amax(1).mean()
         return x_adv, stats
