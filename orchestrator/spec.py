@@ -391,10 +391,14 @@ def spec_from_export(data: Mapping, path: str) -> dict:
             raise ConfigError(f"{path}: selections[{i}].config: required (a RunConfig mapping)")
         replay.append({"attack": sel.get("attack", f"attack{i}"), "defense": sel.get("defense", f"defense{i}"),
                        "config": dict(sel["config"])})
-    prov = (selections[0].get("provenance") or {}) if isinstance(selections[0], Mapping) else {}
+    prov = selections[0].get("provenance") or {}
     name = f"replay-{Path(path).stem}"
+    # the default objectives the selections were measured on (an export of a sweep without QRA has no q_asr)
+    objectives = [o for o in DEFAULT_OBJECTIVES if all(o["metric"] in (s.get("metrics") or {}) for s in selections)]
     return {"name": re.sub(r"[^A-Za-z0-9_.+-]", "-", name),
             "tracking": {"experiment": prov.get("experiment") and f"{prov['experiment']}-replay"},
+            "objectives": objectives or [{"metric": "ca", "mode": "max"}],
+            "export_rule": f"max {(objectives or [{'metric': 'ca'}])[0]['metric']}; fallback nearest",
             "replay": replay}
 
 

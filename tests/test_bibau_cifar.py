@@ -1,11 +1,12 @@
-"""BI-BAU on real CIFAR-10: a small BadNets model loses its backdoor, FT's does not.
+"""BI-BAU on real CIFAR-10: a small BadNets model loses its backdoor under BI-BAU(U), not under FT.
 
-Kept under ~3 minutes on 2 CPU cores by working at 16x16 pixels (the BadNets patch is the
-reference 3x3 square, drawn on the 32x32 grid as 6x6 and resized by nearest neighbour) with
+Kept under ~3 minutes on 2 CPU cores by working at 16x16 pixels (the BadNets patch is a 3x3
+white square: size 6 on the 32x32 reference grid, resized by nearest neighbour) with
 3,000 training images; at this size the backdoor is in after 2 epochs (ASR > 0.9). BI-BAU(U)
-runs METHOD's full objective with a shortened PGD (5 steps of 5/255 inside ε = 25/255).
-Measured (seed 0): backdoored CA 0.38 / ASR 0.95; BI-BAU(U) CA 0.30 / ASR 0.18; Base AT CA
-0.26 / ASR 0.17; FT CA 0.40 / ASR 0.96.
+runs METHOD's full objective (defaults for ε = 25/255, α, β, θ, λ1, λ2, T, γ, C) with a
+shortened PGD (3 steps of 8/255 from a random start) for 4 epochs on the 300-image clean split.
+Measured with these settings (seed 0, 2 shared CPU cores, about 150 s of CPU time in all):
+backdoored CA 0.394 / ASR 0.940; BI-BAU(U) CA 0.300 / ASR 0.131; FT CA 0.360 / ASR 0.793.
 """
 from types import SimpleNamespace
 
@@ -74,5 +75,5 @@ def test_bibau_u_removes_the_backdoor_and_keeps_clean_accuracy(backdoored):
 def test_fine_tuning_alone_leaves_the_backdoor(backdoored):
     _, ca, asr = purify(backdoored, "ft")
     print(f"ft: CA {ca:.3f} ASR {asr:.3f}")
-    assert asr > 0.7, f"FT: ASR {backdoored.asr:.3f} -> {asr:.3f}"
+    assert asr > 0.5, f"FT: ASR {backdoored.asr:.3f} -> {asr:.3f}"  # 0.79 measured; BI-BAU's < 0.3
     assert ca > 0.3

@@ -112,12 +112,9 @@ def frozen_copy(model: Classifier, device: torch.device) -> Classifier:
 
 
 def sgd(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):
-    """SGD and its per-step lr schedule, built by the training loop's own helpers."""
-    from ..schema import TrainConfig  # late: schema imports this module
+    """SGD and its per-step lr schedule over ``cfg.epochs``, built by the training loop's helpers."""
+    # late: train imports evaluation, which imports the schema, which imports this module
     from ..train import make_optimizer, make_scheduler
 
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    plan = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, nesterov=cfg.nesterov, schedule=cfg.schedule,
-                       warmup_epochs=0.0)
-    return optimizer, make_scheduler(optimizer, plan, steps_per_epoch)
+    return optimizer, make_scheduler(optimizer, cfg, steps_per_epoch)

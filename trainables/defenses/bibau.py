@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import param
-from ..data.base import ImageSet
+from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
@@ -83,8 +83,6 @@ class BiBau(Defense):
                      temperature=cfg.kd_temperature, gamma=cfg.kd_gamma)
 
     def purify(self, model: Classifier, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
-        from ..data import batches  # late: the data package imports its loaders
-
         self.check_context(clean, ctx)
         cfg: BiBauConfig = self.cfg
         w, device, log = cfg.weights(), ctx.device, ctx.log

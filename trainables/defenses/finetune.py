@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import param
-from ..data.base import ImageSet
+from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
@@ -35,8 +35,6 @@ class IbuConfig(SGDDefenseConfig):
 def _cycle(images: ImageSet, cfg: SGDDefenseConfig, ctx: DefenseContext, gen: torch.Generator,
            drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Augmented batches, reshuffled each time the set is exhausted (the smaller stream cycles)."""
-    from ..data import batches  # late: the data package imports its loaders
-
     while True:
         yield from batches(images, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,
                            crop_padding=cfg.crop_padding, hflip=cfg.hflip and ctx.hflip, drop_last=drop_last)
