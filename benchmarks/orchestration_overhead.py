@@ -142,6 +142,8 @@ def main() -> None:
         sweep_s, out = timed([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file)], env, tmp)
         if "finished: " not in out:
             raise SystemExit("the sweep did not report finishing:\n" + out[-3000:])
+        stages = next((line for line in out.splitlines() if line.startswith("time: ")), "")
+        print(f"  sweep stages: {stages[6:]}", flush=True)
         overhead = sweep_s / loop_s - 1.0
         mean = sum(per_trial) / len(per_trial)
         load = os.getloadavg()[0]

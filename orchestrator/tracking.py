@@ -19,6 +19,7 @@ import io
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -388,23 +389,44 @@ def plot_growth(attack: str, curve: list[tuple[int, float]]):
 class TrackingCallback(tune.Callback):
     """Logs each finished or failed trial to MLflow from the driver, and the attack's
     hypervolume as it grows. A trial already logged (a resumed sweep) is not logged again; a
-    run a dead driver left unfinished is completed."""
+    run a dead driver left unfinished is completed.
+
+    Logging runs on one background thread, so Tune schedules the next trial without waiting
+    for MLflow; ``on_experiment_end`` waits for it. What a crash loses there, Tune still has,
+    and :meth:`reconcile` logs it on ``--resume``."""
 
     def __init__(self, tracker: SweepTracker, objectives: Sequence):
         self.tracker = tracker
         self.objectives = list(objectives)
         self.records: dict[str, TrialRecord] = {}
         self.unfinished: dict[str, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
+        return {**self.__dict__, "_pool": None}
 
     def setup(self, **info) -> None:
         self.unfinished = self.tracker.unfinished_trial_runs()
         self.records = {r.trial_id: r for r in self.tracker.records() if r.trial_id not in self.unfinished}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
 
     def get_state(self) -> dict | None:
         return None  # MLflow holds the records; setup() reloads them
 
+    def _submit(self, *args) -> None:
+        def run() -> None:
+            try:
+                self.log(*args)
+            except Exception as exc:  # a logging bug must not take the sweep down; reconcile retries
+                print(f"MLflow: logging trial {args[0]} failed: {type(exc).__name__}: {exc}", flush=True)
+
+        if self._pool is None:
+            run()
+        else:
+            self._pool.submit(run)
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.log(trial.trial_id, trial.config, trial.last_result or {}, None)
+        self._submit(trial.trial_id, dict(trial.config), dict(trial.last_result or {}), None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         text = None
@@ -413,7 +435,16 @@ class TrackingCallback(tune.Callback):
                 text = Path(trial.error_file).read_text()[-8000:]
         except Exception:  # the error file is a nicety; the status is what matters
             text = None
-        self.log(trial.trial_id, trial.config, {}, text or "trial raised (see the Tune trial folder)")
+        self._submit(trial.trial_id, dict(trial.config), {}, text or "trial raised (see the Tune trial folder)")
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.drain()
+
+    def drain(self) -> None:
+        """Wait until every submitted trial is logged."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def log(self, trial_id: str, cfg: dict, result: dict, error: str | None) -> TrialRecord | None:
         """Log one trial from its Tune config and last result (``error``: it raised)."""
@@ -459,6 +490,7 @@ class TrackingCallback(tune.Callback):
         """After ``fit()``: log what Tune finished but MLflow lacks or holds unfinished (a driver
         that died between the two). ``results`` is the ``ResultGrid``. Returns how many."""
         self.setup()
+        self.drain()  # log synchronously
         fixed = 0
         for res in results:
             cfg = res.config or {}
