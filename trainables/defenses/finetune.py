@@ -55,31 +55,33 @@ def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float]], cfg:
     lone = len(streams) == 1
     iters = {k: _cycle(images, cfg, ctx, gen, lone and len(images) % cfg.batch_size == 1)
              for k, (images, _) in streams.items()}
+    weights = torch.tensor([wt for _, wt in streams.values()], device=ctx.device)
     history = []
     f.train()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        sums = {f"ce_{k}": 0.0 for k in streams} | {"loss": 0.0}
+        sums = torch.zeros(len(streams) + 1, device=ctx.device)  # on the device: one sync per epoch
         for _ in range(steps):
             parts = [next(it) for it in iters.values()]
             sizes = [len(y) for _, y in parts]
             with autocast(ctx.device):
                 logits = f(prepare_batch(torch.cat([x for x, _ in parts]), ctx.device)).float()
-            loss = logits.new_zeros(())
-            for (k, (_, wt)), chunk, (_, y) in zip(streams.items(), logits.split(sizes), parts):
-                ce = F.cross_entropy(chunk, y)
-                loss = loss + wt * ce
-                sums[f"ce_{k}"] += ce.item()
+            ces = torch.stack([F.cross_entropy(chunk, y) for chunk, (_, y) in zip(logits.split(sizes), parts)])
+            loss = (ces * weights).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            sums["loss"] += loss.item()
-        row = {"epoch": epoch, "lr": lr, **{k: v / steps for k, v in sums.items()},
+            sums += torch.cat([ces.detach(), loss.detach().view(1)])
+        means = (sums / steps).tolist()
+        row = {"epoch": epoch, "lr": lr, **{f"ce_{k}": v for k, v in zip(streams, means)}, "loss": means[-1],
                "seconds": time.perf_counter() - t0}
         history.append(row)
         ctx.log(f"{name} epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"{name} diverged: the loss of epoch {epoch}/{cfg.epochs} is {row['loss']} "
+                                     f"(lr {lr:.4g}); lower defense.lr")
     f.eval()
     return f, history
 
