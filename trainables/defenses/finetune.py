@@ -30,32 +30,36 @@ class IbuConfig(SGDDefenseConfig):
     poison_weight: float = param(1.0, "weight of the CE on the real poisoned samples with their true labels "
                                  "(the unlearning objective)", low=0.0)
     poison_samples: int | None = param(None, "poisoned samples used, drawn with the seed; None: all handed over", low=1)
+    augment_poisoned: bool = param(False, "crop/flip the poisoned samples too; False: unlearn each trigger where the "
+                                   "attack put it (as RA feeds its poisoned samples)")
 
 
 def _cycle(images: ImageSet, cfg: SGDDefenseConfig, ctx: DefenseContext, gen: torch.Generator,
-           drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Augmented batches, reshuffled each time the set is exhausted (the smaller stream cycles)."""
+           augment: bool, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches, reshuffled each time the set is exhausted (the smaller stream cycles)."""
+    crop, flip = (cfg.crop_padding, cfg.hflip and ctx.hflip) if augment else (0, False)
     while True:
         yield from batches(images, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,
-                           crop_padding=cfg.crop_padding, hflip=cfg.hflip and ctx.hflip, drop_last=drop_last)
+                           crop_padding=crop, hflip=flip, drop_last=drop_last)
 
 
-def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float]], cfg: SGDDefenseConfig,
+def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]], cfg: SGDDefenseConfig,
              ctx: DefenseContext, gen: torch.Generator, name: str) -> tuple[Classifier, list[dict]]:
-    """Fine-tune a copy of ``model`` on Σ_s weight_s · CE(stream s).
+    """Fine-tune a copy of ``model`` on Σ_s weight_s · CE(stream s); ``streams`` maps a name to
+    (images, weight, augment).
 
     Each step takes one batch from every stream, in one forward; an epoch is one pass over the
     largest stream.
     """
     f = trainable_copy(model, ctx.device)
-    streams = {k: (images.to(ctx.device), wt) for k, (images, wt) in streams.items()}
-    steps = max(math.ceil(len(images) / cfg.batch_size) for images, _ in streams.values())
+    streams = {k: (images.to(ctx.device), wt, aug) for k, (images, wt, aug) in streams.items()}
+    steps = max(math.ceil(len(images) / cfg.batch_size) for images, _, _ in streams.values())
     optimizer, scheduler = sgd(f, cfg, steps)
     # alone, a trailing batch of one image would break BatchNorm; beside another stream it is fine
     lone = len(streams) == 1
-    iters = {k: _cycle(images, cfg, ctx, gen, lone and len(images) % cfg.batch_size == 1)
-             for k, (images, _) in streams.items()}
-    weights = torch.tensor([wt for _, wt in streams.values()], device=ctx.device)
+    iters = {k: _cycle(images, cfg, ctx, gen, aug, lone and len(images) % cfg.batch_size == 1)
+             for k, (images, _, aug) in streams.items()}
+    weights = torch.tensor([wt for _, wt, _ in streams.values()], device=ctx.device)
     history = []
     f.train()
     for epoch in range(1, cfg.epochs + 1):
@@ -96,7 +100,7 @@ class FineTune(Defense):
         self.check_context(clean, ctx)
         started = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed(ctx))
-        f, history = finetune(model, {"clean": (clean, 1.0)}, self.cfg, ctx, gen, self.name)
+        f, history = finetune(model, {"clean": (clean, 1.0, True)}, self.cfg, ctx, gen, self.name)
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started)
 
 
@@ -118,6 +122,7 @@ class IdealisedUnlearning(Defense):
             pick = torch.randperm(len(poisoned), generator=gen)[: cfg.poison_samples].sort().values
             poisoned = poisoned.subset(pick)
         ctx.log(f"{self.name}: {len(clean)} clean and {len(poisoned)} poisoned samples (true labels)")
-        streams = {"clean": (clean, cfg.clean_weight), "poisoned": (poisoned, cfg.poison_weight)}
+        streams = {"clean": (clean, cfg.clean_weight, True),
+                   "poisoned": (poisoned, cfg.poison_weight, cfg.augment_poisoned)}
         f, history = finetune(model, streams, cfg, ctx, gen, self.name)
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started)
