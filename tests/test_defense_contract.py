@@ -151,3 +151,17 @@ def test_build_defense_accepts_a_base_config_and_rejects_unknown_names():
     assert defense.cfg.epochs == 10 and defense.cfg.lr == 0.01  # FT defaults of METHOD's table
     with pytest.raises(KeyError, match="unknown defense 'nope'"):
         build_defense(DefenseConfig(name="nope"))  # dataclasses do not validate; the registry does
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "bn_stats" in DEFENSES.get(n).Config.__dataclass_fields__])
+def test_frozen_batchnorm_keeps_the_running_statistics(name):
+    model = tiny_model()
+    stats = {k: v for k, v in snapshot(model).items() if "running_" in k}
+    assert stats, "the tiny model has no BatchNorm running statistics to check"
+    frozen = build_defense(small_config(name, bn_stats="frozen")).purify(model, random_set(40, seed=1), context(name))
+    trained = build_defense(small_config(name, bn_stats="train")).purify(model, random_set(40, seed=1), context(name))
+    for k, v in stats.items():
+        assert torch.equal(frozen.model.state_dict()[k], v), f"{name}: bn_stats=frozen changed {k}"
+    assert any(not torch.equal(trained.model.state_dict()[k], v) for k, v in stats.items())
+    params = dict(frozen.model.named_parameters())
+    assert any(not torch.equal(params[k], v) for k, v in model.named_parameters() if k.endswith("weight"))

@@ -26,7 +26,8 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
-from .base import Defense, DefenseContext, DefenseResult, SGDDefenseConfig, frozen_copy, sgd, trainable_copy
+from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, frozen_copy, sgd, train_mode,
+                   trainable_copy)
 from .fisher import diagonal_fisher
 from .losses import ewc_penalty, inverse_ewc
 from .pgd import EStep
@@ -152,7 +153,7 @@ class BiBau(Defense):
     def _mstep(self, f, x, x_adv, y, anchor, fisher_c, theta_bd, fisher_u, w, device
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_out (to differentiate) and its terms (detached)."""
-        f.train()
+        train_mode(f, self.cfg)
         b = len(y)
         with autocast(device):
             logits = f(prepare_batch(torch.cat([x, x_adv]), device)).float()

@@ -16,7 +16,7 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
-from .base import Defense, DefenseContext, DefenseResult, SGDDefenseConfig, sgd, trainable_copy
+from .base import Defense, DefenseContext, DefenseResult, SGDDefenseConfig, sgd, train_mode, trainable_copy
 
 
 @dataclass
@@ -61,7 +61,7 @@ def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]]
              for k, (images, _, aug) in streams.items()}
     weights = torch.tensor([wt for _, wt, _ in streams.values()], device=ctx.device)
     history = []
-    f.train()
+    train_mode(f, cfg)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]

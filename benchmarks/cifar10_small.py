@@ -1,0 +1,157 @@
+"""Tables 1 and 2 of the paper at CPU scale: CIFAR-10, the small ResNet, BadNets and Blended, each
+purified by BI-BAU(T), BI-BAU(U), FT and the IBU reference, evaluated by CA, ASR, R-ASR, Q-ASR, BEC.
+
+    python benchmarks/cifar10_small.py --record
+
+The attack stage is `search_spaces/run_<attack>_cifar10.yaml` (20,000 training images, small
+ResNet width 16 depth 4, 25 epochs): the same content hash as `bibau run` on that file, so the
+backdoored models come from the cache when those runs were made. Each row is one `run_trial`
+(attack from the cache -> defense -> every evaluation) with the defense's registered defaults
+unless `--defense-set` changes them; the "none" row evaluates the backdoored model itself.
+The clean reference model (RA on clean, QRA, BEC) is trained once, through the same cache.
+
+Checks the Done-when targets of issue 3 and prints them: BI-BAU(U) ASR <= 0.10, R-ASR <= 0.20,
+Q-ASR <= 0.20 at a CA drop of at most 8 points; FT's R-ASR above BI-BAU(U)'s.
+`--record` appends one row per trial to docs/benchmarks.md; `--json` writes every report.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, append_rows, load_average, machine  # noqa: E402
+from orchestrator.config import load_run_config  # noqa: E402
+from trainables.config import parse_overrides  # noqa: E402
+from trainables.trial import run_trial  # noqa: E402
+
+ATTACKS = ("badnets", "blended")
+DEFENSES = ("none", "bibau_t", "bibau_u", "ft", "ibu")
+METRICS = ("ca", "asr", "ra", "qra", "bec")
+TARGETS = {"asr": 0.10, "r_asr": 0.20, "q_asr": 0.20, "ca_drop": 0.08}
+
+SECTION = "## CIFAR-10 at CPU scale: Tables 1 and 2 (benchmarks/cifar10_small.py)"
+HEADER = ("| date | machine | attack | defense | settings | CA | ASR | R-ASR | RA on clean | Q-ASR | BEC "
+          "| attack s | defense s | eval s | load | command |")
+SECTION_TEXT = f"""{SECTION}
+
+One `run_trial` per row on CIFAR-10 (20,000 training / 2,000 test images, small ResNet width 16,
+depth 4, 25 epochs, 10% poison, target 0; defender's clean split 1,000 images): the attack stage
+from the cache, the defense, then CA, ASR, R-ASR (RA: 5 poisoned among 1,000 images for BadNets,
+1 for Blended; 5 epochs), RA on the clean reference model, Q-ASR (QRA, 50 generator epochs on
+500 + 500 images, 16/255) and BEC. "none" is the backdoored model. Settings: the defense's
+non-default values. Times in seconds: attack (0 on a cache hit), defense, evaluation.
+
+{HEADER}
+|{'---|' * (HEADER.count('|') - 1)}
+"""
+
+
+def pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def trial_config(attack: str, defense: str, args) -> object:
+    overrides = [f"evaluation.metrics=[{','.join(args.metrics)}]", f"seed={args.seed}", *args.set]
+    if defense != "none":
+        overrides.append(f"defense.name={defense}")
+        overrides += [f"defense.{item.split('.', 1)[1]}" for item in args.defense_set if item.split(".", 1)[0] == defense]
+    return load_run_config(str(ROOT / "search_spaces" / f"run_{attack}_cifar10.yaml"), overrides)
+
+
+def settings(defense: str, args) -> str:
+    items = [item.split(".", 1)[1] for item in args.defense_set if item.split(".", 1)[0] == defense]
+    return ", ".join(items) or "defaults"
+
+
+def check(reports: dict[tuple[str, str], dict]) -> list[str]:
+    """The Done-when lines of issue 3, each with its numbers and PASS or MISS."""
+    lines = []
+    for attack in ATTACKS:
+        base, bibau, ft = (reports.get((attack, d)) for d in ("none", "bibau_u", "ft"))
+        if bibau is None:
+            continue
+        conds = [("ASR", bibau["asr"], TARGETS["asr"]), ("R-ASR", bibau.get("r_asr"), TARGETS["r_asr"]),
+                 ("Q-ASR", bibau.get("q_asr"), TARGETS["q_asr"])]
+        if base is not None:
+            conds.append(("CA drop", base["ca"] - bibau["ca"], TARGETS["ca_drop"]))
+        for name, value, limit in conds:
+            ok = value is not None and value <= limit
+            lines.append(f"{attack} BI-BAU(U) {name} {pct(value)} <= {pct(limit)}: {'PASS' if ok else 'MISS'}")
+        if ft is not None and ft.get("r_asr") is not None and bibau.get("r_asr") is not None:
+            ok = ft["r_asr"] > bibau["r_asr"]
+            lines.append(f"{attack} FT R-ASR {pct(ft['r_asr'])} > BI-BAU(U) R-ASR {pct(bibau['r_asr'])}: "
+                         f"{'PASS' if ok else 'MISS'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
+    ap.add_argument("--defenses", default=",".join(DEFENSES), help=f"comma list of {', '.join(DEFENSES)}")
+    ap.add_argument("--metrics", default=",".join(METRICS), help="evaluations to run (ca and asr always run)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override of every trial's run config, e.g. evaluation.qra_epochs=20")
+    ap.add_argument("--defense-set", action="append", default=[], metavar="DEFENSE.KEY=VALUE",
+                    help="override of one defense's settings, e.g. bibau_u.pgd_eps=0.0314")
+    ap.add_argument("--out", type=Path, default=None, help="folder for each trial's checkpoints and results.json")
+    ap.add_argument("--json", type=Path, default=None, help="write every report (history left out) to this file")
+    ap.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
+    ap.add_argument("--quiet", action="store_true", help="only the summary, not each trial's progress")
+    args = ap.parse_args(argv)
+    args.metrics = [m for m in args.metrics.split(",") if m]
+    attacks = [a for a in args.attacks.split(",") if a]
+    defenses = [d for d in args.defenses.split(",") if d]
+    for name, given, allowed in (("--attacks", attacks, ATTACKS), ("--defenses", defenses, DEFENSES)):
+        if unknown := [g for g in given if g not in allowed]:
+            ap.error(f"{name}: unknown {unknown}; known: {', '.join(allowed)}")
+    for item in args.defense_set:
+        if item.split(".", 1)[0] not in DEFENSES[1:] or "=" not in item:
+            ap.error(f"--defense-set {item!r}: expected DEFENSE.KEY=VALUE with DEFENSE in {', '.join(DEFENSES[1:])}")
+    parse_overrides(args.set)  # malformed overrides fail here, before any work
+    configs = {(a, d): trial_config(a, d, args) for a in attacks for d in defenses}  # every config validated first
+
+    command = "python benchmarks/cifar10_small.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    log = (lambda line: None) if args.quiet else print
+    reports: dict[tuple[str, str], dict] = {}
+    rows = []
+    for (attack, defense), cfg in configs.items():
+        out = args.out / f"{attack}-{defense}" if args.out else None
+        report = run_trial(cfg, out, log=log)
+        report.pop("history", None)
+        report["settings"] = settings(defense, args)
+        reports[(attack, defense)] = report
+        line = (f"{attack:8s} {defense:8s} CA {pct(report['ca'])} ASR {pct(report['asr'])} "
+                f"R-ASR {pct(report.get('r_asr'))} (clean {pct(report.get('ra_clean_asr'))}) "
+                f"Q-ASR {pct(report.get('q_asr'))} BEC {num(report.get('bec'))} "
+                f"times {report['time_attack_s']:.0f}/{report['time_defense_s']:.0f}/{report['time_eval_s']:.0f}s")
+        print(line, flush=True)
+        rows.append(
+            f"| {datetime.date.today()} | {machine()} | {attack} | {defense} | {report['settings']} "
+            f"| {pct(report['ca'])} | {pct(report['asr'])} | {pct(report.get('r_asr'))} | {pct(report.get('ra_clean_asr'))} "
+            f"| {pct(report.get('q_asr'))} | {num(report.get('bec'))} "
+            f"| {report['time_attack_s']:.0f} | {report['time_defense_s']:.0f} | {report['time_eval_s']:.0f} "
+            f"| {load_average()} | `{command}` |")
+    print("\n".join(check(reports)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({f"{a}/{d}": r for (a, d), r in reports.items()}, indent=1, default=str))
+    if args.record:
+        append_rows(SECTION, SECTION_TEXT, HEADER, rows)
+        print(f"recorded {len(rows)} rows in docs/benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""What every benchmark script shares: the machine line and appending rows to docs/benchmarks.md."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def machine(device=None) -> str:
+    """CPU model, core count, torch threads, OS and torch version (and the GPU's name on CUDA)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+            f"{platform.system()} {platform.release()}, torch {torch.__version__}")
+    if device is not None and torch.device(device).type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)}; " + text
+    return text
+
+
+def load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "-"
+
+
+def append_rows(section: str, section_text: str, header: str, rows: list[str], doc: Path = DOC) -> None:
+    """Append ``rows`` to the table under ``section`` (the heading line) whose header row is
+    ``header``, creating the file, or the section from ``section_text``, when absent. The other
+    sections of the file stay as they are."""
+    if not doc.exists():
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text("# Benchmarks\n\nResults of the scripts in `benchmarks/`, one section per script.\n")
+    lines = doc.read_text().splitlines()
+    if section not in lines:
+        lines = ("\n".join(lines).rstrip("\n") + "\n\n" + section_text.strip("\n") + "\n").splitlines()
+    start = lines.index(section)
+    head = next(i for i in range(start, len(lines)) if lines[i] == header)
+    end = head + 2  # past the header and its |---| line
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[end:end] = rows
+    doc.write_text("\n".join(lines) + "\n")
