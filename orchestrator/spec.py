@@ -11,6 +11,7 @@ A ``bibau export`` file is accepted in place of a spec: each selection becomes a
 from __future__ import annotations
 
 import copy
+import os
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -179,8 +180,8 @@ class Resources(Config):
 @dataclass
 class Tracking(Config):
     uri: str | None = param(None, "MLflow tracking URI (sqlite:///ABS/PATH.db, http://host:5000); "
-                            "None: sqlite:///<storage>/mlflow.db")
-    experiment: str | None = param(None, "MLflow experiment; None: the spec's name")
+                            "None: $MLFLOW_TRACKING_URI when set, else sqlite:///<storage>/mlflow.db")
+    experiment: str | None = param(None, "MLflow experiment; None: $MLFLOW_EXPERIMENT_NAME when set, else the spec's name")
 
 
 @dataclass
@@ -244,11 +245,13 @@ class SweepSpec(Config):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.storage_path / 'mlflow.db'}"
+        # the environment's MLflow settings are how cluster nodes (cluster.env, KubeRay env) name their server
+        return (self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.storage_path / 'mlflow.db'}")
 
     @property
     def experiment(self) -> str:
-        return self.tracking.experiment or self.name
+        return self.tracking.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or self.name
 
     @property
     def modes(self) -> list[str]:

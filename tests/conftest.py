@@ -32,3 +32,10 @@ def digits():
     from trainables.data import DataConfig, load_dataset
 
     return load_dataset(DataConfig(name="digits"))
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_environment(monkeypatch):
+    """A developer's MLFLOW_TRACKING_URI must not send the tests' runs to their server."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)

@@ -157,3 +157,19 @@ def test_spec_defaults():
     assert spec.export_rule.startswith("max ca")
     assert [o.reference for o in spec.objectives] == [0.0, 1.0, 1.0]
     assert plan(spec).studies[0].key == "badnets/ft"
+
+
+def test_tracking_falls_back_to_the_mlflow_environment_then_to_sqlite(monkeypatch):
+    data = {"name": "x", "storage": "/tmp/bibau-store", "attacks": ["badnets"], "defenses": [{"name": "ft"}],
+            "base": {"data": {"name": "digits"}}}
+    spec = build(SweepSpec, data)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert spec.tracking_uri == "sqlite:////tmp/bibau-store/mlflow.db" and spec.experiment == "x"
+    # a cluster node names its server in the environment (cluster.env, the KubeRay pod's env)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.svc:5000")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert spec.tracking_uri == "http://mlflow.svc:5000" and spec.experiment == "from-env"
+    # the spec's own values win over the environment
+    spec = build(SweepSpec, {**data, "tracking": {"uri": "sqlite:////tmp/own.db", "experiment": "own"}})
+    assert spec.tracking_uri == "sqlite:////tmp/own.db" and spec.experiment == "own"

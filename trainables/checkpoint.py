@@ -41,15 +41,17 @@ class CheckpointError(ValueError):
     """A model file that cannot (or must not) be loaded; the message says why and what to do."""
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON); tuples become lists."""
+def json_safe(obj: Any) -> Any:
+    """Strict-JSON form: NaN/inf become null, tuples lists, keys strings, other objects their str."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -57,7 +59,7 @@ def write_json(path: Path, data: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        json.dump(_json_safe(data), fh, indent=2, allow_nan=False, default=str)
+        json.dump(json_safe(data), fh, indent=2, allow_nan=False, default=str)
         fh.write("\n")
     os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)

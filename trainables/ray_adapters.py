@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .checkpoint import json_safe
+
 STATUS_KEY = "trial_status"
 
 
@@ -43,7 +45,7 @@ class TrialBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(resolved_yaml(run_cfg))
         report = run_trial(run_cfg, None, log=log)
-        (out_dir / "results.json").write_text(json.dumps(_json_safe(report), indent=1))
+        (out_dir / "results.json").write_text(json.dumps(json_safe(report), indent=1))
         return report
 
     def attack_stage(self, cfg: dict, log: Callable[[str], None]) -> dict:
@@ -59,7 +61,7 @@ class TrialBackend:
         info = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, (int, float))}
         return {**info, "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
                 "cache_dir": str(stage.cache_dir), "n_poisoned": int(len(stage.poison_index)),
-                "history": _json_safe(stage.history)}
+                "history": json_safe(stage.history)}
 
     def clean_reference(self, cfg: dict, log: Callable[[str], None]) -> dict:
         """Train the clean reference model (or find it in the cache) before the trials need it."""
@@ -97,7 +99,7 @@ def make_report(result: dict, objectives: list[dict]) -> dict:
     else:
         report[STATUS_KEY] = "completed"
     # one JSON string: Tune's loggers (TensorBoard, CSV) take numbers and strings, not lists
-    report["history_json"] = json.dumps(_json_safe(defense_history(result.get("history"))))
+    report["history_json"] = json.dumps(json_safe(defense_history(result.get("history"))))
     return report
 
 
@@ -113,18 +115,6 @@ def defense_history(history: Any) -> list[dict]:
     if isinstance(history, dict):
         history = [{**e, "stage": "defense"} for e in history.get("defense", []) if isinstance(e, dict)]
     return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None:
@@ -157,7 +147,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     finally:
         logfile.close()
     report.setdefault("time_trial_s", time.perf_counter() - started)
-    report = _json_safe(report)
+    report = json_safe(report)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "report.json").write_text(json.dumps(report))
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
