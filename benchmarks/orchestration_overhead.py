@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a plain checkout
+
+from benchmarks.common import append_rows, machine  # noqa: E402
 
 SECTION = "## Orchestration overhead (benchmarks/orchestration_overhead.py)"
 HEADER = """{section}
@@ -97,20 +98,6 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str]:
     return seconds, proc.stdout
 
 
-def record(row: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip() + "\n\n" + HEADER.format(section=SECTION)
-    head, _, tail = text.partition(SECTION)
-    # the table ends at the first blank line after the header row
-    lines = tail.split("\n")
-    end = next((i for i, line in enumerate(lines) if i > 2 and line.startswith("|") and
-                (i + 1 >= len(lines) or not lines[i + 1].startswith("|"))), len(lines) - 1)
-    lines.insert(end + 1, row)
-    doc.write_text(head + SECTION + "\n".join(lines))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=4, help="fixed trials on each side")
@@ -164,11 +151,12 @@ def main() -> None:
         if mean_loop < 30 and not args.smoke_test:
             print("note: trials averaged under 30 s; the target is stated for trials of at least 30 s")
         if args.record and not args.smoke_test:
-            machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
             cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-            record(f"| {datetime.date.today()} | {machine} | {len(per_trial)} | {mean_loop:.1f} / {mean_sweep:.1f} | "
+            text = HEADER.format(section=SECTION)
+            header = next(line for line in text.splitlines() if line.startswith("| date"))
+            append_rows(SECTION, text, header, [f"| {datetime.date.today()} | {machine()} | {len(per_trial)} | {mean_loop:.1f} / {mean_sweep:.1f} | "
                    f"{loop_s:.1f} | {sweep_s:.1f} | {100 * overhead:+.1f}% | {orchestration:.1f} | "
-                   f"{100 * equal_speed:+.1f}% | {load:.1f} | `{cmd}` |")
+                   f"{100 * equal_speed:+.1f}% | {load:.1f} | `{cmd}` |"])
             print("recorded in docs/benchmarks.md")
 
 

@@ -20,7 +20,6 @@ import argparse
 import datetime
 import gc
 import os
-import platform
 import resource
 import shlex
 import sys
@@ -32,6 +31,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
+from benchmarks.common import append_rows, machine  # noqa: E402
 import trainables  # noqa: E402,F401  (fill the registries)
 from trainables.data import DataConfig, ImageSet, load_dataset  # noqa: E402
 from trainables.models import ModelConfig, create_model  # noqa: E402
@@ -125,41 +125,6 @@ def dataloader_epochs(model, images: ImageSet, cfg: TrainConfig, device: torch.d
     return seconds, time.process_time() - cpu0 + children_cpu() - children0
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-            f"{platform.system()} {platform.release()}, torch {torch.__version__}")
-    if device.type == "cuda":
-        text = f"{torch.cuda.get_device_name(device)}; " + text
-    return text
-
-
-def record(rows: list[str], doc: Path) -> None:
-    """Append rows to the throughput table (creating the file or the section when absent),
-    leaving the other sections of the file alone."""
-    if not doc.exists():
-        doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text("# Benchmarks\n\nResults of the scripts in `benchmarks/`, one section per script.\n\n")
-    lines = doc.read_text().splitlines()
-    if SECTION not in lines:
-        text = "\n".join(lines).rstrip("\n") + "\n\n" + SECTION_TEXT
-        lines = text.splitlines()
-    start = lines.index(SECTION)
-    head = next(i for i in range(start, len(lines)) if lines[i] == TABLE_HEAD[1])
-    end = head + 1
-    while end < len(lines) and lines[end].startswith("|"):
-        end += 1
-    lines[end:end] = rows
-    doc.write_text("\n".join(lines) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="'auto' (cpu, plus cuda when present), or a comma list: cpu,cuda")
@@ -222,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{len(images)} | {args.epochs} | {args.batch_size} | {args.workers} | {best['loop']:.0f} | "
                     f"{best['dataloader']:.0f} | {ratio:.2f} | {cpu_ms['loop']:.2f} | {cpu_ms['dataloader']:.2f} | `{command}` |")
     if not args.no_record:
-        record(rows, Path(args.doc))
+        append_rows(SECTION, SECTION_TEXT, TABLE_HEAD[0], rows, Path(args.doc))
         print(f"recorded in {args.doc}")
     return 0
 

@@ -1,0 +1,58 @@
+"""The benchmark scripts' shared pieces: their rows land in their own table of docs/benchmarks.md,
+and a bad argument fails before any work."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import cifar10_small  # noqa: E402
+from benchmarks.common import append_rows  # noqa: E402
+
+HEADER = "| date | value |"
+
+
+def section(name):
+    return f"## {name}\n\nSome words.\n\n{HEADER}\n|---|---|\n"
+
+
+def test_rows_go_to_the_end_of_their_own_table(tmp_path):
+    doc = tmp_path / "docs" / "benchmarks.md"
+    append_rows("## A", section("A"), HEADER, ["| 1 | a1 |"], doc)  # creates the file and the section
+    append_rows("## B", section("B"), HEADER, ["| 1 | b1 |"], doc)
+    append_rows("## A", section("A"), HEADER, ["| 2 | a2 |", "| 3 | a3 |"], doc)
+    lines = doc.read_text().splitlines()
+    a, b = lines.index("## A"), lines.index("## B")
+    assert a < b and lines.count(HEADER) == 2
+    assert [line for line in lines[a:b] if line.startswith("| ") and line != HEADER] == \
+        ["| 1 | a1 |", "| 2 | a2 |", "| 3 | a3 |"]
+    assert [line for line in lines[b:] if line.startswith("| ") and line != HEADER] == ["| 1 | b1 |"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--defenses", "bibau_u,nope"], "unknown ['nope']"),
+    (["--attacks", "wanet"], "unknown ['wanet']"),
+    (["--defense-set", "bibau_u"], "expected DEFENSE.KEY=VALUE"),
+])
+def test_cifar10_small_rejects_bad_arguments_before_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cifar10_small.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cifar10_small_rejects_a_bad_defense_setting_naming_the_field():
+    from trainables.config import ConfigError
+
+    with pytest.raises(ConfigError, match="defense.pgd_eps"):
+        cifar10_small.main(["--attacks", "badnets", "--defenses", "bibau_u", "--defense-set", "bibau_u.pgd_eps=2"])
+
+
+def test_the_done_when_check_reads_the_reports():
+    none = {"ca": 0.80, "asr": 0.97, "r_asr": 0.95}
+    bibau = {"ca": 0.75, "asr": 0.05, "r_asr": 0.10, "q_asr": 0.30}
+    ft = {"ca": 0.79, "asr": 0.90, "r_asr": 0.90}
+    lines = cifar10_small.check({("badnets", "none"): none, ("badnets", "bibau_u"): bibau, ("badnets", "ft"): ft})
+    assert "badnets BI-BAU(U) ASR 5.0 <= 10.0: PASS" in lines
+    assert "badnets BI-BAU(U) Q-ASR 30.0 <= 20.0: MISS" in lines
+    assert "badnets BI-BAU(U) CA drop 5.0 <= 8.0: PASS" in lines
+    assert "badnets FT R-ASR 90.0 > BI-BAU(U) R-ASR 10.0: PASS" in lines
