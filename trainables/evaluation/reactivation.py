@@ -89,7 +89,7 @@ def train_generator(purified: nn.Module, teacher: nn.Module, clean_model: nn.Mod
                 for i in range(0, len(x_all), 512)])
         for epoch in range(epochs):
             order = torch.randperm(len(data), generator=shuffle).to(device)
-            total = 0.0
+            total = torch.zeros((), device=device)  # summed on the device: one sync per logged epoch
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 x = to_float(x_all[idx])
@@ -102,9 +102,9 @@ def train_generator(purified: nn.Module, teacher: nn.Module, clean_model: nn.Mod
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total += loss.detach() * len(idx)
             if log is not None and (epoch + 1 == epochs or (epoch + 1) % 10 == 0):
-                log(f"[qra] epoch {epoch + 1}/{epochs} loss {total / len(data):.4f}")
+                log(f"[qra] epoch {epoch + 1}/{epochs} loss {total.item() / len(data):.4f}")
     return gen.eval()
 
 
