@@ -301,12 +301,12 @@ def test_pgd_does_no_work_twice(alpha, beta):
 
 # -- config and presets ---------------------------------------------------------------------------
 def test_presets_switch_the_right_terms_off():
-    on = {"alpha": 2.0, "beta": 3.0, "lambda1": 4.0, "lambda2": 0.5}
+    on = {"alpha": 2.0, "beta": 3.0, "lambda1": 4.0, "lambda2": 0.5, "mstep_kd": 0.7}
     expect = {
         "full": on,
-        "base_at": {"alpha": 0.0, "beta": 0.0, "lambda1": 0.0, "lambda2": 0.0},
-        "base_at_a": {"alpha": 2.0, "beta": 0.0, "lambda1": 4.0, "lambda2": 0.0},  # L_KD, L_EWC
-        "base_at_b": {"alpha": 0.0, "beta": 3.0, "lambda1": 0.0, "lambda2": 0.5},  # L_prior, L_invEWC
+        "base_at": {"alpha": 0.0, "beta": 0.0, "lambda1": 0.0, "lambda2": 0.0, "mstep_kd": 0.0},
+        "base_at_a": {"alpha": 2.0, "beta": 0.0, "lambda1": 4.0, "lambda2": 0.0, "mstep_kd": 0.7},  # L_KD, L_EWC
+        "base_at_b": {"alpha": 0.0, "beta": 3.0, "lambda1": 0.0, "lambda2": 0.5, "mstep_kd": 0.0},  # prior, invEWC
     }
     assert set(PRESETS) == set(expect)
     for preset, weights in expect.items():
@@ -386,6 +386,16 @@ def test_presets_leave_their_terms_out_of_the_run(preset, absent, present):
         if preset == "base_at":
             assert abs(extra) < 1e-5
         assert row["l_in"] == pytest.approx(row["l_trig"] + row.get("l_kd", 0.0) + row.get("l_prior", 0.0), rel=1e-4)
+
+
+def test_mstep_distillation_is_off_by_default_and_adds_its_weighted_term():
+    assert "kd_clean" not in _purify(epochs=1).history[0]
+    rows = _purify(preset="base_at_a", lambda1=0.0, mstep_kd=2.0).history
+    for row in rows:
+        assert row["kd_clean"] >= 0.0 and math.isfinite(row["kd_clean"])
+        assert row["loss_out"] == pytest.approx(row["ce_clean"] + row["ce_adv"] + 2.0 * row["kd_clean"], rel=1e-4)
+    # the teacher is f_bd on the clean batch: at the start f_θ = f_bd, so the term starts small
+    assert rows[0]["kd_clean"] < rows[0]["ce_clean"]
 
 
 def test_warns_with_numbers_when_ewc_pull_is_too_stiff():

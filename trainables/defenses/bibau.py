@@ -29,16 +29,16 @@ from ..runtime import autocast, prepare_batch
 from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, frozen_copy, sgd, train_mode,
                    trainable_copy)
 from .fisher import diagonal_fisher
-from .losses import ewc_penalty, inverse_ewc
+from .losses import ewc_penalty, inverse_ewc, kd_loss
 from .pgd import EStep
 
 # Which weights each ablation of Table 6 switches off. Constraint set A (clean preservation):
-# L_KD (α) and L_EWC (λ1); set B (backdoor removal): L_prior (β) and L_invEWC (λ2).
+# L_KD (α), L_EWC (λ1) and the M-step distillation (mstep_kd, off by default); set B (backdoor removal): L_prior (β) and L_invEWC (λ2).
 PRESETS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "base_at": ("alpha", "beta", "lambda1", "lambda2"),
+    "base_at": ("alpha", "beta", "lambda1", "lambda2", "mstep_kd"),
     "base_at_a": ("beta", "lambda2"),
-    "base_at_b": ("alpha", "lambda1"),
+    "base_at_b": ("alpha", "lambda1", "mstep_kd"),
 }
 
 
@@ -55,6 +55,9 @@ class BiBauConfig(SGDDefenseConfig):
     kd_gamma: float = param(0.5, "L_KD share γ of the KL (soft) term; 1-γ goes to the CE (hard) term", low=0.0, high=1.0)
     lambda1: float = param(1.0, "M-step weight λ1 of L_EWC (clean Fisher, anchor θ at the epoch's start)", low=0.0)
     lambda2: float = param(0.1, "M-step weight λ2 of the clipped inverse EWC (unlearning Fisher, anchor θ_bd)", low=0.0)
+    mstep_kd: float = param(0.0, "M-step weight of T²·KL(σ(f_bd(x)/T) ‖ σ(f_θ(x)/T)) on the clean batch, T = "
+                            "kd_temperature (not in METHOD: a choice of this implementation that keeps f_bd's clean "
+                            "behaviour; 0: METHOD's M-step)", low=0.0)
     inv_ewc_clip: float = param(10.0, "clip C of the inverse EWC min(1/(Σ F^U Δ²), C)", low=0.0, low_open=True)
     pgd_eps: float = param(25 / 255, "L∞ bound ε of the perturbation, in [0, 1] pixel units", low=0.0, high=1.0)
     pgd_step: float = param(2 / 255, "PGD step size, in [0, 1] pixel units", low=0.0, low_open=True)
@@ -69,7 +72,8 @@ class BiBauConfig(SGDDefenseConfig):
 
     def weights(self) -> dict[str, float]:
         """α, β, λ1, λ2 after the preset has switched its terms off."""
-        w = {"alpha": self.alpha, "beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2}
+        w = {"alpha": self.alpha, "beta": self.beta, "lambda1": self.lambda1, "lambda2": self.lambda2,
+             "mstep_kd": self.mstep_kd}
         return {k: (0.0 if k in PRESETS[self.preset] else v) for k, v in w.items()}
 
 
@@ -81,7 +85,7 @@ class BiBau(Defense):
         cfg, w = self.cfg, self.cfg.weights()
         return EStep(eps=cfg.pgd_eps, step=cfg.pgd_step, steps=cfg.pgd_steps, random_start=cfg.pgd_random_start,
                      target=target if self.targeted else None, alpha=w["alpha"], beta=w["beta"], theta=cfg.theta,
-                     temperature=cfg.kd_temperature, gamma=cfg.kd_gamma)
+                     temperature=cfg.kd_temperature, gamma=cfg.kd_gamma, keep_teacher=w["mstep_kd"] > 0)
 
     def purify(self, model: Classifier, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         self.check_context(clean, ctx)
@@ -119,9 +123,10 @@ class BiBau(Defense):
             for x, y in batches(clean, cfg.batch_size, device=device, shuffle=True, generator=gen,
                                 crop_padding=cfg.crop_padding, hflip=cfg.hflip and ctx.hflip):
                 x_adv, inner = estep.craft(f_bd, f, x, y, device, gen)
+                teacher = inner.pop("teacher", None)  # f_bd(x), computed once per batch for both steps
                 if w["lambda2"] > 0 and seen < n_fisher:
                     kept.append(x_adv[: n_fisher - seen])
-                loss, outer = self._mstep(f, x, x_adv, y, anchor, fisher_c, theta_bd, fisher_u, w, device)
+                loss, outer = self._mstep(f, x, x_adv, y, anchor, fisher_c, theta_bd, fisher_u, w, device, teacher)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -150,7 +155,7 @@ class BiBau(Defense):
         return diagonal_fisher(model, x, labels, device, batch_size=cfg.fisher_batch_size,
                                estimator=cfg.fisher_estimator, normalize=cfg.fisher_norm)
 
-    def _mstep(self, f, x, x_adv, y, anchor, fisher_c, theta_bd, fisher_u, w, device
+    def _mstep(self, f, x, x_adv, y, anchor, fisher_c, theta_bd, fisher_u, w, device, teacher=None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_out (to differentiate) and its terms (detached)."""
         train_mode(f, self.cfg)
@@ -159,6 +164,9 @@ class BiBau(Defense):
             logits = f(prepare_batch(torch.cat([x, x_adv]), device)).float()
         terms = {"ce_clean": F.cross_entropy(logits[:b], y), "ce_adv": F.cross_entropy(logits[b:], y)}
         loss = terms["ce_clean"] + terms["ce_adv"]
+        if teacher is not None:
+            terms["kd_clean"] = kd_loss(logits[:b], teacher, y, self.cfg.kd_temperature, gamma=1.0)
+            loss = loss + w["mstep_kd"] * terms["kd_clean"]
         params = dict(f.named_parameters())
         if fisher_c is not None:
             terms["ewc"] = ewc_penalty(params, anchor, fisher_c)

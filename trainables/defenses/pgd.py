@@ -32,6 +32,7 @@ class EStep:
     theta: float = 0.5
     temperature: float = 2.0
     gamma: float = 0.5
+    keep_teacher: bool = False  # return f_bd(x) as stats["teacher"] (the M-step's distillation reuses it)
 
     def craft(self, f_bd: Classifier, f_theta: Classifier, x: torch.Tensor, y: torch.Tensor,
               device: torch.device, generator: torch.Generator | None = None,
@@ -50,7 +51,7 @@ class EStep:
     def _pgd(self, f_bd, f_theta, x, y, device, generator, trace) -> tuple[torch.Tensor, dict]:
         use_theta = self.alpha > 0 or self.beta > 0
         with torch.no_grad(), autocast(device):
-            teacher = f_bd(x) if self.alpha > 0 else None
+            teacher = f_bd(x) if self.alpha > 0 or self.keep_teacher else None
             h_clean = f_theta.features(x).float() if self.beta > 0 else None
         w_bd, w_theta = f_bd.head.weight.detach(), f_theta.head.weight.detach()
 
@@ -88,6 +89,8 @@ class EStep:
         x_adv = (x + delta).clamp_(0.0, 1.0)
         stats.update(last)
         stats["delta_linf"] = (x_adv - x).abs().flatten(1).amax(1).mean()
+        if self.keep_teacher:
+            stats["teacher"] = teacher.detach().float()
         return x_adv, stats
 
     def _project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
