@@ -34,9 +34,9 @@ ATTACKS = ("badnets", "blended")
 DEFENSES = ("none", "bibau_t", "bibau_u", "ft", "ibu")
 METRICS = ("ca", "asr", "ra", "qra", "bec")
 # BI-BAU at the registered defaults (METHOD: 20 epochs, 20 PGD steps) takes about an hour per model
-# on one CPU core; the CPU scale runs 5 epochs (METHOD's own first run) of 5 PGD steps whose size
-# is a quarter of ε, so that 5 steps can reach the bound.
-_CPU_BIBAU = ("epochs=5", "pgd_steps=5", "pgd_step=0.0235")
+# on one CPU core; the CPU scale runs 5 epochs (METHOD's own first run) of 5 PGD steps of ε/4, and
+# ε = 16/255, which kept more CA than 25/255 at equal R-ASR in the settings search (docs/benchmarks.md).
+_CPU_BIBAU = ("epochs=5", "pgd_steps=5", "pgd_eps=0.0627", "pgd_step=0.0157")
 CPU_SCALE = {"bibau_u": _CPU_BIBAU, "bibau_t": _CPU_BIBAU}
 TARGETS = {"asr": 0.10, "r_asr": 0.20, "q_asr": 0.20, "ca_drop": 0.08}
 

@@ -324,6 +324,7 @@ def test_config_defaults_match_method():
         0.5, 1.0, 0.1, 2.0, 0.5, 10.0)
     assert (cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, cfg.pgd_random_start) == (25 / 255, 2 / 255, 20, True)
     assert cfg.fisher_norm == "max" and cfg.preset == "full"
+    assert cfg.mstep_kd == 10.0  # not METHOD's: the M-step distillation the CPU-scale search chose (0 = METHOD)
     targeted = build_defense(build(DefenseConfig, {"name": "bibau_t"}, "defense", registry=DEFENSES))
     assert targeted.needs_target and targeted.estep(3).target == 3
     assert build_defense(cfg).estep(3).target is None  # untargeted ignores a known target
@@ -356,7 +357,7 @@ def _purify(lines=None, seed=0, **overrides):
 
 
 def test_full_history_logs_every_term_and_inverse_ewc_starts_in_epoch_two():
-    history = _purify(lambda2=1.0).history
+    history = _purify(lambda2=1.0, mstep_kd=0.0).history
     for row in history:
         for key in ("l_in", "l_trig", "l_kd", "l_angle", "l_align", "l_prior", "delta_linf",
                     "ce_clean", "ce_adv", "ewc", "loss_out", "seconds", "fisher_seconds", "lr"):
@@ -388,8 +389,8 @@ def test_presets_leave_their_terms_out_of_the_run(preset, absent, present):
         assert row["l_in"] == pytest.approx(row["l_trig"] + row.get("l_kd", 0.0) + row.get("l_prior", 0.0), rel=1e-4)
 
 
-def test_mstep_distillation_is_off_by_default_and_adds_its_weighted_term():
-    assert "kd_clean" not in _purify(epochs=1).history[0]
+def test_mstep_distillation_is_off_at_zero_and_adds_its_weighted_term():
+    assert "kd_clean" not in _purify(epochs=1, mstep_kd=0.0).history[0]
     rows = _purify(preset="base_at_a", lambda1=0.0, mstep_kd=2.0).history
     for row in rows:
         assert row["kd_clean"] >= 0.0 and math.isfinite(row["kd_clean"])
