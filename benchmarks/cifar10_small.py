@@ -4,7 +4,7 @@ purified by BI-BAU(T), BI-BAU(U), FT and the IBU reference, evaluated by CA, ASR
     python benchmarks/cifar10_small.py --record
 
 The attack stage is `search_spaces/run_<attack>_cifar10.yaml` (20,000 training images, small
-ResNet width 16 depth 4, 25 epochs): the same content hash as `bibau run` on that file, so the
+ResNet width 16 depth 4, 20 epochs, flips only): the same content hash as `bibau run` on that file, so the
 backdoored models come from the cache when those runs were made. Each row is one `run_trial`
 (attack from the cache -> defense -> every evaluation) with the defense's registered defaults
 unless `--defense-set` changes them; the "none" row evaluates the backdoored model itself.
@@ -46,7 +46,7 @@ HEADER = ("| date | machine | attack | defense | settings | CA | ASR | R-ASR | R
 SECTION_TEXT = f"""{SECTION}
 
 One `run_trial` per row on CIFAR-10 (20,000 training / 2,000 test images, small ResNet width 16,
-depth 4, 25 epochs, 10% poison, target 0; defender's clean split 1,000 images): the attack stage
+depth 4, 20 epochs with flips, 10% poison, target 0; defender's clean split 1,000 images): the attack stage
 from the cache, the defense, then CA, ASR, R-ASR (RA: 5 poisoned among 1,000 images for BadNets,
 1 for Blended; 5 epochs), RA on the clean reference model, Q-ASR (QRA, 50 generator epochs on
 500 + 500 images, 16/255) and BEC. "none" is the backdoored model (no QRA: its backdoor fires
