@@ -56,3 +56,12 @@ def test_the_done_when_check_reads_the_reports():
     assert "badnets BI-BAU(U) Q-ASR 30.0 <= 20.0: MISS" in lines
     assert "badnets BI-BAU(U) CA drop 5.0 <= 8.0: PASS" in lines
     assert "badnets FT R-ASR 90.0 > BI-BAU(U) R-ASR 10.0: PASS" in lines
+
+
+def test_quickstart_time_rejects_a_bad_spec_override_before_starting_the_sweep(tmp_path):
+    from benchmarks import quickstart_time
+    from trainables.config import ConfigError
+
+    with pytest.raises(ConfigError, match="concurrency"):
+        quickstart_time.main(["--storage", str(tmp_path), "--set", "concurrency=0"])
+    assert not any(tmp_path.iterdir())  # nothing started
