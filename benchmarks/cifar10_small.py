@@ -51,7 +51,7 @@ from the cache, the defense, then CA, ASR, R-ASR (RA: 5 poisoned among 1,000 ima
 1 for Blended; 5 epochs), RA on the clean reference model, Q-ASR (QRA, 50 generator epochs on
 500 + 500 images, 16/255) and BEC. "none" is the backdoored model (no QRA: its backdoor fires
 unaided). Settings: the defense's
-non-default values. Times in seconds: attack (0 on a cache hit), defense, evaluation.
+non-default values (BI-BAU's CPU scale: 5 epochs of 5 PGD steps, ε = 16/255). Times in seconds: attack (0 on a cache hit), defense, evaluation.
 
 {HEADER}
 |{'---|' * (HEADER.count('|') - 1)}
