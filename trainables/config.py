@@ -56,7 +56,11 @@ def param(
 
 
 class Config:
-    """Base of every config dataclass: a ``check`` hook for rules between fields."""
+    """Base of every config dataclass: a ``resolve`` hook for defaults that follow other fields,
+    then a ``check`` hook for rules between fields."""
+
+    def resolve(self) -> None:  # no defaults taken from other fields unless a subclass has them
+        return None
 
     def check(self, path: str) -> None:  # no cross-field rules unless a subclass has them
         return None
@@ -210,6 +214,7 @@ def build(cls: type, data: Any, path: str = "", registry: Registry | None = None
                 kwargs[name] = build(hints[name], to_dict(default), fpath, registry=f.metadata["registry"])
     obj = cls(**kwargs)
     if isinstance(obj, Config):
+        obj.resolve()  # so the resolved config, saved with each run, holds the values used
         obj.check(path)
     return obj
 

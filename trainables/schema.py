@@ -81,6 +81,13 @@ class RunConfig(Config):
     evaluation: EvalConfig = param(factory=EvalConfig, help="evaluation protocol")
     cache_dir: str | None = param(None, "cache of trained attack-stage models, keyed by content hash; None: ~/.cache/bibau/models")
 
+    def resolve(self) -> None:
+        # A defense fine-tunes a model trained with train's augmentation: cropping the clean split when
+        # the model never saw crops cost BI-BAU(U) 3.4 more CA points on CIFAR-10 (docs/benchmarks.md).
+        for name in ("crop_padding", "hflip"):
+            if self.defense is not None and hasattr(self.defense, name) and getattr(self.defense, name) is None:
+                setattr(self.defense, name, getattr(self.train, name))
+
     def check(self, path: str) -> None:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{path + '.' if path else ''}device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")

@@ -36,12 +36,19 @@ class SGDDefenseConfig(DefenseConfig):
     weight_decay: float = param(5e-4, "L2 weight decay", low=0.0)
     nesterov: bool = param(False, "Nesterov momentum")
     schedule: str = param("cosine", "learning-rate schedule over the defense's steps", choices=("cosine", "constant"))
-    crop_padding: int = param(4, "random-crop padding of the clean split in pixels (0: no crop)", low=0)
-    hflip: bool = param(True, "random horizontal flips of the clean split, where the data set allows them")
+    crop_padding: int | None = param(None, "random-crop padding of the clean split in pixels (0: no crop); "
+                                     "None: as the model was trained (train.crop_padding of the run)", low=0)
+    hflip: bool | None = param(None, "random horizontal flips of the clean split, where the data set allows them; "
+                               "None: as the model was trained (train.hflip of the run)")
     seed: int | None = param(None, "seed of shuffling, augmentation and random starts; None: the trial's seed", low=0)
     bn_stats: str = param("train", "BatchNorm while updating: train (batch statistics, running stats updated) or "
                           "frozen (the suspicious model's running statistics, affine weights still learned)",
                           choices=("train", "frozen"))
+
+    def augmentation(self, data_allows_flips: bool) -> tuple[int, bool]:
+        """(crop padding, flips) of the clean split. A defense built outside a run config, which
+        has no training to follow, leaves an unset value off."""
+        return self.crop_padding or 0, bool(self.hflip) and data_allows_flips
 
 
 @dataclass

@@ -122,8 +122,9 @@ class BiBau(Defense):
 
             sums: dict[str, torch.Tensor] = {}
             seen, kept = 0, []
+            crop, flip = cfg.augmentation(ctx.hflip)
             for x, y in batches(clean, cfg.batch_size, device=device, shuffle=True, generator=gen,
-                                crop_padding=cfg.crop_padding, hflip=cfg.hflip and ctx.hflip):
+                                crop_padding=crop, hflip=flip):
                 x_adv, inner = estep.craft(f_bd, f, x, y, device, gen)
                 teacher = inner.pop("teacher", None)  # f_bd(x), computed once per batch for both steps
                 if w["lambda2"] > 0 and seen < n_fisher:

@@ -37,7 +37,7 @@ class IbuConfig(SGDDefenseConfig):
 def _cycle(images: ImageSet, cfg: SGDDefenseConfig, ctx: DefenseContext, gen: torch.Generator,
            augment: bool, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches, reshuffled each time the set is exhausted (the smaller stream cycles)."""
-    crop, flip = (cfg.crop_padding, cfg.hflip and ctx.hflip) if augment else (0, False)
+    crop, flip = cfg.augmentation(ctx.hflip) if augment else (0, False)
     while True:
         yield from batches(images, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,
                            crop_padding=crop, hflip=flip, drop_last=drop_last)
