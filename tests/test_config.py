@@ -126,3 +126,15 @@ def test_export_errors_name_the_field(tmp_path):
 def test_example_run_configs_are_valid(path):
     cfg = load_run_config(str(path))
     assert cfg.attack.name in ("badnets", "blended") and cfg.train.epochs >= 1
+
+
+def test_defense_augmentation_follows_the_training_unless_set():
+    crop0 = build(RunConfig, {"train": {"crop_padding": 0, "hflip": False}, "defense": {"name": "ft"}})
+    assert (crop0.defense.crop_padding, crop0.defense.hflip) == (0, False)
+    crop4 = build(RunConfig, {"train": {"crop_padding": 4}, "defense": {"name": "bibau_u"}})
+    assert (crop4.defense.crop_padding, crop4.defense.hflip) == (4, True)
+    own = build(RunConfig, {"train": {"crop_padding": 0}, "defense": {"name": "ft", "crop_padding": 2, "hflip": False}})
+    assert (own.defense.crop_padding, own.defense.hflip) == (2, False)
+    # the saved config holds the values used, and reloading it changes nothing
+    again = build(RunConfig, to_dict(crop0))
+    assert to_dict(again) == to_dict(crop0) and again.defense.crop_padding == 0
