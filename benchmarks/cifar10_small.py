@@ -82,8 +82,13 @@ def trial_config(attack: str, defense: str, args) -> object:
     return load_run_config(str(ROOT / "search_spaces" / f"run_{attack}_cifar10.yaml"), overrides)
 
 
-def settings(defense: str, args) -> str:
-    return ", ".join(defense_items(defense, args)) or "defaults"
+def settings(defense: str, args, cfg) -> str:
+    """The defense's non-default settings, then the clean split's augmentation as resolved."""
+    items = ", ".join(defense_items(defense, args)) or "defaults"
+    d = cfg.defense
+    if d is None or not hasattr(d, "crop_padding"):
+        return items
+    return f"{items}; crop {d.crop_padding}, {'flips' if d.hflip else 'no flips'}"
 
 
 def check(reports: dict[tuple[str, str], dict]) -> list[str]:
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out / f"{attack}-{defense}" if args.out else None
         report = run_trial(cfg, out, log=log)
         report.pop("history", None)
-        report["settings"] = settings(defense, args)
+        report["settings"] = settings(defense, args, cfg)
         reports[(attack, defense)] = report
         line = (f"{attack:8s} {defense:8s} CA {pct(report['ca'])} ASR {pct(report['asr'])} "
                 f"R-ASR {pct(report.get('r_asr'))} (clean {pct(report.get('ra_clean_asr'))}) "
