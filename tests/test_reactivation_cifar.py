@@ -65,7 +65,9 @@ def scene(cifar10_archive, one_thread):
     train_model(clean, data.train, train_cfg, CPU, generator=torch.Generator().manual_seed(3),
                 hflip_allowed=data.hflip, log=lambda s: None)
 
-    ft = build_defense(build(DefenseConfig, {"name": "ft", "epochs": 10, "lr": 0.05}, "defense", registry=DEFENSES))
+    # augmenting as the model was trained, which a run config resolves and a bare DefenseConfig cannot
+    ft_cfg = {"name": "ft", "epochs": 10, "lr": 0.05, "crop_padding": train_cfg.crop_padding, "hflip": train_cfg.hflip}
+    ft = build_defense(build(DefenseConfig, ft_cfg, "defense", registry=DEFENSES))
     purified = ft.purify(backdoored, data.train.subset(clean_index),
                          DefenseContext(device=CPU, num_classes=data.num_classes, seed=0, hflip=data.hflip,
                                         log=lambda s: None)).model
