@@ -48,7 +48,7 @@ sweep would have had if its trials had run as fast as the loop's ("at equal tria
 """
 
 
-def spec(storage: Path, trials: int, smoke: bool, cpus: int, epochs: int = 16) -> dict:
+def spec(storage: Path, trials: int, smoke: bool, cpus: int, epochs: int = 22) -> dict:
     epochs = 1 if smoke else epochs
     return {
         "name": "overhead",
@@ -102,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=4, help="fixed trials on each side")
     ap.add_argument("--cpus", type=int, default=1, help="CPUs (threads) per trial on both sides")
-    ap.add_argument("--epochs", type=int, default=16, help="BI-BAU epochs per trial (sets the trial length)")
+    ap.add_argument("--epochs", type=int, default=22, help="BI-BAU epochs per trial (sets the trial length)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny trials: checks the script, records nothing")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     args = ap.parse_args()
