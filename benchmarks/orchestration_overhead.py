@@ -9,7 +9,7 @@ attack stage and the clean reference are trained once, untimed, before either si
 both are timed end to end as commands: interpreter start, imports, Ray start and MLflow
 included. Overhead = sweep wall time / loop wall time - 1. Target (the issue): below 10%.
 
-    python benchmarks/orchestration_overhead.py                 # about 2 x trials x 40 s + 1 min
+    python benchmarks/orchestration_overhead.py                 # about 3 x trials x 40 s + 1 min
     python benchmarks/orchestration_overhead.py --trials 6 --record   # append a row to docs/benchmarks.md
     python benchmarks/orchestration_overhead.py --smoke-test    # tiny trials; records nothing
 """
@@ -35,7 +35,8 @@ SECTION = "## Orchestration overhead (benchmarks/orchestration_overhead.py)"
 HEADER = """{section}
 
 The same fixed trials (BI-BAU(U) on digits, θ varied) through `bibau sweep` and as a plain loop of
-`run_trial` calls in one process: one trial at a time on both sides, the same thread count, a warm
+`run_trial` calls in one process (run before and after the sweep, the mean of the two taken, from
+2026-11-28 on): one trial at a time on both sides, the same thread count, a warm
 model cache, both timed end to end as commands (interpreter start, imports, Ray start, MLflow
 included). Overhead = sweep / loop - 1. Target: below 10% with trials of at least 30 s.
 On a shared machine the two sides run minutes apart under different load, so the script also
@@ -124,13 +125,21 @@ def main() -> None:
         backend.attack_stage(plan.attacks[0].config, lambda m: None)
         backend.clean_reference(plan.attacks[0].config, lambda m: None)
 
-        print(f"loop: {len(plan.studies)} trials, one process ...", flush=True)
-        loop_s, out = timed([sys.executable, "-c", LOOP.format(spec=str(spec_file), out=str(tmp / "loop"))], env, tmp)
-        per_trial = json.loads(out.strip().splitlines()[-1])
-        print(f"  {loop_s:.1f} s; trials {', '.join(f'{t:.1f}' for t in per_trial)} s", flush=True)
+        def loop(name: str) -> tuple[float, list[float]]:
+            print(f"{name}: {len(plan.studies)} trials, one process ...", flush=True)
+            seconds, out = timed([sys.executable, "-c", LOOP.format(spec=str(spec_file), out=str(tmp / name))], env, tmp)
+            times = json.loads(out.strip().splitlines()[-1])
+            print(f"  {seconds:.1f} s; trials {', '.join(f'{t:.1f}' for t in times)} s", flush=True)
+            return seconds, times
 
+        # loop, sweep, loop: the mean of the two loops is the baseline, so a machine whose speed drifts
+        # during the run (a shared host) shifts both sides alike
+        loop_before, times_before = loop("loop-before")
         print("sweep: bibau sweep ...", flush=True)
         sweep_s, out = timed([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_file)], env, tmp)
+        loop_after, times_after = (loop_before, times_before) if args.smoke_test else loop("loop-after")
+        loop_s = (loop_before + loop_after) / 2
+        per_trial = [(a + b) / 2 for a, b in zip(times_before, times_after)]
         if "finished: " not in out:
             raise SystemExit("the sweep did not report finishing:\n" + out[-3000:])
         stages = next((line for line in out.splitlines() if line.startswith("time: ")), "")
@@ -144,7 +153,8 @@ def main() -> None:
         equal_speed = (loop_trials + orchestration) / loop_s - 1.0
         mean_loop, mean_sweep = loop_trials / len(per_trial), sweep_trials / len(in_sweep)
         load = os.getloadavg()[0]
-        print(f"\nloop {loop_s:.1f} s ({loop_trials:.1f} s in trials), sweep {sweep_s:.1f} s ({sweep_trials:.1f} s in "
+        print(f"\nloop {loop_s:.1f} s (mean of {loop_before:.1f} before and {loop_after:.1f} after the sweep; "
+              f"{loop_trials:.1f} s in trials), sweep {sweep_s:.1f} s ({sweep_trials:.1f} s in "
               f"trials, {orchestration:.1f} s orchestration): overhead {100 * overhead:+.1f}%, "
               f"{100 * equal_speed:+.1f}% at equal trial speed ({len(per_trial)} trials of {mean_loop:.1f} s / "
               f"{mean_sweep:.1f} s; target < 10%; load average {load:.1f})")
