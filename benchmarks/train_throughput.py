@@ -8,6 +8,11 @@ syncs once per epoch; the same for the DataLoader side). Pipelines alternate ove
 ``--repeats`` rounds and the best round of each is kept, which damps the noise of a shared CPU.
 The result is printed and appended as a row to the throughput table of docs/benchmarks.md.
 
+Threads: both pipelines get torch's default (one per core), what a researcher runs without
+setting anything. ``OMP_NUM_THREADS=1`` is the setting for a machine shared with other jobs,
+but it is a different comparison: the loop then trains on one core while the DataLoader's
+workers borrow the cores it leaves idle.
+
     python benchmarks/train_throughput.py                      # CPU (+ CUDA when present)
     python benchmarks/train_throughput.py --device cuda --model preact_resnet18 --images 20000
     python benchmarks/train_throughput.py --smoke-test         # seconds; records nothing

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import cifar10_small  # noqa: E402
+from benchmarks import cifar10_small, train_throughput  # noqa: E402
 from benchmarks.common import append_rows  # noqa: E402
 
 HEADER = "| date | value |"
@@ -65,3 +65,17 @@ def test_quickstart_time_rejects_a_bad_spec_override_before_starting_the_sweep(t
     with pytest.raises(ConfigError, match="concurrency"):
         quickstart_time.main(["--storage", str(tmp_path), "--set", "concurrency=0"])
     assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_train_throughput_measures_both_pipelines_and_records_a_row(cifar10_archive, tmp_path, capsys):
+    doc = tmp_path / "benchmarks.md"
+    train_throughput.main(["--device", "cpu", "--images", "200", "--epochs", "1", "--repeats", "1",
+                           "--batch-size", "64", "--data", str(cifar10_archive), "--doc", str(doc)])
+    out = capsys.readouterr().out
+    assert "round 1 loop" in out and "round 1 dataloader" in out and "ratio" in out
+    rows = [line for line in doc.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| date")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    loop, dataloader, ratio = float(cells[8]), float(cells[9]), float(cells[10])
+    assert loop > 0 and dataloader > 0 and ratio == pytest.approx(loop / dataloader, rel=0.05)
