@@ -75,9 +75,14 @@ def cmd_config(args: argparse.Namespace) -> int:
         for key, type_name, default, text in describe(RunConfig):
             print(f"{key} ({type_name}, default {default!r}): {text}")
         return 0
+    from trainables.defenses import build_defense
     from trainables.trial import resolved_yaml
 
-    print(resolved_yaml(_load(args)), end="")
+    cfg = _load(args)
+    print(resolved_yaml(cfg), end="")
+    if cfg.defense is not None:  # the terms the defense computes, resolved (presets, extensions)
+        print("".join(f"# {line}\n" for line in [f"defense {cfg.defense.name}:", *build_defense(cfg.defense).describe()]),
+              end="")
     return 0
 
 

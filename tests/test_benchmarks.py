@@ -51,11 +51,14 @@ def test_the_done_when_check_reads_the_reports():
     none = {"ca": 0.80, "asr": 0.97, "r_asr": 0.95}
     bibau = {"ca": 0.75, "asr": 0.05, "r_asr": 0.10, "q_asr": 0.30}
     ft = {"ca": 0.79, "asr": 0.90, "r_asr": 0.90}
-    lines = cifar10_small.check({("badnets", "none"): none, ("badnets", "bibau_u"): bibau, ("badnets", "ft"): ft})
-    assert "badnets BI-BAU(U) ASR 5.0 <= 10.0: PASS" in lines
-    assert "badnets BI-BAU(U) Q-ASR 30.0 <= 20.0: MISS" in lines
-    assert "badnets BI-BAU(U) CA drop 5.0 <= 8.0: PASS" in lines
-    assert "badnets FT R-ASR 90.0 > BI-BAU(U) R-ASR 10.0: PASS" in lines
+    kd = {"ca": 0.70, "asr": 0.04, "r_asr": 0.08, "q_asr": 0.05}
+    lines = cifar10_small.check({("badnets", "none"): none, ("badnets", "bibau_u"): bibau, ("badnets", "ft"): ft,
+                                 ("badnets", "bibau_u_kd"): kd})
+    assert "badnets bibau_u ASR 5.0 <= 10.0: PASS" in lines
+    assert "badnets bibau_u Q-ASR 30.0 <= 20.0: MISS" in lines
+    assert "badnets bibau_u CA drop 5.0 (recorded)" in lines  # the paper's method: any CA drop, recorded
+    assert "badnets bibau_u_kd CA drop 10.0 <= 8.0: MISS" in lines  # the extension exists to keep CA
+    assert "badnets FT R-ASR 90.0 > bibau_u R-ASR 10.0: PASS" in lines
 
 
 def test_quickstart_time_rejects_a_bad_spec_override_before_starting_the_sweep(tmp_path):

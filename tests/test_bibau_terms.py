@@ -300,20 +300,25 @@ def test_pgd_does_no_work_twice(alpha, beta):
 
 
 # -- config and presets ---------------------------------------------------------------------------
-def test_presets_switch_the_right_terms_off():
-    on = {"alpha": 2.0, "beta": 3.0, "lambda1": 4.0, "lambda2": 0.5, "mstep_kd": 0.7}
+def test_presets_switch_the_right_terms_off_and_never_the_extension():
+    on = {"alpha": 2.0, "beta": 3.0, "lambda1": 4.0, "lambda2": 0.5}
     expect = {
         "full": on,
-        "base_at": {"alpha": 0.0, "beta": 0.0, "lambda1": 0.0, "lambda2": 0.0, "mstep_kd": 0.0},
-        "base_at_a": {"alpha": 2.0, "beta": 0.0, "lambda1": 4.0, "lambda2": 0.0, "mstep_kd": 0.7},  # L_KD, L_EWC
-        "base_at_b": {"alpha": 0.0, "beta": 3.0, "lambda1": 0.0, "lambda2": 0.5, "mstep_kd": 0.0},  # prior, invEWC
+        "base_at": {"alpha": 0.0, "beta": 0.0, "lambda1": 0.0, "lambda2": 0.0},
+        "base_at_a": {"alpha": 2.0, "beta": 0.0, "lambda1": 4.0, "lambda2": 0.0},  # L_KD, L_EWC
+        "base_at_b": {"alpha": 0.0, "beta": 3.0, "lambda1": 0.0, "lambda2": 0.5},  # prior, invEWC
     }
     assert set(PRESETS) == set(expect)
     for preset, weights in expect.items():
-        cfg = build(DefenseConfig, {"name": "bibau_u", "preset": preset, **on}, "defense", registry=DEFENSES)
-        assert cfg.weights() == weights
-        estep = build_defense(cfg).estep(None)
-        assert (estep.alpha, estep.beta) == (weights["alpha"], weights["beta"])
+        for name in ("bibau_u", "bibau_t"):
+            cfg = build(DefenseConfig, {"name": name, "preset": preset, **on}, "defense", registry=DEFENSES)
+            assert cfg.weights() == weights  # METHOD's four weights and nothing else
+            estep = build_defense(cfg).estep(1)
+            assert (estep.alpha, estep.beta, estep.keep_teacher) == (weights["alpha"], weights["beta"], False)
+        # the extension keeps its own weight under every preset: it is no Table 6 term
+        kd = build(DefenseConfig, {"name": "bibau_u_kd", "preset": preset, **on, "mstep_kd": 0.7}, "defense",
+                   registry=DEFENSES)
+        assert kd.weights() == {**weights, "mstep_kd": 0.7}
 
 
 def test_config_defaults_match_method():
@@ -324,10 +329,47 @@ def test_config_defaults_match_method():
         0.5, 1.0, 0.1, 2.0, 0.5, 10.0)
     assert (cfg.pgd_eps, cfg.pgd_step, cfg.pgd_steps, cfg.pgd_random_start) == (25 / 255, 2 / 255, 20, True)
     assert cfg.fisher_norm == "max" and cfg.preset == "full"
-    assert cfg.mstep_kd == 10.0  # not METHOD's: the M-step distillation the CPU-scale search chose (0 = METHOD)
-    targeted = build_defense(build(DefenseConfig, {"name": "bibau_t"}, "defense", registry=DEFENSES))
+    assert cfg.fisher_estimator == "sample"  # METHOD's empirical (per-sample) Fisher
+    assert cfg.weights() == {"alpha": 1.0, "beta": 1.0, "lambda1": 1.0, "lambda2": 0.1}  # no distillation
+    assert not hasattr(cfg, "mstep_kd") and not build_defense(cfg).estep(None).keep_teacher
+    targeted_cfg = build(DefenseConfig, {"name": "bibau_t"}, "defense", registry=DEFENSES)
+    assert targeted_cfg.targeted_on == "all" and "mstep_kd" not in targeted_cfg.weights()
+    targeted = build_defense(targeted_cfg)
     assert targeted.needs_target and targeted.estep(3).target == 3
     assert build_defense(cfg).estep(3).target is None  # untargeted ignores a known target
+    for name in ("bibau_u_kd", "bibau_t_kd"):  # the extension: the same method plus the M-step distillation
+        ext = build(DefenseConfig, {"name": name}, "defense", registry=DEFENSES)
+        assert ext.weights() == {**cfg.weights(), "mstep_kd": 10.0} and ext.fisher_estimator == "sample"
+        assert build(DefenseConfig, {"name": name, "distill": False}, "defense",
+                     registry=DEFENSES).weights() == {**cfg.weights(), "mstep_kd": 0.0}
+
+
+def test_bibau_config_lists_the_terms_the_fisher_and_the_presets(capsys):
+    from orchestrator.cli import main
+
+    assert main(["config", "--set", "defense.name=bibau_u"]) == 0
+    out = capsys.readouterr().out
+    listing = out[out.index("# defense bibau_u:"):]
+    assert "L_KD" in listing and "L_prior" in listing and "L_EWC" in listing and "L_invEWC" in listing
+    assert "per-sample empirical Fisher" in listing and "the paper's (METHOD.md)" in listing
+    assert "mstep_kd" not in out and "extension" not in listing
+    for preset in PRESETS:
+        assert f"{preset} = " in listing
+    assert main(["config", "--set", "defense.name=bibau_u_kd", "--set", "defense.preset=base_at"]) == 0
+    listing = capsys.readouterr().out.split("# defense bibau_u_kd:")[1]
+    assert "off: α·L_KD (alpha), β·L_prior (beta), λ1·L_EWC (lambda1), λ2·L_invEWC (lambda2)" in listing
+    assert "mstep_kd·L_KD(clean) (mstep_kd 10)" in listing and "not the paper's method" in listing
+
+
+def test_the_extension_is_named_where_a_bare_defense_is_given_its_keys():
+    with pytest.raises(ConfigError, match=r"defense\.mstep_kd: unknown key \(.*bibau_u_kd"):
+        build(DefenseConfig, {"name": "bibau_u", "mstep_kd": 10.0}, "defense", registry=DEFENSES)
+    with pytest.raises(ConfigError, match=r"defense\.targeted_on: unknown key \(only the targeted"):
+        build(DefenseConfig, {"name": "bibau_u", "targeted_on": "non_target"}, "defense", registry=DEFENSES)
+    with pytest.raises(ConfigError, match=r"defense\.targeted_on: 'target'"):
+        build(DefenseConfig, {"name": "bibau_t", "targeted_on": "target"}, "defense", registry=DEFENSES)
+    with pytest.raises(ConfigError, match=r"defense\.mstep_kd: 0\.0 is out of range"):
+        build(DefenseConfig, {"name": "bibau_u_kd", "mstep_kd": 0.0}, "defense", registry=DEFENSES)
 
 
 @pytest.mark.parametrize("key,value,fragment", [
@@ -350,25 +392,143 @@ def _purify(lines=None, seed=0, **overrides):
 
     g = torch.Generator().manual_seed(seed)
     clean = ImageSet(torch.randint(0, 256, (24, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(24) % 4)
-    cfg = build(DefenseConfig, {"name": "bibau_u", "epochs": 3, "batch_size": 8, "pgd_steps": 2, **overrides},
+    overrides = {"name": "bibau_u", **overrides}
+    cfg = build(DefenseConfig, {"epochs": 3, "batch_size": 8, "pgd_steps": 2, **overrides},
                 "defense", registry=DEFENSES)
     ctx = DefenseContext(device=CPU, num_classes=4, seed=seed, log=(lines.append if lines is not None else lambda s: None))
     return build_defense(cfg).purify(Tiny(), clean, ctx)
 
 
 def test_full_history_logs_every_term_and_inverse_ewc_starts_in_epoch_two():
-    history = _purify(lambda2=1.0, mstep_kd=0.0).history
+    history = _purify(lambda2=1.0).history
     for row in history:
         for key in ("l_in", "l_trig", "l_kd", "l_angle", "l_align", "l_prior", "delta_linf",
                     "ce_clean", "ce_adv", "ewc", "loss_out", "seconds", "fisher_seconds", "lr"):
             assert math.isfinite(row[key]), (row["epoch"], key)
         assert 0 < row["delta_linf"] <= 25 / 255 + 1e-6
+        assert "kd_clean" not in row  # the bare defense is METHOD's: no M-step distillation
     assert "inv_ewc" not in history[0]  # F^U needs the previous epoch's x'
-    assert all(0 < row["inv_ewc"] <= 10.0 for row in history[1:])
+    assert all("inv_ewc" in row for row in history[1:])  # (whether it is past its clip: the M-step tests below)
     # L_out is the sum of its weighted terms (λ1 = 1, λ2 = 1)
     for row in history[1:]:
         total = row["ce_clean"] + row["ce_adv"] + row["ewc"] + row["inv_ewc"]
         assert row["loss_out"] == pytest.approx(total, rel=1e-4)
+
+
+# -- the M-step against an independent L_out, and each weight's effect ------------------------------
+def _mstep_scene(name="bibau_u", seed=0, **overrides):
+    """A purification mid-epoch: θ has left both θ^t and θ_bd, both Fishers computed from data."""
+    f_bd = Tiny(seed=seed).eval()
+    f = copy.deepcopy(f_bd)
+    g = torch.Generator().manual_seed(seed + 1)
+    anchor = {n: p.detach().clone() for n, p in f.named_parameters()}
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        for v in anchor.values():  # θ^t, the epoch's start, between θ_bd and θ
+            v.add_(0.1 * torch.randn(v.shape, generator=g))
+    x, y = images(8, seed=seed), labels(8, seed=seed)
+    cfg = build(DefenseConfig, {"name": name, "pgd_steps": 3, **overrides}, "defense", registry=DEFENSES)
+    defense = build_defense(cfg)
+    x_adv, inner = defense.estep(None).craft(f_bd, f, x, y, CPU, torch.Generator().manual_seed(0))
+    teacher = inner.pop("teacher", None)
+    fisher_c = diagonal_fisher(f, x, y, CPU, estimator="sample")
+    fisher_u = diagonal_fisher(f_bd, x_adv, None, CPU, estimator="sample")
+    theta_bd = {n: p.detach().clone() for n, p in f_bd.named_parameters()}
+    return dict(defense=defense, f=f, f_bd=f_bd, x=x, x_adv=x_adv, y=y, anchor=anchor, fisher_c=fisher_c,
+                fisher_u=fisher_u, theta_bd=theta_bd, teacher=teacher)
+
+
+def _grad(loss, model):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+def _defense_grad(sc, defense=None):
+    d = defense or sc["defense"]
+    loss, terms = d._mstep(sc["f"], sc["x"], sc["x_adv"], sc["y"], sc["anchor"], sc["fisher_c"], sc["theta_bd"],
+                           sc["fisher_u"], d.cfg.weights(), CPU, sc["teacher"])
+    return _grad(loss, sc["f"]), terms
+
+
+def _reference_terms(sc):
+    """METHOD's M-step terms written out here, independently of the defense's code."""
+    f, b = sc["f"].train(), len(sc["y"])
+    logits = f(torch.cat([sc["x"], sc["x_adv"]]))
+    params = dict(f.named_parameters())
+    ewc = sum((sc["fisher_c"][n] * (p - sc["anchor"][n]) ** 2).sum() for n, p in params.items())
+    dist = sum((sc["fisher_u"][n] * (p - sc["theta_bd"][n]) ** 2).sum() for n, p in params.items())
+    with torch.no_grad():
+        teacher = sc["f_bd"](sc["x"])
+    kd = 4.0 * F.kl_div(F.log_softmax(logits[:b] / 2, 1), F.log_softmax(teacher / 2, 1), log_target=True,
+                        reduction="batchmean")
+    return {"ce_clean": F.cross_entropy(logits[:b], sc["y"]), "ce_adv": F.cross_entropy(logits[b:], sc["y"]),
+            "ewc": ewc, "inv_ewc": torch.clamp(1.0 / (dist + 1e-12), max=10.0), "kd_clean": kd}
+
+
+@pytest.mark.parametrize("name", ["bibau_u", "bibau_t"])
+def test_bare_defense_m_step_is_methods_l_out(name):
+    sc = _mstep_scene(name)
+    got, terms = _defense_grad(sc)
+    ref = _reference_terms(sc)
+    assert ref["inv_ewc"].item() < 10.0  # the set-up is past the clip: every term has a gradient
+    l_out = ref["ce_clean"] + ref["ce_adv"] + 1.0 * ref["ewc"] + 0.1 * ref["inv_ewc"]  # METHOD's λ1 = 1, λ2 = 0.1
+    assert terms["loss_out"].item() == pytest.approx(l_out.item(), rel=1e-5)
+    assert torch.allclose(got, _grad(l_out, sc["f"]), rtol=1e-4, atol=1e-7)
+    assert "kd_clean" not in terms
+
+
+@pytest.mark.parametrize("key,term,name", [
+    ("lambda1", "ewc", "bibau_u"), ("lambda2", "inv_ewc", "bibau_u"), ("lambda2", "inv_ewc", "bibau_t"),
+    ("mstep_kd", "kd_clean", "bibau_u_kd"),
+])
+def test_each_m_step_weight_moves_the_gradient_by_its_term(key, term, name):
+    """Doubling a weight adds exactly its term's gradient once more: a dead term (no gradient), a
+    saturated one (inverse EWC at its clip), a term applied twice or under another weight all fail."""
+    w = {"lambda1": 1.0, "lambda2": 0.5, "mstep_kd": 2.0}[key]
+    sc = _mstep_scene(name, **{key: w})
+    once, _ = _defense_grad(sc)
+    twice, _ = _defense_grad(sc, build_defense(sc["defense"].cfg.replace(**{key: 2 * w})))
+    expected = w * _grad(_reference_terms(sc)[term], sc["f"])
+    assert expected.norm() > 1e-3 * once.norm(), f"{term} has (almost) no gradient here"
+    assert torch.allclose(twice - once, expected, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["alpha", "beta"])
+def test_each_e_step_weight_changes_the_crafted_examples(key):
+    f_bd, f_theta = _pair(seed=1)
+    x, y = images(16, seed=4), labels(16, seed=4)
+
+    def craft(**weights):
+        estep = EStep(eps=0.2, step=0.01, steps=10, random_start=False, **weights)
+        return estep.craft(f_bd, f_theta, x, y, CPU)
+
+    base = {"alpha": 1.0, "beta": 1.0}
+    x1, s1 = craft(**base)
+    x2, s2 = craft(**{**base, key: 4.0})
+    x0, _ = craft(**{**base, key: 0.0})
+    # the term's weight steers δ: sign-PGD ends elsewhere when it changes
+    assert (x2 - x1).abs().max() > 0.05 and (x0 - x1).abs().max() > 0.05
+    term = "l_kd" if key == "alpha" else "l_prior"
+    value = (lambda s: s["l_kd"]) if key == "alpha" else (lambda s: s["l_angle"] + s["l_align"])
+    assert value(s2) < value(s1), f"a larger weight on {term} should lower {term} at the crafted x'"
+
+
+def test_targeted_on_non_target_crafts_from_the_other_classes_only():
+    from trainables.data.base import ImageSet
+    from trainables.defenses import DefenseContext
+
+    g = torch.Generator().manual_seed(0)
+    clean = ImageSet(torch.randint(0, 256, (24, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(24) % 4)
+    runs = {}
+    for on in ("all", "non_target"):
+        cfg = build(DefenseConfig, {"name": "bibau_t", "epochs": 2, "batch_size": 8, "pgd_steps": 2, "targeted_on": on},
+                    "defense", registry=DEFENSES)
+        ctx = DefenseContext(device=CPU, num_classes=4, seed=0, target=1, log=lambda s: None)
+        runs[on] = build_defense(cfg).purify(Tiny(), clean, ctx)
+    assert [r["crafted"] for r in runs["all"].history] == [24, 24]
+    assert [r["crafted"] for r in runs["non_target"].history] == [18, 18]  # 6 images of class 1 left out
+    a, b = (torch.cat([p.flatten() for p in r.model.parameters()]) for r in runs.values())
+    assert not torch.allclose(a, b)
 
 
 @pytest.mark.parametrize("preset,absent,present", [
@@ -389,14 +549,16 @@ def test_presets_leave_their_terms_out_of_the_run(preset, absent, present):
         assert row["l_in"] == pytest.approx(row["l_trig"] + row.get("l_kd", 0.0) + row.get("l_prior", 0.0), rel=1e-4)
 
 
-def test_mstep_distillation_is_off_at_zero_and_adds_its_weighted_term():
-    assert "kd_clean" not in _purify(epochs=1, mstep_kd=0.0).history[0]
-    rows = _purify(preset="base_at_a", lambda1=0.0, mstep_kd=2.0).history
+def test_the_extension_adds_the_distillation_and_only_it():
+    rows = _purify(name="bibau_u_kd", preset="base_at_a", lambda1=0.0, mstep_kd=2.0).history
     for row in rows:
-        assert row["kd_clean"] >= 0.0 and math.isfinite(row["kd_clean"])
         assert row["loss_out"] == pytest.approx(row["ce_clean"] + row["ce_adv"] + 2.0 * row["kd_clean"], rel=1e-4)
-    # the teacher is f_bd on the clean batch: at the start f_θ = f_bd, so the term starts small
-    assert rows[0]["kd_clean"] < rows[0]["ce_clean"]
+    # the teacher is f_bd on the clean batch: at the start f_θ = f_bd, so the term starts near 0
+    assert 0 < rows[0]["kd_clean"] < 0.1 * rows[0]["ce_clean"]
+    off = _purify(name="bibau_u_kd", distill=False).history
+    bare = _purify().history
+    assert "kd_clean" not in off[0]
+    assert off[-1]["loss_out"] == pytest.approx(bare[-1]["loss_out"], rel=1e-6)  # distill off = the paper's method
 
 
 def test_warns_with_numbers_when_ewc_pull_is_too_stiff():

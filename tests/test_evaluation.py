@@ -193,16 +193,46 @@ def test_tac_ranks_the_channel_the_trigger_moves_first():
     assert top_channels(torch.tensor([0.1, 3.0, 2.0, 0.0]), 0.5).tolist() == [1, 2]
 
 
-def test_bec_is_one_for_the_backdoored_model_and_zero_for_the_clean_one(world):
+def test_bec_reads_the_trigger_channels_of_the_last_layer_and_normalises_by_the_clean_model(world):
+    """BEC looks only at the top-TAC channels of the chosen layers: changing the other channels of
+    the last layer leaves it at 1, changing the chosen ones lowers it; its value is (S_D - S_C) /
+    (1 - S_C) of the textbook CKA, through the logistic with k = 10, c = 0.5."""
+    import copy
+
     backdoored, clean = tiny_net(1).eval(), world[2]
-    out = evaluate(context(world, backdoored, backdoored, lambda: clean), ["bec"])
-    assert out["bec_raw"] == pytest.approx(1.0, abs=1e-9)
-    assert out["bec_similarity"] == pytest.approx(1.0, abs=1e-9)
-    assert out["bec"] == pytest.approx(1 / (1 + math.exp(-10 * 0.5)), abs=1e-6)
-    assert out["bec_clean_similarity"] < 0.99
-    out = evaluate(context(world, clean, backdoored, lambda: clean), ["bec"])
-    assert out["bec_raw"] == pytest.approx(0.0, abs=1e-9)
-    assert out["bec"] < 0.01
+    ctx = context(world, backdoored, backdoored, lambda: clean, bec_layers=1, bec_top_fraction=0.25)
+    evaluate(ctx, ["bec"])
+    state = ctx.cache["bec_backdoored"]
+    assert state["layers"] == ["conv3"]  # the last wide conv run, not the last declared
+    chosen = state["channels"][0]
+    assert len(chosen) == 4  # 25% of conv3's 16 channels
+    others = torch.tensor([c for c in range(16) if c not in set(chosen.tolist())])
+    shared = {k: ctx.cache[k] for k in ("bec_backdoored", "bec_clean_similarity")}
+
+    def bec_of(model):
+        c = context(world, model, backdoored, lambda: clean, bec_layers=1, bec_top_fraction=0.25)
+        c.cache.update(shared)
+        return evaluate(c, ["bec"])
+
+    def rewired(channels):
+        twin = copy.deepcopy(backdoored)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            twin.conv3.weight[channels] = torch.randn(twin.conv3.weight[channels].shape, generator=g)
+        return twin
+
+    assert bec_of(rewired(others))["bec_raw"] == pytest.approx(1.0, abs=1e-6)  # not among the chosen: unseen
+    hit = bec_of(rewired(chosen))
+    assert hit["bec_similarity"] < 0.98 and hit["bec_raw"] < 0.98  # moved off 1 (the others: exactly 1)
+    # the value, recomputed here with the textbook HSIC form of CKA
+    images, (bd_feats,) = state["images"], state["features"]
+    s_d = hsic_cka(bd_feats, selected_activations(rewired(chosen), images, ["conv3"], [chosen], CPU)[0])
+    s_c = hsic_cka(bd_feats, selected_activations(clean, images, ["conv3"], [chosen], CPU)[0])
+    assert hit["bec_similarity"] == pytest.approx(s_d, abs=1e-5)
+    assert hit["bec_clean_similarity"] == pytest.approx(s_c, abs=1e-5)
+    raw = (s_d - s_c) / (1 - s_c)
+    assert hit["bec_raw"] == pytest.approx(raw, abs=1e-4)
+    assert hit["bec"] == pytest.approx(1 / (1 + math.exp(-10 * (raw - 0.5))), abs=1e-4)
 
 
 def test_bec_rejects_another_architecture(world):

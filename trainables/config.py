@@ -57,7 +57,10 @@ def param(
 
 class Config:
     """Base of every config dataclass: a ``resolve`` hook for defaults that follow other fields,
-    then a ``check`` hook for rules between fields."""
+    then a ``check`` hook for rules between fields. ``key_hints`` maps a key that is not a field
+    to where it lives (said in the unknown-key error)."""
+
+    key_hints: typing.ClassVar[dict[str, str]] = {}
 
     def resolve(self) -> None:  # no defaults taken from other fields unless a subclass has them
         return None
@@ -198,8 +201,9 @@ def build(cls: type, data: Any, path: str = "", registry: Registry | None = None
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
+        hint = getattr(cls, "key_hints", {}).get(unknown[0])
         raise ConfigError(
-            f"{_join(path, unknown[0])}: unknown key; allowed keys: {', '.join(sorted(fields))}"
+            f"{_join(path, unknown[0])}: unknown key{f' ({hint})' if hint else ''}; allowed keys: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, f in fields.items():

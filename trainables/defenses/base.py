@@ -84,6 +84,10 @@ class Defense(abc.ABC):
     def purify(self, model: Classifier, clean: ImageSet, ctx: DefenseContext) -> DefenseResult:
         """Return the purified model (``model`` itself is left unchanged)."""
 
+    def describe(self) -> list[str]:
+        """What this config computes, in the method's own terms (printed by ``bibau config``)."""
+        return []
+
     def check_context(self, clean: ImageSet, ctx: DefenseContext) -> None:
         """Fail with a clear message when the trial did not hand over what this defense needs."""
         if len(clean) < 2:
