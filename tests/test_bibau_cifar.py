@@ -3,12 +3,12 @@
 Kept under ~3 minutes on 2 CPU cores by working at 16x16 pixels (the BadNets patch is a 3x3
 white square: size 6 on the 32x32 reference grid, resized by nearest neighbour) with
 3,000 training images; at this size the backdoor is in after 2 epochs (ASR > 0.9). BI-BAU(U)
-runs METHOD's full objective (defaults for ε = 25/255, α, β, θ, λ1, λ2, T, γ, C) with a
-shortened PGD (3 steps of 8/255 from a random start) for 4 epochs on the 300-image clean split.
-The defenses augment the clean split as the model was trained (no crop, flips). Measured with
-these settings (seed 0, 2 shared CPU cores, about 150 s of CPU time in all): backdoored CA 0.394 /
-ASR 0.940; BI-BAU(U) CA 0.358 / ASR 0.067; FT CA 0.380 / ASR 0.909. (With the defense's crop of
-padding 4, the default until 2026-11-28: BI-BAU(U) 0.332 / 0.262, FT 0.344 / 0.804.)
+runs the paper's method (METHOD's full objective and defaults for ε = 25/255, α, β, θ, λ1, λ2, T,
+γ, C, the per-sample Fisher, no M-step distillation) with a shortened PGD (3 steps of 8/255 from a
+random start) for 4 epochs on the 300-image clean split. The defenses augment the clean split as
+the model was trained (no crop, flips). Measured 2026-11-30 (seed 0, 2 shared CPU cores, about 200 s
+in all): backdoored CA 0.406 / ASR 0.947; BI-BAU(U) CA 0.312 / ASR 0.062; FT CA 0.402 / ASR 0.924.
+(Before 2026-11-30 the default added the M-step distillation, now ``bibau_u_kd``: CA 0.358 / ASR 0.067.)
 """
 from types import SimpleNamespace
 
@@ -72,8 +72,9 @@ def test_bibau_u_removes_the_backdoor_and_keeps_clean_accuracy(backdoored):
     assert asr < 0.3 and asr < backdoored.asr - 0.5, f"ASR {backdoored.asr:.3f} -> {asr:.3f}"
     assert ca > 0.2, f"CA {backdoored.ca:.3f} -> {ca:.3f}"  # well above chance (0.1)
     assert all(torch.equal(v, before[k]) for k, v in backdoored.model.state_dict().items())
-    last = result.history[-1]
-    assert last["ewc"] >= 0 and 0 < last["inv_ewc"] <= 10.0 and last["delta_linf"] <= 25 / 255 + 1e-6
+    # METHOD's inverse EWC acts (past its clip C = 10) once θ has moved
+    assert all(row["inv_ewc"] < 10.0 for row in result.history[1:])
+    assert "kd_clean" not in result.history[-1]
 
 
 def test_fine_tuning_alone_leaves_the_backdoor(backdoored):
