@@ -12,7 +12,8 @@ The model is the attack stage of ``search_spaces/run_<attack>_cifar10.yaml`` (fr
 ``bibau run`` or cifar10_small.py trained it); the images are the defender's clean split (F^C,
 true labels). For each estimator: seconds (best of ``--repeats``), then between the two
 max-normalised Fishers: Spearman's rank correlation over all entries, the overlap of their top 1%
-entries, the ratio batch/sample of each parameter tensor's mean (min and max over tensors) and
+entries, the ratio batch/sample of each parameter tensor's mean (min and max over tensors), the
+5th, 50th and 95th percentiles of the per-entry ratio batch/sample, and
 the relative change of the EWC penalty Σ F Δ² for a random Δ drawn once.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from trainables.defenses.fisher import diagonal_fisher  # noqa: E402
 
 SECTION = "## BI-BAU's Fisher estimators (benchmarks/fisher_estimators.py)"
 HEADER = ("| date | machine | model | images | batch | sample s | batch s | ratio | Spearman | top-1% overlap "
-          "| tensor mean ratio min-max | EWC(random Δ) batch/sample | command |")
+          "| tensor mean ratio min-max | entry ratio 5/50/95% | EWC(random Δ) batch/sample | command |")
 SECTION_TEXT = f"""{SECTION}
 
 Both estimators on the backdoored model of the CPU-scale tables and its 1,000-image clean split (F^C).
@@ -66,9 +67,14 @@ def compare(sample: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], see
     top_a, top_b = set(a.topk(k).indices.tolist()), set(b.topk(k).indices.tolist())
     ratios = [float(batch[n].double().mean() / sample[n].double().mean()) for n in sample
               if float(sample[n].double().mean()) > 0]
+    live = a > 0
+    entry = (b[live] / a[live]).float()
+    q05, q50, q95 = (float(v) for v in torch.quantile(entry[torch.randperm(len(entry))[:1_000_000]],
+                                                      torch.tensor([0.05, 0.5, 0.95])))
     delta = torch.randn(len(a), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 1e-2
     ewc_a, ewc_b = float((a * delta ** 2).sum()), float((b * delta ** 2).sum())
     return {"spearman": spearman(a, b), "top_overlap": len(top_a & top_b) / k, "ratio_min": min(ratios),
+            "entry_q05": q05, "entry_q50": q50, "entry_q95": q95,
             "ratio_max": max(ratios), "ewc_ratio": ewc_b / ewc_a if ewc_a > 0 else float("nan")}
 
 
@@ -106,14 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     c = compare(fishers["sample"], fishers["batch"])
     print(f"sample/batch time {seconds['sample'] / seconds['batch']:.2f}x; Spearman {c['spearman']:.3f}; "
           f"top-1% overlap {c['top_overlap']:.2f}; per-tensor mean ratio batch/sample {c['ratio_min']:.3g}-"
-          f"{c['ratio_max']:.3g}; EWC(random Δ) batch/sample {c['ewc_ratio']:.3g}")
+          f"{c['ratio_max']:.3g}; per-entry ratio 5/50/95% {c['entry_q05']:.3g}/{c['entry_q50']:.3g}/"
+          f"{c['entry_q95']:.3g}; EWC(random Δ) batch/sample {c['ewc_ratio']:.3g}")
     if args.record:
         command = "python benchmarks/fisher_estimators.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         model = f"{cfg.model.name} w{getattr(cfg.model, 'width', '-')} ({args.attack})"
         row = (f"| {datetime.date.today()} | {machine(device)}, load {load_average()} | {model} | {n} | {args.batch_size} "
                f"| {seconds['sample']:.2f} | {seconds['batch']:.2f} | {seconds['sample'] / seconds['batch']:.2f} "
                f"| {c['spearman']:.3f} | {c['top_overlap']:.2f} | {c['ratio_min']:.3g}-{c['ratio_max']:.3g} "
-               f"| {c['ewc_ratio']:.3g} | `{command}` |")
+               f"| {c['entry_q05']:.3g}/{c['entry_q50']:.3g}/{c['entry_q95']:.3g} | {c['ewc_ratio']:.3g} | `{command}` |")
         append_rows(SECTION, SECTION_TEXT, HEADER, [row])
         print("recorded 1 row in docs/benchmarks.md")
     return 0

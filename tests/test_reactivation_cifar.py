@@ -145,9 +145,9 @@ def test_bibau_keeps_the_backdoor_out_where_ft_lets_it_back(scene, bibau):
     print({"ft": {k: round(ft[k], 3) for k in ("ca", "asr", "r_asr", "q_asr", "bec_raw")},
            "bibau_u": {k: round(bb[k], 3) for k in ("ca", "asr", "r_asr", "q_asr", "bec_raw")},
            "inv_ewc": [round(r.get("inv_ewc", float("nan")), 3) for r in bibau["history"]]})
-    assert bb["asr"] < 0.2
     assert bb["r_asr"] < ft["r_asr"] - 0.3, "R-ASR after BI-BAU should stay far below FT's"
     assert bb["q_asr"] < ft["q_asr"] - 0.2, "Q-ASR after BI-BAU should stay far below FT's"
+    assert bb["asr"] < 0.2
     assert bb["ca"] > 0.2  # chance is 0.1
     # the backdoor's features too: BEC well below FT's (the paper's Table 7 ordering)
     assert bb["bec_raw"] < ft["bec_raw"] - 0.2
