@@ -120,7 +120,26 @@ def check_resumable(sweep_dir: Path, fingerprint: str) -> dict:
     return saved
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for a server)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):] or ".")
+
+
 def _start_tracking(tracker, spec: SweepSpec, plan: Plan, version: str, summary: dict, fingerprint: str) -> dict:
+    from contextlib import nullcontext
+
+    from .locks import file_lock
+
+    db = sqlite_path(tracker.uri)
+    # several sweeps sharing a storage folder create (and migrate) one SQLite file: one at a time
+    with file_lock(db.with_name(db.name + ".lock")) if db is not None else nullcontext():
+        tracker.client.search_experiments(max_results=1)  # creates the schema under the lock
+        return _start_runs(tracker, spec, plan, version, summary, fingerprint)
+
+
+def _start_runs(tracker, spec: SweepSpec, plan: Plan, version: str, summary: dict, fingerprint: str) -> dict:
     tracker.start(name=spec.name, attacks=[a.label for a in plan.attacks], spec=to_dict(spec), code_version=version,
                   summary=summary)
     return tracker.save_state(spec_fingerprint=fingerprint, code_version=version)
