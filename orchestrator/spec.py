@@ -150,6 +150,13 @@ class DefenseSpec(Config):
         cls = DEFENSES.get(self.name).Config
         allowed = {f.name: f for f in fields(cls) if f.init and f.name != "name"}
         hints = typing.get_type_hints(cls)
+        # the fixed settings first, so a bad fixed value is blamed on itself, not on a space bound
+        try:
+            build(cls, merge(self.fixed, {"name": self.name}), f"{path}.fixed")
+        except ConfigError as exc:
+            text = str(exc)
+            if not any(f".{k}" in text for k in self.space):  # else the space may be what makes it valid
+                raise ConfigError(text.replace(f"{path}.fixed.name", f"{path}.name")) from None
         for key, space in self.space.items():
             where = f"{path}.space.{key}"
             if key not in allowed:

@@ -176,6 +176,9 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from .search import StudySearcher, trial_dirname
     from .tracking import SweepTracker, TrackingCallback
 
+    from .preflight import check_sweep
+
+    check_sweep(spec, plan)  # storage, tracking, data, trigger files: before any lock, run or training
     storage = spec.storage_path
     folder = storage / spec.name
     fingerprint = spec_fingerprint(spec)
@@ -408,8 +411,11 @@ def cmd_sweep(args) -> int:
     if args.smoke_test:
         plan = smoke_plan(plan)
     if args.check:
+        from .preflight import check_sweep
         from .search import describe
 
+        for line in check_sweep(spec, plan):  # what run_sweep checks first, before any lock or run
+            print(f"checked {line}")
         for row in describe(plan.studies):
             print(f"{row['study']}: {row['trials']} trial(s), sampler {row['sampler']}, space {row['space']}")
         print(f"spec {args.spec} is valid: {len(plan.attacks)} attack(s), {len(plan.studies)} studies")

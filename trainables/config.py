@@ -286,6 +286,10 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not a text (YAML) file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
