@@ -377,10 +377,9 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
         lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
     if out.export_file:
-        threads = max(1, int(spec.resources.cpus))
         attack = next(iter(out.fronts), "NAME")
-        # a trial ran with OMP_NUM_THREADS = its CPUs (Ray's default); the same count reproduces it bit for bit
-        lines.append(f"reproduce: OMP_NUM_THREADS={threads} bibau run {out.export_file} --attack {attack}")
+        # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
+        lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
     return "\n".join(lines)
 
 

@@ -325,12 +325,15 @@ def open_sweep(uri: str, experiment: str, sweep_id: str | None = None,
     import yaml
     from mlflow.tracking import MlflowClient
 
+    if sweep_id is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", sweep_id):
+        raise ValueError(f"--sweep: {sweep_id!r} is not a sweep id (letters, digits and _ . + -)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # opening it would create an empty database
+        raise ValueError(f"MLflow {uri}: no such database (no sweep has run with this storage or tracking URI)")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"MLflow {uri}: no experiment {experiment!r}")
-    if sweep_id is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", sweep_id):
-        raise ValueError(f"--sweep: {sweep_id!r} is not a sweep id (letters, digits and _ . + -)")
     query = "tags.role = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
     if fingerprint is not None and sweep_id is None:
         query += f" and params.spec_fingerprint = '{fingerprint}'"

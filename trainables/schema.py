@@ -5,6 +5,7 @@ and the resolved form is saved beside every result.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .attacks.base import AttackConfig
@@ -13,6 +14,13 @@ from .data.base import DataConfig
 from .defenses.base import DefenseConfig
 from .models.base import ModelConfig
 from .registry import ATTACKS, DEFENSES, EVALUATIONS
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -80,8 +88,12 @@ class RunConfig(Config):
     defense: DefenseConfig | None = param(None, "the defense; null: none", registry=DEFENSES)
     evaluation: EvalConfig = param(factory=EvalConfig, help="evaluation protocol")
     cache_dir: str | None = param(None, "cache of trained attack-stage models, keyed by content hash; None: ~/.cache/bibau/models")
+    threads: int | None = param(None, "CPU threads torch uses in this trial (results on the CPU depend on it); "
+                                "None: the cores this process may use, recorded as a number when resolved", low=1)
 
     def resolve(self) -> None:
+        if self.threads is None:  # a number in the resolved config, so a re-run uses the same count
+            self.threads = available_cpus()
         # A defense fine-tunes a model trained with train's augmentation: cropping the clean split when
         # the model never saw crops cost BI-BAU(U) 3.4 more CA points on CIFAR-10 (docs/benchmarks.md).
         for name in ("crop_padding", "hflip"):
