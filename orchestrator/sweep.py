@@ -88,8 +88,9 @@ def read_state(state_file: Path) -> dict:
     return state
 
 
-def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
-    """The folder of the sweep to resume: ``which`` is a sweep id, or True for the newest unfinished one."""
+def find_resumable(folder: Path, name: str, which: str | bool, fingerprint: str | None = None) -> Path:
+    """The folder of the sweep to resume: ``which`` is a sweep id, or True for the newest unfinished
+    one started from the spec with ``fingerprint`` (specs sharing a name share the folder)."""
     if isinstance(which, str):
         d = folder / which
         if "/" in which or which in ("", ".", "..") or not (d / "state.json").is_file():
@@ -101,10 +102,11 @@ def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
             state = read_state(state_file)
         except ConfigError:
             continue
-        if state.get("status") != "finished":
+        if state.get("status") != "finished" and (fingerprint is None or state.get("spec_fingerprint") == fingerprint):
             candidates.append((state_file.stat().st_mtime, state_file.parent))
     if not candidates:
-        raise ConfigError(f"--resume: no unfinished sweep named {name!r} under {folder}; start one without --resume")
+        raise ConfigError(f"--resume: no unfinished sweep of this spec (name {name!r}, fingerprint {fingerprint}) "
+                          f"under {folder}; start one without --resume, or name one: --resume SWEEP_ID")
     return max(candidates)[1]
 
 
@@ -186,7 +188,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from .locks import DriverLease
 
     if resume:
-        sweep_dir = find_resumable(folder, spec.name, resume)
+        sweep_dir = find_resumable(folder, spec.name, resume, fingerprint)
         check_resumable(sweep_dir, fingerprint)
         sweep_id = sweep_dir.name
         lease = DriverLease(sweep_dir).acquire()  # refuses while the first driver lives

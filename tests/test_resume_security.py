@@ -68,9 +68,9 @@ def fake_sweep(tmp_path: Path, marker: Path, fingerprint: str | None) -> tuple[P
     return sweep_dir, tune_dir
 
 
-def resume(tmp_path: Path):
+def resume(tmp_path: Path, which: str | bool = True):
     spec, plan = load_spec(spec_file(tmp_path))
-    return run_sweep(spec, plan, resume=True, log=lambda m: None)
+    return run_sweep(spec, plan, resume=which, log=lambda m: None)
 
 
 def test_a_planted_tuner_pkl_is_refused_and_runs_nothing(tmp_path, key):
@@ -109,14 +109,17 @@ def test_unsigned_or_foreign_signed_state_is_refused(tmp_path, key, monkeypatch)
 
 
 def test_resume_requires_the_spec_fingerprint(tmp_path, key):
-    fake_sweep(tmp_path, tmp_path / "PWNED", None)
+    sweep_dir, _ = fake_sweep(tmp_path, tmp_path / "PWNED", None)
+    with pytest.raises(ConfigError, match="no unfinished sweep of this spec"):
+        resume(tmp_path)  # the newest unfinished sweep *of this spec*: one without a fingerprint is none
     with pytest.raises(ConfigError, match="names no spec fingerprint"):
-        resume(tmp_path)
-    spec, _ = load_spec(spec_file(tmp_path))
-    sweep_dir = spec.storage_path / spec.name / "secure-20260101-000000"
+        resume(tmp_path, sweep_dir.name)
     (sweep_dir / "state.json").write_text(json.dumps({"status": "running", "spec_fingerprint": "0" * 16}))
     with pytest.raises(ConfigError, match="different spec"):
-        resume(tmp_path)
+        resume(tmp_path, sweep_dir.name)
+    (sweep_dir / "state.json").write_bytes(b"\x80\x04K\x01.")  # a pickle where JSON belongs
+    with pytest.raises(ConfigError, match="not a readable sweep state"):
+        resume(tmp_path, sweep_dir.name)
 
 
 def test_the_searcher_state_is_json_and_a_pickle_there_is_refused(tmp_path):
