@@ -79,7 +79,9 @@ def state_files(tune_dir: Path) -> list[Path]:
     in a trial folder."""
     if not tune_dir.is_dir():
         return []
-    out = [p for p in tune_dir.iterdir() if p.is_file() and p.name not in _IGNORED]
+    # names starting with "." are Tune's half-written temporaries: it loads files by patterns
+    # (tuner.pkl, experiment_state-*, ...) that never match them
+    out = [p for p in tune_dir.iterdir() if p.is_file() and p.name not in _IGNORED and not p.name.startswith(".")]
     out += [p for p in tune_dir.glob("*/*.pkl") if p.is_file() and p.name != "params.pkl"]
     return sorted(out)
 
