@@ -17,6 +17,11 @@ from .registry import ATTACKS, DEFENSES, EVALUATIONS
 
 
 def available_cpus() -> int:
+    """$OMP_NUM_THREADS when set (torch's own default follows it too), else the cores this
+    process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -89,7 +94,7 @@ class RunConfig(Config):
     evaluation: EvalConfig = param(factory=EvalConfig, help="evaluation protocol")
     cache_dir: str | None = param(None, "cache of trained attack-stage models, keyed by content hash; None: ~/.cache/bibau/models")
     threads: int | None = param(None, "CPU threads torch uses in this trial (results on the CPU depend on it); "
-                                "None: the cores this process may use, recorded as a number when resolved", low=1)
+                                "None: $OMP_NUM_THREADS, else the cores this process may use; a number once resolved", low=1)
 
     def resolve(self) -> None:
         if self.threads is None:  # a number in the resolved config, so a re-run uses the same count
