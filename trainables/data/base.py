@@ -91,4 +91,4 @@ class DataConfig(Config):
             value = getattr(self, name)
             if value != defaults[name]:
                 raise ConfigError(f"{path + '.' if path else ''}{name}: {value!r} is not used by data set {self.name!r} "
-                                  f"(it reads no files); remove it")
+                                  "(it would be silently ignored); remove it")
