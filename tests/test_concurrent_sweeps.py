@@ -63,7 +63,7 @@ def test_two_sweeps_started_together_both_finish_and_each_exports_its_own(tmp_pa
         # while both run: a resume of spec a is refused, its driver being alive
         spec_a, plan_a = load_spec(specs["a"])
         fingerprint = spec_fingerprint(spec_a)
-        deadline = time.time() + 240
+        deadline = time.time() + 900  # a fresh MLflow SQLite takes a minute on a loaded 2-core machine
         mine = None
         while time.time() < deadline and mine is None and all(p.poll() is None for p in procs.values()):
             for state_file in (tmp_path / "store" / "shared").glob("*/state.json"):
@@ -73,11 +73,13 @@ def test_two_sweeps_started_together_both_finish_and_each_exports_its_own(tmp_pa
                 except ValueError:
                     pass
             time.sleep(0.5)
-        assert mine is not None, "driver a never started its sweep"
+        if mine is None:
+            ended = {k: (p.returncode, p.communicate()[1][-3000:]) for k, p in procs.items() if p.poll() is not None}
+            raise AssertionError(f"driver a never started its sweep; ended drivers: {ended}")
         assert procs["a"].poll() is None, "driver a ended before a resume could be tried against it"
         with pytest.raises(ConfigError, match="being run by another driver"):
             run_sweep(spec_a, plan_a, resume=True, log=lambda m: None)
-        outs = {k: p.communicate(timeout=420) for k, p in procs.items()}
+        outs = {k: p.communicate(timeout=1200) for k, p in procs.items()}
     finally:
         for p in procs.values():
             if p.poll() is None:
