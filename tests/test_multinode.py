@@ -47,7 +47,7 @@ DRIVER = textwrap.dedent("""
     cloudpickle.register_pickle_by_value(test_sweep)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.init(address=sys.argv[2], log_to_driver=False)
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while sum(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]) < 2:
         assert time.time() < deadline, "the two worker nodes never joined"
         time.sleep(0.5)
