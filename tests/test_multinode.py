@@ -112,7 +112,6 @@ def test_a_killed_worker_node_and_a_restarted_mlflow_server_lose_nothing(tmp_pat
     ray_port, ml_port = free_port(), free_port()
     uri = f"http://127.0.0.1:{ml_port}"
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    base_env["RAY_raylet_start_wait_time_s"] = "120"  # a loaded 2-core machine registers nodes slowly
     base_env["RAY_AUTH_MODE"] = "disabled"  # a throwaway cluster on 127.0.0.1: no token to share
     base_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its job workers would only take CPU here
     common = ["--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats", "--object-store-memory=80000000"]
