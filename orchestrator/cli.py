@@ -6,7 +6,9 @@ code 2, before any work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -42,12 +44,15 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from trainables.trial import resolved_yaml, run_trial
 
+    from .preflight import check_run
+
     cfg = _load(args)  # every config error surfaces here, before any data is read
     if args.print_config:
         print(resolved_yaml(cfg), end="")
         return 0
     out = Path(args.out) if args.out else Path("runs") / (
         f"{cfg.attack.name}-{cfg.defense.name if cfg.defense else 'none'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_run(cfg, out=out, out_field="--out" if args.out else "--out (default runs/)")  # before any training
     report = run_trial(cfg, out, log=_log, smoke_test=args.smoke_test)
     _log(f"results: {out / 'results.json'} (CA {report['ca']:.4f}, ASR {report['asr']:.4f}, "
          f"{report['wall_time_s']:.1f}s)")
@@ -119,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_dir() -> Path:
+    return Path(os.environ.get("BIBAU_LOG_DIR") or Path.home() / ".cache" / "bibau" / "logs")
+
+
+def _write_crash_log(command: str, argv: Sequence[str] | None) -> Path | None:
+    """The traceback of an unexpected error, in a file the one-line message points to."""
+    import traceback
+
+    for folder in (log_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"bibau-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            path.write_text(f"bibau {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+                            + traceback.format_exc())
+            return path
+        except OSError:
+            continue
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -126,6 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bibau {args.command}: config error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bibau {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # not an input error: one line here, the traceback in a file
+        path = _write_crash_log(args.command, argv)
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"bibau {args.command}: unexpected error: {type(exc).__name__}: {first}"
+              + (f" (traceback in {path})" if path else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

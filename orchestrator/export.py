@@ -147,11 +147,13 @@ def read_export(path: str | Path) -> dict:
 
 
 def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule: str | None = None,
-                 per_defense: bool = False, out: str | Path | None = None, log=print) -> tuple[Path, dict]:
+                 per_defense: bool = False, out: str | Path | None = None, log=print,
+                 fingerprint: str | None = None) -> tuple[Path, dict]:
     """Read a finished sweep from MLflow, pick by ``rule`` and write the export file.
 
-    Without ``sweep_id`` the newest sweep of ``experiment`` is used; without ``rule``, the
-    sweep spec's own ``export_rule``. The objectives come from the spec the sweep logged.
+    Without ``sweep_id`` the newest sweep of ``experiment`` started from the spec with
+    ``fingerprint`` is used (any spec's when None); without ``rule``, the sweep spec's own
+    ``export_rule``. The objectives come from the spec the sweep logged.
     """
     import os
 
@@ -159,7 +161,7 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     from .tracking import open_sweep
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    tracker, spec = open_sweep(uri, experiment, sweep_id)
+    tracker, spec = open_sweep(uri, experiment, sweep_id, fingerprint)
     objectives = [Objective(**o) for o in spec["objectives"]]
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     parsed = parse_rule(rule or spec.get("export_rule") or DEFAULT_RULE, metrics)
@@ -184,15 +186,19 @@ def cmd_export(args) -> int:
     from trainables.config import ConfigError
 
     uri, experiment = args.tracking_uri, args.experiment
+    fingerprint = None
     if args.spec:
         from .spec import load_spec
+        from .sweep import spec_fingerprint
 
         spec, _ = load_spec(args.spec, args.overrides)
         uri, experiment = uri or spec.tracking_uri, experiment or spec.experiment
+        fingerprint = spec_fingerprint(spec)  # the sweeps of this spec, not the experiment's newest
     if not uri or not experiment:
         raise ConfigError("bibau export: give the sweep's SPEC, or --tracking-uri and --experiment")
     try:
-        export_sweep(uri, experiment, sweep_id=args.sweep, rule=args.rule, per_defense=args.per_defense, out=args.out)
+        export_sweep(uri, experiment, sweep_id=args.sweep, rule=args.rule, per_defense=args.per_defense, out=args.out,
+                     fingerprint=fingerprint)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return 0
@@ -210,7 +216,8 @@ def add_export(subparsers) -> None:
                    help="spec overrides the sweep ran with (e.g. storage)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's)")
     p.add_argument("--experiment", help="MLflow experiment (default: the spec's)")
-    p.add_argument("--sweep", help="sweep id (default: the newest sweep of the experiment)")
+    p.add_argument("--sweep", help="sweep id (default: the newest sweep of SPEC, found by the spec's fingerprint; "
+                   "without SPEC the newest sweep of the experiment)")
     p.add_argument("--rule", help=f"selection rule (default: the spec's export_rule, normally {DEFAULT_RULE!r})")
     p.add_argument("--per-defense", action="store_true", help="one selection per attack and defense, not per attack")
     p.add_argument("-o", "--out", default="export.yaml", help="file to write (default: export.yaml)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
+import json
 from pathlib import Path
 from typing import Any
 
@@ -133,23 +133,49 @@ class StudySearcher(Searcher):
             else:
                 self.optuna[key].on_trial_complete(trial_id, None, error=True)
 
-    # -- state for Tuner.restore ------------------------------------------------------------------
+    # -- state for Tuner.restore: plain JSON, never a pickle ---------------------------------------
+    _COUNTERS = ("owner", "launched", "running", "done", "cursor")
+
     def get_state(self) -> dict:
-        own = {k: v for k, v in self.__dict__.items() if k != "optuna"}
-        return {"own": own, "optuna": {k: s.__dict__.copy() for k, s in self.optuna.items()}}
+        """The searcher's progress as JSON data: its counters, and per tuned study which Optuna
+        trial (by number; the trials themselves live in the study's database) each Tune trial is."""
+        own = {k: getattr(self, k) for k in self._COUNTERS}
+        optuna = {}
+        for k, sub in self.optuna.items():
+            trials = {tid: (t if isinstance(t, int) else t.number) for tid, t in sub._ot_trials.items()}
+            optuna[k] = {"trials": trials, "completed": sorted(sub._completed_trials)}
+        return {"kind": "bibau-searcher-state", "version": 1, "own": own, "optuna": optuna}
 
     def set_state(self, state: dict) -> None:
-        self.__dict__.update(state["own"])
+        if not isinstance(state, dict) or state.get("kind") != "bibau-searcher-state" or state.get("version") != 1:
+            raise ValueError("not a bibau searcher state (version 1)")
+        own = state["own"]
+        for k in self._COUNTERS:
+            value = own[k]
+            ok = isinstance(value, int) if k == "cursor" else isinstance(value, dict)
+            if not ok:
+                raise ValueError(f"searcher state: {k} has the wrong type")
+            setattr(self, k, value)
         for k, d in state["optuna"].items():
-            self.optuna[k].__dict__.update(d)
+            if k not in self.optuna:
+                raise ValueError(f"searcher state: unknown study {k!r}")
+            sub = self.optuna[k]
+            # Optuna's tell() takes a trial number as well as a Trial object
+            sub._ot_trials = {str(tid): int(n) for tid, n in d["trials"].items()}
+            sub._completed_trials = {str(t) for t in d["completed"]}
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.get_state(), fh)
+        with open(checkpoint_path, "w") as fh:
+            json.dump(self.get_state(), fh)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:  # our own file, written by save() in this sweep's folder
-            self.set_state(pickle.load(fh))
+        with open(checkpoint_path, "rb") as fh:
+            data = fh.read()
+        try:
+            state = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{checkpoint_path}: not a JSON searcher state; refusing to load it") from None
+        self.set_state(state)
         self.fail_orphans()
 
     def fail_orphans(self) -> int:
@@ -159,7 +185,7 @@ class StudySearcher(Searcher):
 
         failed = 0
         for key, sub in self.optuna.items():
-            known = {t.number for t in sub._ot_trials.values()}
+            known = {t if isinstance(t, int) else t.number for t in sub._ot_trials.values()}
             study = sub._ot_study
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.number not in known:

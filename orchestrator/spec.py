@@ -150,6 +150,13 @@ class DefenseSpec(Config):
         cls = DEFENSES.get(self.name).Config
         allowed = {f.name: f for f in fields(cls) if f.init and f.name != "name"}
         hints = typing.get_type_hints(cls)
+        # the fixed settings first, so a bad fixed value is blamed on itself, not on a space bound
+        try:
+            build(cls, merge(self.fixed, {"name": self.name}), f"{path}.fixed")
+        except ConfigError as exc:
+            text = str(exc)
+            if not any(f".{k}" in text for k in self.space):  # else the space may be what makes it valid
+                raise ConfigError(text.replace(f"{path}.fixed.name", f"{path}.name")) from None
         for key, space in self.space.items():
             where = f"{path}.space.{key}"
             if key not in allowed:
@@ -355,8 +362,11 @@ def plan(spec: SweepSpec) -> Plan:
             studies.append(Study(key, attack, defense, resolved, seed=spec.seed + i))
     else:
         base = merge({"cache_dir": cache}, spec.base)
+        # a trial uses the CPUs Ray gives it; the count is in its config, so a re-run matches it
+        trial_threads = spec.base.get("threads") or max(1, int(spec.resources.cpus))
+        attack_threads = spec.base.get("threads") or max(1, int((spec.attack_resources or spec.resources).cpus))
         for i, a in enumerate(attack_sections(spec.attacks)):
-            cfg = merge(base, {"attack": a["section"], "defense": None})
+            cfg = merge(base, {"attack": a["section"], "defense": None, "threads": attack_threads})
             attacks[a["label"]] = AttackStage(a["label"], _resolve(cfg, f"attacks[{i}] ({a['label']})"))
         index = 0
         for j, d in enumerate(spec.defenses):
@@ -364,8 +374,9 @@ def plan(spec: SweepSpec) -> Plan:
                 defense = merge(d.fixed, {"name": d.name})
                 # the config must also hold with sampled values: check it with the space's low ends
                 probe = merge(defense, {k: s.endpoints()[0] for k, s in d.space.items()})
-                _resolve(merge(stage.config, {"defense": probe}), f"defenses[{j}] ({d.key}) with attack {label}")
-                resolved = _resolve(merge(stage.config, {"defense": defense}), f"defenses[{j}] ({d.key}) with attack {label}")
+                trial = merge(stage.config, {"threads": trial_threads})
+                _resolve(merge(trial, {"defense": probe}), f"defenses[{j}] ({d.key}) with attack {label}")
+                resolved = _resolve(merge(trial, {"defense": defense}), f"defenses[{j}] ({d.key}) with attack {label}")
                 studies.append(Study(
                     key=f"{label}/{d.key}", attack=label, defense=d.key, config=resolved, space=dict(d.space),
                     trials=d.trials if d.tuned else 1, concurrency=d.concurrency, sampler=d.sampler,

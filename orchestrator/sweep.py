@@ -76,24 +76,72 @@ def spec_fingerprint(spec: SweepSpec) -> str:
     return content_hash(data)
 
 
-def find_resumable(folder: Path, name: str, which: str | bool) -> Path:
-    """The folder of the sweep to resume: ``which`` is a sweep id, or True for the newest unfinished one."""
+def read_state(state_file: Path) -> dict:
+    """A sweep's ``state.json`` (JSON data only); a ConfigError when it is not readable as such."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{state_file}: not a readable sweep state ({type(exc).__name__}); "
+                          "start a new sweep or remove that folder") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{state_file}: not a sweep state (expected a JSON object)")
+    return state
+
+
+def find_resumable(folder: Path, name: str, which: str | bool, fingerprint: str | None = None) -> Path:
+    """The folder of the sweep to resume: ``which`` is a sweep id, or True for the newest unfinished
+    one started from the spec with ``fingerprint`` (specs sharing a name share the folder)."""
     if isinstance(which, str):
         d = folder / which
-        if not (d / "state.json").is_file():
+        if "/" in which or which in ("", ".", "..") or not (d / "state.json").is_file():
             raise ConfigError(f"--resume {which}: no sweep {which!r} under {folder}")
         return d
     candidates = []
     for state_file in folder.glob("*/state.json"):
-        state = json.loads(state_file.read_text())
-        if state.get("status") != "finished":
+        try:
+            state = read_state(state_file)
+        except ConfigError:
+            continue
+        if state.get("status") != "finished" and (fingerprint is None or state.get("spec_fingerprint") == fingerprint):
             candidates.append((state_file.stat().st_mtime, state_file.parent))
     if not candidates:
-        raise ConfigError(f"--resume: no unfinished sweep named {name!r} under {folder}; start one without --resume")
+        raise ConfigError(f"--resume: no unfinished sweep of this spec (name {name!r}, fingerprint {fingerprint}) "
+                          f"under {folder}; start one without --resume, or name one: --resume SWEEP_ID")
     return max(candidates)[1]
 
 
+def check_resumable(sweep_dir: Path, fingerprint: str) -> dict:
+    """The saved state of a sweep to resume, refused unless it names this spec's fingerprint."""
+    saved = read_state(sweep_dir / "state.json")
+    if saved.get("spec_fingerprint") != fingerprint:
+        if saved.get("spec_fingerprint") is None:
+            raise ConfigError(f"--resume: {sweep_dir / 'state.json'} names no spec fingerprint, so it cannot be "
+                              "checked to belong to this spec; start a new sweep instead")
+        raise ConfigError(f"--resume: sweep {sweep_dir.name} was started from a different spec (its studies, "
+                          "budgets or configs changed); start a new sweep instead")
+    return saved
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for a server)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):] or ".")
+
+
 def _start_tracking(tracker, spec: SweepSpec, plan: Plan, version: str, summary: dict, fingerprint: str) -> dict:
+    from contextlib import nullcontext
+
+    from .locks import file_lock
+
+    db = sqlite_path(tracker.uri)
+    # several sweeps sharing a storage folder create (and migrate) one SQLite file: one at a time
+    with file_lock(db.with_name(db.name + ".lock")) if db is not None else nullcontext():
+        tracker.client.search_experiments(max_results=1)  # creates the schema under the lock
+        return _start_runs(tracker, spec, plan, version, summary, fingerprint)
+
+
+def _start_runs(tracker, spec: SweepSpec, plan: Plan, version: str, summary: dict, fingerprint: str) -> dict:
     tracker.start(name=spec.name, attacks=[a.label for a in plan.attacks], spec=to_dict(spec), code_version=version,
                   summary=summary)
     return tracker.save_state(spec_fingerprint=fingerprint, code_version=version)
@@ -130,143 +178,168 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from .search import StudySearcher, trial_dirname
     from .tracking import SweepTracker, TrackingCallback
 
+    from .preflight import check_sweep
+
+    check_sweep(spec, plan)  # storage, tracking, data, trigger files: before any lock, run or training
     storage = spec.storage_path
     folder = storage / spec.name
     fingerprint = spec_fingerprint(spec)
+    from .integrity import SigningCallback, StateSigner, register, state_files
+    from .locks import DriverLease
+
     if resume:
-        sweep_dir = find_resumable(folder, spec.name, resume)
-        saved = json.loads((sweep_dir / "state.json").read_text())
-        if saved.get("spec_fingerprint") not in (None, fingerprint):
-            raise ConfigError(f"--resume: sweep {sweep_dir.name} was started from a different spec (its studies, "
-                              "budgets or configs changed); start a new sweep instead")
+        sweep_dir = find_resumable(folder, spec.name, resume, fingerprint)
+        check_resumable(sweep_dir, fingerprint)
         sweep_id = sweep_dir.name
+        lease = DriverLease(sweep_dir).acquire()  # refuses while the first driver lives
+        signer = StateSigner(sweep_dir, sweep_id, fingerprint)
+        try:
+            if (sweep_dir / "tune").is_dir():
+                signer.verify(sweep_dir / "tune")  # before Tune unpickles anything
+        except BaseException:
+            lease.release()
+            raise
         log(f"resuming sweep {sweep_id} from {sweep_dir}")
     else:
         sweep_id = f"{spec.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         sweep_dir = folder / sweep_id
         n = 1
-        while sweep_dir.exists():
-            n += 1
-            sweep_dir = folder / f"{sweep_id}-{n}"
+        while True:
+            try:
+                sweep_dir.mkdir(parents=True)  # atomic: two drivers started together get two folders
+                break
+            except FileExistsError:
+                n += 1
+                sweep_dir = folder / f"{sweep_id}-{n}"
         sweep_id = sweep_dir.name
-        sweep_dir.mkdir(parents=True)
-    _quiet()
-    version = code_version()
-    uri = spec.tracking_uri
-    local_store = uri.startswith("sqlite:")
-    tracker = SweepTracker(uri, spec.experiment, sweep_id, sweep_dir / "state.json",
-                           artifact_root=storage / "mlartifacts" if local_store else None)
-    summary = {"sweep_id": sweep_id, "spec_fingerprint": fingerprint, "code_version": version,
-               "studies": ", ".join(s.key for s in plan.studies),
-               "objectives": ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
-               "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency}
-    clock = _Clock()
-    backend = backend or TrialBackend(save_models=spec.save_models)
-    # MLflow's first use (imports, schema migration of a new SQLite file) takes seconds; it runs in a
-    # thread while Ray starts and the attack stage trains or loads its models
-    pool = ThreadPoolExecutor(max_workers=1)
-    mlflow_ready = pool.submit(_start_tracking, tracker, spec, plan, version, summary, fingerprint)
-    started_ray = False
+        lease = DriverLease(sweep_dir).acquire()
+        signer = StateSigner(sweep_dir, sweep_id, fingerprint)
     try:
-        started_ray = _ray_init(address, num_cpus, num_gpus)
-        clock.lap("ray start")
-        # -- attack stage ------------------------------------------------------------------------
-        res = spec.attack_resources or spec.resources
-        jobs = [(a.label, "attack", a.config) for a in plan.attacks]
-        clean_needed = [a for a in plan.attacks if needs_clean_reference(a.config)]
-        seen_clean = set()
-        for a in clean_needed:
-            key = content_hash({k: a.config[k] for k in ("seed", "data", "model", "train", "cache_dir")})
-            if key not in seen_clean:
-                seen_clean.add(key)
-                jobs.append((f"clean-reference-{key[:6]}", "clean", a.config))
-        log(f"attack stage: {len(jobs)} model(s) ({', '.join(j[0] for j in jobs)}), cache {plan.attacks[0].config['cache_dir']}")
-        infos = run_attack_stages(jobs, cpus=res.cpus, gpus=res.gpus, backend=backend, log=log)
-        state = mlflow_ready.result()
-        log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
-            f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
-        for label, info in infos.items():
-            where = "reused from the cache" if info.get("cached") else "trained"
-            if info.get("ok"):
-                log(f"  {label}: {where} ({info.get('seconds', 0.0):.1f}s)"
-                    + "".join(f", {k}={info[k]:.4f}" for k in ("backdoored_ca", "backdoored_asr", "ca", "asr")
-                              if isinstance(info.get(k), float)))
-            if label in state["attack_runs"]:
-                tracker.log_attack_stage(label, info)
-        broken = {label for label, info in infos.items() if not info.get("ok")}
-        if broken:
-            log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped (see MLflow)")
-        studies = [s for s in plan.studies if s.attack not in broken]
-        clock.lap("attack stage")
+        register(signer)
+        _quiet()
+        version = code_version()
+        uri = spec.tracking_uri
+        local_store = uri.startswith("sqlite:")
+        tracker = SweepTracker(uri, spec.experiment, sweep_id, sweep_dir / "state.json",
+                               artifact_root=storage / "mlartifacts" if local_store else None)
+        summary = {"sweep_id": sweep_id, "spec_fingerprint": fingerprint, "code_version": version,
+                   "studies": ", ".join(s.key for s in plan.studies),
+                   "objectives": ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
+                   "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency}
+        clock = _Clock()
+        backend = backend or TrialBackend(save_models=spec.save_models)
+        # MLflow's first use (imports, schema migration of a new SQLite file) takes seconds; it runs in a
+        # thread while Ray starts and the attack stage trains or loads its models
+        pool = ThreadPoolExecutor(max_workers=1)
+        mlflow_ready = pool.submit(_start_tracking, tracker, spec, plan, version, summary, fingerprint)
+        started_ray = False
+        try:
+            started_ray = _ray_init(address, num_cpus, num_gpus)
+            clock.lap("ray start")
+            # -- attack stage ------------------------------------------------------------------------
+            res = spec.attack_resources or spec.resources
+            jobs = [(a.label, "attack", a.config) for a in plan.attacks]
+            clean_needed = [a for a in plan.attacks if needs_clean_reference(a.config)]
+            seen_clean = set()
+            for a in clean_needed:
+                key = content_hash({k: a.config[k] for k in ("seed", "data", "model", "train", "cache_dir")})
+                if key not in seen_clean:
+                    seen_clean.add(key)
+                    jobs.append((f"clean-reference-{key[:6]}", "clean", a.config))
+            log(f"attack stage: {len(jobs)} model(s) ({', '.join(j[0] for j in jobs)}), cache {plan.attacks[0].config['cache_dir']}")
+            infos = run_attack_stages(jobs, cpus=res.cpus, gpus=res.gpus, backend=backend, log=log)
+            state = mlflow_ready.result()
+            log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
+                f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
+            for label, info in infos.items():
+                where = "reused from the cache" if info.get("cached") else "trained"
+                if info.get("ok"):
+                    log(f"  {label}: {where} ({info.get('seconds', 0.0):.1f}s)"
+                        + "".join(f", {k}={info[k]:.4f}" for k in ("backdoored_ca", "backdoored_asr", "ca", "asr")
+                                  if isinstance(info.get(k), float)))
+                if label in state["attack_runs"]:
+                    tracker.log_attack_stage(label, info)
+            broken = {label for label, info in infos.items() if not info.get("ok")}
+            if broken:
+                log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped (see MLflow)")
+            studies = [s for s in plan.studies if s.attack not in broken]
+            clock.lap("attack stage")
 
-        # -- defense stage -------------------------------------------------------------------------
-        tune_dir = sweep_dir / "tune"
-        trainable = tune.with_parameters(defense_trainable, backend=backend)
-        trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
-        restored = bool(resume) and tune.Tuner.can_restore(str(tune_dir))
-        if restored:
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable)
-        elif studies:
-            searcher = StudySearcher(studies, spec.objectives, storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
-                                     prefix=sweep_id, trials_dir=sweep_dir / "trials")
-            tuner = tune.Tuner(
-                trainable,
-                param_space={},
-                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
-                                            num_samples=-1, reuse_actors=True,
-                                            trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
-                run_config=tune.RunConfig(
-                    name=tune_dir.name, storage_path=str(sweep_dir), verbose=verbose,
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[TrackingCallback(tracker, spec.objectives)]))
-        else:
-            tuner = None
-        configs: dict[str, dict] = {}
-        if tuner is not None:
-            results = tuner.fit()
-            clock.lap("defense stage")
-            fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
-            if fixed:
-                log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
-            for res in results:
-                if isinstance((res.config or {}).get("run"), dict):
-                    configs[_trial_id(res)] = res.config["run"]
+            # -- defense stage -------------------------------------------------------------------------
+            tune_dir = sweep_dir / "tune"
+            trainable = tune.with_parameters(defense_trainable, backend=backend)
+            trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
+            restored = bool(resume) and tune.Tuner.can_restore(str(tune_dir))
+            if restored:
+                signer.verify(tune_dir)  # again, just before loading: the attack stage may have taken minutes
+                for stale in tune_dir.glob("*/error.pkl"):  # never loaded by this code; planted ones go
+                    stale.unlink()
+                tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable)
+            elif studies:
+                searcher = StudySearcher(studies, spec.objectives, storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
+                                         prefix=sweep_id, trials_dir=sweep_dir / "trials")
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space={},
+                    tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.concurrency),
+                                                num_samples=-1, reuse_actors=True,
+                                                trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
+                    run_config=tune.RunConfig(
+                        name=tune_dir.name, storage_path=str(sweep_dir), verbose=verbose,
+                        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                        callbacks=[SigningCallback(sweep_id), TrackingCallback(tracker, spec.objectives)]))
+            else:
+                tuner = None
+            configs: dict[str, dict] = {}
+            if tuner is not None:
+                signer.sign(state_files(tune_dir), tune_dir)  # tuner.pkl, written by the constructor
+                results = tuner.fit()
+                signer.sign(state_files(tune_dir), tune_dir)  # the final snapshot, synced to the storage
+                clock.lap("defense stage")
+                fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
+                if fixed:
+                    log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
+                for res in results:
+                    if isinstance((res.config or {}).get("run"), dict):
+                        configs[_trial_id(res)] = res.config["run"]
 
-        # -- fronts, export, summary -----------------------------------------------------------------
-        records = tracker.records()
-        orphans = [r for r in records if configs and r.trial_id not in configs]
-        if orphans:
-            # logged by a driver that died before Tune saved them: not part of this experiment
-            for r in orphans:
-                tracker.client.set_tag(r.run_id, "status", "orphaned")
-                r.status = "orphaned"
-            log(f"{len(orphans)} MLflow trial run(s) of the previous driver were lost by Tune; tagged status=orphaned")
-        export_file = None
-        rule = parse_rule(spec.export_rule, spec.metrics)
-        for r in records:
-            if r.usable(spec.metrics):
-                r.config = configs.get(r.trial_id) or tracker.load_config(r.run_id)
-        doc = build_export([r for r in records if r.usable(spec.metrics)], rule, spec.metrics, spec.modes,
-                           [o.best for o in spec.objectives],
-                           {"experiment": spec.experiment, "sweep": sweep_id, "code_version": version,
-                            "tracking_uri": uri})
-        if doc["selections"]:
-            export_file = write_export(doc, sweep_dir / "export.yaml")
-        fronts = tracker.finish(records, spec.objectives, export_file=export_file)
-        clock.lap("fronts and export")
-        log("time: " + clock.text())
-        outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
-                               export_file, infos, bool(resume))
-        log(summary_text(outcome, spec))
-        return outcome
+            # -- fronts, export, summary -----------------------------------------------------------------
+            records = tracker.records()
+            orphans = [r for r in records if configs and r.trial_id not in configs]
+            if orphans:
+                # logged by a driver that died before Tune saved them: not part of this experiment
+                for r in orphans:
+                    tracker.client.set_tag(r.run_id, "status", "orphaned")
+                    r.status = "orphaned"
+                log(f"{len(orphans)} MLflow trial run(s) of the previous driver were lost by Tune; tagged status=orphaned")
+            export_file = None
+            rule = parse_rule(spec.export_rule, spec.metrics)
+            for r in records:
+                if r.usable(spec.metrics):
+                    r.config = configs.get(r.trial_id) or tracker.load_config(r.run_id)
+            doc = build_export([r for r in records if r.usable(spec.metrics)], rule, spec.metrics, spec.modes,
+                               [o.best for o in spec.objectives],
+                               {"experiment": spec.experiment, "sweep": sweep_id, "code_version": version,
+                                "tracking_uri": uri})
+            if doc["selections"]:
+                export_file = write_export(doc, sweep_dir / "export.yaml")
+            fronts = tracker.finish(records, spec.objectives, export_file=export_file)
+            clock.lap("fronts and export")
+            log("time: " + clock.text())
+            outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
+                                   export_file, infos, bool(resume))
+            log(summary_text(outcome, spec))
+            return outcome
+        finally:
+            pool.shutdown(wait=True)
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
     finally:
-        pool.shutdown(wait=True)
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-
+        lease.release()
 
 class _Clock:
     def __init__(self):
@@ -306,10 +379,9 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
         lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
     if out.export_file:
-        threads = max(1, int(spec.resources.cpus))
         attack = next(iter(out.fronts), "NAME")
-        # a trial ran with OMP_NUM_THREADS = its CPUs (Ray's default); the same count reproduces it bit for bit
-        lines.append(f"reproduce: OMP_NUM_THREADS={threads} bibau run {out.export_file} --attack {attack}")
+        # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
+        lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
     return "\n".join(lines)
 
 
@@ -340,8 +412,11 @@ def cmd_sweep(args) -> int:
     if args.smoke_test:
         plan = smoke_plan(plan)
     if args.check:
+        from .preflight import check_sweep
         from .search import describe
 
+        for line in check_sweep(spec, plan):  # what run_sweep checks first, before any lock or run
+            print(f"checked {line}")
         for row in describe(plan.studies):
             print(f"{row['study']}: {row['trials']} trial(s), sampler {row['sampler']}, space {row['space']}")
         print(f"spec {args.spec} is valid: {len(plan.attacks)} attack(s), {len(plan.studies)} studies")

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,55 @@ def _ms() -> int:
     return int(time.time() * 1000)
 
 
+_TRANSIENT = ("database is locked", "connection", "temporarily unavailable", "timed out", "timeout",
+              "max retries exceeded", "502", "503", "504", "bad gateway", "service unavailable", "reset by peer")
+
+
+def transient(exc: BaseException) -> bool:
+    """An MLflow failure that waiting can cure: the server restarting, SQLite locked by another sweep."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    code = str(getattr(exc, "error_code", ""))
+    if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+        return True
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(t in text for t in _TRANSIENT)
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls are retried with exponential backoff on transient errors
+    (on top of MLflow's own HTTP retries), so a server restart or a busy SQLite file costs time,
+    not runs. ``MLFLOW_RETRY_S`` bounds the total wait (default 300 s)."""
+
+    def __init__(self, client, budget_s: float | None = None, first_s: float = 0.5):
+        import os
+
+        self._client = client
+        self._budget_s = float(os.environ.get("BIBAU_MLFLOW_RETRY_S", 300)) if budget_s is None else budget_s
+        self._first_s = first_s
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            deadline = time.monotonic() + self._budget_s
+            delay = self._first_s
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    if not transient(exc) or time.monotonic() + delay > deadline:
+                        raise
+                    print(f"MLflow: {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                          f"retrying in {delay:.1f}s", flush=True)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+        return call
+
+
 class SweepTracker:
     """The sweep's MLflow runs. Picklable (the client is rebuilt after unpickling), because
     Tune stores its callbacks with the experiment for ``Tuner.restore``."""
@@ -74,7 +124,7 @@ class SweepTracker:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = RetryingClient(MlflowClient(tracking_uri=self.uri))
         return self._client
 
     # -- state ---------------------------------------------------------------------------------
@@ -99,7 +149,13 @@ class SweepTracker:
         if exp is not None:
             return exp.experiment_id
         location = Path(self.artifact_root, self.experiment).as_uri() if self.artifact_root else None
-        return self.client.create_experiment(self.experiment, artifact_location=location)
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=location)
+        except Exception:
+            exp = self.client.get_experiment_by_name(self.experiment)  # another sweep created it just now
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def start(self, *, name: str, attacks: Sequence[str], spec: dict, code_version: str, summary: dict) -> dict:
         """Create (or, for a resumed sweep, find) the parent run and the attack runs."""
@@ -259,23 +315,39 @@ class SweepTracker:
         return fronts
 
 
-def open_sweep(uri: str, experiment: str, sweep_id: str | None = None) -> tuple[SweepTracker, dict]:
-    """A tracker on an existing sweep (the newest of ``experiment`` unless ``sweep_id``) and
-    the spec it logged. Its state comes from MLflow, so this works away from the storage path."""
+def open_sweep(uri: str, experiment: str, sweep_id: str | None = None,
+               fingerprint: str | None = None) -> tuple[SweepTracker, dict]:
+    """A tracker on an existing sweep and the spec it logged: ``sweep_id``, else the newest sweep of
+    ``experiment`` started from the spec with ``fingerprint`` (else the newest of all). Its state
+    comes from MLflow, so this works away from the storage path."""
     import tempfile
 
     import yaml
     from mlflow.tracking import MlflowClient
 
+    if sweep_id is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", sweep_id):
+        raise ValueError(f"--sweep: {sweep_id!r} is not a sweep id (letters, digits and _ . + -)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        # opening it would create an empty database
+        raise ValueError(f"MLflow {uri}: no such database (no sweep has run with this storage or tracking URI)")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"MLflow {uri}: no experiment {experiment!r}")
     query = "tags.role = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
+    if fingerprint is not None and sweep_id is None:
+        query += f" and params.spec_fingerprint = '{fingerprint}'"
     parents = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
                                  max_results=1)
     if not parents:
-        raise ValueError(f"MLflow {uri}, experiment {experiment!r}: no sweep" + (f" {sweep_id!r}" if sweep_id else ""))
+        if sweep_id:
+            raise ValueError(f"MLflow {uri}, experiment {experiment!r}: no sweep {sweep_id!r}")
+        others = client.search_runs([exp.experiment_id], filter_string="tags.role = 'sweep'",
+                                    order_by=["attributes.start_time DESC"], max_results=5)
+        listed = ", ".join(r.data.tags.get("sweep_id", "?") for r in others) or "none"
+        what = f"of this spec (fingerprint {fingerprint})" if fingerprint else ""
+        raise ValueError(f"MLflow {uri}, experiment {experiment!r}: no sweep {what}; newest sweeps there: {listed}; "
+                         "name one with --sweep SWEEP_ID")
     parent = parents[0]
     sid = parent.data.tags["sweep_id"]
     attacks = client.search_runs([exp.experiment_id], filter_string=f"tags.role = 'attack' and tags.sweep_id = '{sid}'",
@@ -400,10 +472,11 @@ class TrackingCallback(tune.Callback):
         self.objectives = list(objectives)
         self.records: dict[str, TrialRecord] = {}
         self.unfinished: dict[str, str] = {}
+        self.pending: dict[str, tuple] = {}  # trials whose logging failed; retried by flush_pending()
         self._pool: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
-        return {**self.__dict__, "_pool": None}
+        return {**self.__dict__, "_pool": None, "pending": {}}
 
     def setup(self, **info) -> None:
         self.unfinished = self.tracker.unfinished_trial_runs()
@@ -470,9 +543,14 @@ class TrackingCallback(tune.Callback):
                           tuned=bool(cfg.get("tuned", True)), order=len(self.records) + 1, error=error)
         try:
             rec.run_id = self.tracker.log_trial(rec, metrics, _history(result),
-                                                run_id=self.unfinished.pop(trial_id, None))
-        except Exception as exc:  # MLflow trouble must not kill the sweep; the trial stays in Tune
-            print(f"MLflow: could not log trial {trial_id}: {exc}", flush=True)
+                                                run_id=self.unfinished.get(trial_id))
+        except Exception as exc:  # MLflow trouble must not kill the sweep: the trial stays pending
+            self.pending[trial_id] = (trial_id, cfg, result, error)
+            print(f"MLflow: could not log trial {trial_id} ({type(exc).__name__}: {exc}); it is kept and "
+                  "logged again at the end of the sweep", flush=True)
+            return None
+        self.unfinished.pop(trial_id, None)
+        self.pending.pop(trial_id, None)
         self.records[trial_id] = rec
         metric_names = [o.metric for o in self.objectives]
         modes = [o.mode for o in self.objectives]
@@ -500,6 +578,6 @@ class TrackingCallback(tune.Callback):
                 continue
             if res.error is None and STATUS_KEY not in metrics:
                 continue  # not finished: nothing to log yet
-            self.log(trial_id, cfg, metrics, None if res.error is None else f"{type(res.error).__name__}: {res.error}")
-            fixed += 1
+            if self.log(trial_id, cfg, metrics, None if res.error is None else f"{type(res.error).__name__}: {res.error}"):
+                fixed += 1
         return fixed

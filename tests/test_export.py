@@ -136,8 +136,11 @@ def test_a_real_sweep_exports_a_configuration_that_bibau_run_and_bibau_sweep_rep
     (picked,) = [r for r in out.records if r.run_id == sel["provenance"]["run_id"]]
     assert sel["config"]["defense"]["theta"] == picked.params["theta"]
     assert sel["metrics"]["ca"] == picked.metrics["ca"]
-    # bibau run of the export, one thread as in the Ray trial, reproduces the trial's metrics exactly
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # bibau run of the export reproduces the trial's metrics exactly, with no thread setting in the
+    # environment: the exported config holds the trial's thread count
+    assert sel["config"]["threads"] == 1
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(ROOT)
     subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(export_file), "--attack", "badnets",
                     "--out", str(tmp_path / "rerun")], check=True, env=env, cwd=str(tmp_path),
                    stdout=subprocess.DEVNULL)

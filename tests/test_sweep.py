@@ -389,3 +389,29 @@ def test_resume_after_the_driver_is_killed_does_not_duplicate_runs(tmp_path, loc
     assert {r.data.tags["study"] for r in kept} == {"badnets/bibau_u", "badnets/ft"}
     assert len([r for r in mlflow_runs(spec.tracking_uri, "stand-in") if r.data.tags.get("role") == "sweep"]) == 1
     assert out.resumed and all(r.info.status == "FINISHED" for r in kept)
+
+
+class DiesOnce(StandIn):
+    """Stand-in whose first attack-stage attempt kills its worker process, as a lost node does."""
+
+    def attack_stage(self, cfg: dict, log) -> dict:
+        marker = Path(self.marker_dir) / "died-once"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("x")
+            os._exit(1)
+        return super().attack_stage(cfg, log)
+
+
+def test_an_attack_stage_task_whose_worker_dies_is_rerun(tmp_path, local_ray):
+    from trainables.ray_adapters import run_attack_stages
+
+    spec, plan = load_spec(write_spec(tmp_path, spec_dict(tmp_path / "store")))
+    jobs = [("badnets", "attack", plan.attacks[0].config)]
+    out = run_attack_stages(jobs, cpus=1, gpus=0, backend=DiesOnce(str(tmp_path / "m1")), log=lambda m: None)
+    assert (tmp_path / "m1" / "died-once").exists()  # the first attempt did die
+    assert out["badnets"]["ok"], out
+    # without retries the same loss fails the stage: the retry is what saved it
+    out = run_attack_stages(jobs, cpus=1, gpus=0, backend=DiesOnce(str(tmp_path / "m2")), log=lambda m: None,
+                            retries=0)
+    assert not out["badnets"]["ok"] and "died" in out["badnets"]["error"].lower(), out

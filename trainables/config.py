@@ -289,7 +289,14 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path!r} is not valid YAML{where}: {what}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not a text (YAML) file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror or exc}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

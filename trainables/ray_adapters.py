@@ -26,6 +26,13 @@ from .checkpoint import json_safe
 STATUS_KEY = "trial_status"
 
 
+def _use_threads(cfg) -> None:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 class TrialBackend:
     """The product path: ``trainables.trial``. Methods take and return plain data (picklable)."""
 
@@ -57,6 +64,7 @@ class TrialBackend:
         from .trial import attack_stage
 
         run_cfg = build(RunConfig, cfg)
+        _use_threads(run_cfg)
         stage = attack_stage(run_cfg, load_dataset(run_cfg.data), resolve_device(run_cfg.device), log)
         info = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, (int, float))}
         return {**info, "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
@@ -72,6 +80,7 @@ class TrialBackend:
         from .trial import clean_reference
 
         run_cfg = build(RunConfig, cfg)
+        _use_threads(run_cfg)
         lines: list[str] = []
 
         def keep(msg: str) -> None:
@@ -154,16 +163,19 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
 
 
 def run_attack_stages(jobs: list[tuple[str, str, dict]], *, cpus: float, gpus: float,
-                      backend: TrialBackend | None = None, log: Callable[[str], None] = print) -> dict[str, dict]:
+                      backend: TrialBackend | None = None, log: Callable[[str], None] = print,
+                      retries: int = 3) -> dict[str, dict]:
     """Run ``(label, kind, cfg)`` jobs (kind: ``attack`` or ``clean``) as parallel Ray tasks.
 
+    A task whose worker or node dies (a preempted spot node) is rerun up to ``retries`` times on
+    another node; an exception raised by the stage itself is not retried (it would raise again).
     Returns label -> the stage's info plus ``ok``, ``seconds`` and, on failure, ``error``.
     """
     import ray
 
     backend = backend or TrialBackend()
 
-    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
     def stage(label: str, kind: str, cfg: dict) -> dict:
         t0 = time.perf_counter()
         lines: list[str] = []

@@ -5,6 +5,7 @@ and the resolved form is saved beside every result.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .attacks.base import AttackConfig
@@ -13,6 +14,18 @@ from .data.base import DataConfig
 from .defenses.base import DefenseConfig
 from .models.base import ModelConfig
 from .registry import ATTACKS, DEFENSES, EVALUATIONS
+
+
+def available_cpus() -> int:
+    """$OMP_NUM_THREADS when set (torch's own default follows it too), else the cores this
+    process may use."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -80,8 +93,12 @@ class RunConfig(Config):
     defense: DefenseConfig | None = param(None, "the defense; null: none", registry=DEFENSES)
     evaluation: EvalConfig = param(factory=EvalConfig, help="evaluation protocol")
     cache_dir: str | None = param(None, "cache of trained attack-stage models, keyed by content hash; None: ~/.cache/bibau/models")
+    threads: int | None = param(None, "CPU threads torch uses in this trial (results on the CPU depend on it); "
+                                "None: $OMP_NUM_THREADS, else the cores this process may use; a number once resolved", low=1)
 
     def resolve(self) -> None:
+        if self.threads is None:  # a number in the resolved config, so a re-run uses the same count
+            self.threads = available_cpus()
         # A defense fine-tunes a model trained with train's augmentation: cropping the clean split when
         # the model never saw crops cost BI-BAU(U) 3.4 more CA points on CIFAR-10 (docs/benchmarks.md).
         for name in ("crop_padding", "hflip"):

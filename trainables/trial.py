@@ -315,6 +315,8 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     if smoke_test:
         cfg = smoke_config(cfg)
     start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # CPU results depend on it: the resolved config fixes it
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if out_dir is not None:

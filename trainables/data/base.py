@@ -1,12 +1,13 @@
 """What every data set gives: uint8 image tensors (N, C, H, W) with labels and class names."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config, param
+from ..config import Config, ConfigError, param
 from ..registry import DATASETS
 
 
@@ -80,3 +81,14 @@ class DataConfig(Config):
     test_size: int | None = param(None, "images drawn from the test split, stratified; None: all", low=1)
     clean_fraction: float = param(0.05, "defender's clean split, as a fraction of the training images; disjoint from poison", low=0.0, high=0.9)
     seed: int = param(0, "seed of the subsets and of the defender's split", low=0)
+
+    def check(self, path: str) -> None:
+        # a setting the loader never reads would be silently ignored: a user who gives data.root to
+        # digits believes their files are used
+        loader = DATASETS.get(self.name) if self.name in DATASETS else None
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in getattr(loader, "unused_fields", ()):
+            value = getattr(self, name)
+            if value != defaults[name]:
+                raise ConfigError(f"{path + '.' if path else ''}{name}: {value!r} is not used by data set {self.name!r} "
+                                  "(it would be silently ignored); remove it")

@@ -36,6 +36,9 @@ def imagefolder(cfg: DataConfig) -> Dataset:
     return cached(cfg, "imagefolder", key, lambda: _decode(root, kind, test, cfg.image_size))
 
 
+imagefolder.unused_fields = ("download",)  # nothing to download it from: a given download: true would be ignored
+
+
 def _decode(root: Path, kind: str, test: str, size: int | None) -> Dataset:
     if kind == "tree":
         trees, classes = read_tree(root, ("train", test))

@@ -20,3 +20,18 @@ def load_dataset(cfg: DataConfig | Mapping) -> Dataset:
         cfg = build(DataConfig, cfg, "data")
     full = DATASETS.get(cfg.name)(cfg)
     return take_subsets(full, cfg)
+
+
+def locate_dataset(cfg: DataConfig | Mapping) -> str:
+    """Where ``cfg``'s data would be read from, without decoding it; a ConfigError naming
+    ``data.root`` when nothing usable is there. A loader that reads no files (digits) just runs."""
+    from .sources import Located, locate_only
+
+    if not isinstance(cfg, DataConfig):
+        cfg = build(DataConfig, cfg, "data")
+    with locate_only():
+        try:
+            DATASETS.get(cfg.name)(cfg)
+        except Located as found:
+            return str(found.path) if found.path is not None else "(to be downloaded)"
+    return "(built in)"

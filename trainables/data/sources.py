@@ -2,6 +2,8 @@
 nothing usable is found. Nothing is downloaded unless ``data.download`` is true."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -19,6 +21,28 @@ def download_dir() -> Path:
 
 class DataNotFoundError(ConfigError):
     """No usable data at ``data.root`` or the default places."""
+
+
+class Located(Exception):
+    """Raised by :func:`find_root` under :func:`locate_only`: the data is there (or may be downloaded)."""
+
+    def __init__(self, path: Path | None):
+        super().__init__(str(path))
+        self.path = path
+
+
+_LOCATE_ONLY = contextvars.ContextVar("bibau_locate_only", default=False)
+
+
+@contextlib.contextmanager
+def locate_only():
+    """Within this block :func:`find_root` stops with :class:`Located` instead of returning, so a
+    loader can be asked whether its data is present without decoding it."""
+    token = _LOCATE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCATE_ONLY.reset(token)
 
 
 def repo_shared_data() -> Path:
@@ -62,8 +86,12 @@ def find_root(cfg: DataConfig, name: str, detect: Callable[[Path], L | None], *,
         seen.append(path)
         layout = detect(path) if path.exists() else None
         if layout is not None:
+            if _LOCATE_ONLY.get():
+                raise Located(path)
             return path, layout
     if cfg.download and download is not None:
+        if _LOCATE_ONLY.get():
+            raise Located(None)  # nothing here yet, and the download is allowed
         dest = tried[0] if cfg.root is not None else download_dir() / name
         download(dest)
         layout = detect(dest)

@@ -56,6 +56,9 @@ def tiny_imagenet(cfg: DataConfig) -> Dataset:
     return cached(cfg, "tiny-imagenet", {**key, "image_size": size}, lambda: resized(native(), size))
 
 
+tiny_imagenet.unused_fields = ("download",)  # nothing to download it from: a given download: true would be ignored
+
+
 def _decode(layout: dict, size: int) -> Dataset:
     base: Path = layout["base"]
     if (base / "wnids.txt").is_file():
