@@ -1,6 +1,8 @@
 """The baselines' shared parts and their validation: BN layers and their convolutions on every
 registered model, the pruning rules (MAD outliers, entropy, channel Lipschitz), thresholds and
 models without BatchNorm refused before any work, the declared data use enforced."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -149,3 +151,31 @@ def test_defaults_are_the_references():
     assert (cfg["rnp"].clean_threshold, cfg["rnp"].prune_threshold) == (0.2, 0.7)
     assert (cfg["btidbf_u"].norm_bound, cfg["btidbf_u"].trigger_fraction, cfg["btidbf_u"].optimizer) == (0.3, 0.2, "adam")
     assert [c.data_use for c in cfg.values()] == ["clean_split"] * 3 + ["poisoned_batch", "clean_split", "none"]
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_smoke_test_shrinks_every_defense(name):
+    from trainables.trial import smoke_config
+
+    cfg = smoke_config(build(RunConfig, {"defense": {"name": name}}))
+    assert cfg.defense.name == name and cfg.defense.data_use == DEFENSES.get(name).declared_data_use()
+    for key in ("epochs", "search_epochs", "rounds", "pretrain_epochs", "invert_epochs", "unlearn_epochs",
+                "recover_epochs"):
+        if hasattr(cfg.defense, key):
+            assert getattr(cfg.defense, key) == 1, key
+    if name == "anp":
+        assert cfg.defense.iterations <= 10
+
+
+def test_a_trial_hands_ep_a_poisoned_batch_and_reports_its_findings(tmp_path):
+    from orchestrator.config import load_run_config
+    from trainables.trial import run_trial
+
+    spec = Path(__file__).resolve().parents[1] / "search_spaces" / "run_digits_smoke.yaml"
+    cfg = load_run_config(str(spec),
+                          ["defense={name: ep, batch_size: 64}", f"cache_dir={tmp_path}", "device=cpu"])
+    lines = []
+    report = run_trial(cfg, log=lines.append, smoke_test=True)
+    assert report["defense_data_use"] == "poisoned_batch" and report["defense_poisoned_batch_size"] == 64.0
+    assert report["defense_pruned_channels"] >= 0 and "defense_pruned_fraction" in report
+    assert any("ep (data: poisoned_batch)" in line for line in lines)

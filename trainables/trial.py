@@ -57,8 +57,8 @@ def smoke_config(cfg: RunConfig) -> RunConfig:
                        "qra_clean_size": min(ev.qra_clean_size, 50), "qra_poison_size": min(ev.qra_poison_size, 50),
                        "qra_hidden": min(ev.qra_hidden, 64), "bec_samples": min(ev.bec_samples, 50)},
     }
-    if cfg.defense is not None and hasattr(cfg.defense, "epochs"):
-        changes["defense"] = {"epochs": 1}
+    if cfg.defense is not None and hasattr(cfg.defense, "smoke"):
+        changes["defense"] = cfg.defense.smoke()
     return cfg.replace(**changes)  # type: ignore[return-value]
 
 

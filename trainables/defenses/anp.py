@@ -39,6 +39,9 @@ class AnpConfig(BatchNormDefenseConfig, AugmentedDefenseConfig):
     prune_threshold: float = param(0.2, "prune the channels whose mask is at or below this (fixed, no oracle)")
     log_every: int = param(200, "iterations per history row", low=1)
 
+    def smoke(self) -> dict:
+        return {"iterations": 10, "log_every": 5}
+
     def check(self, path: str) -> None:
         super().check(path)
         check_threshold(self.prune_threshold, f"{path + '.' if path else ''}prune_threshold")

@@ -44,6 +44,10 @@ class DefenseConfig(Config):
                 raise ConfigError(f"{path + '.' if path else ''}data_use: {self.data_use!r} is not what defense "
                                   f"{self.name!r} uses; allowed: {declared!r} (leave it unset)")
 
+    def smoke(self) -> dict:
+        """Settings that shrink this defense for ``--smoke-test``, a fast end-to-end check."""
+        return {"epochs": 1} if hasattr(self, "epochs") else {}
+
     def check_model(self, model: ModelConfig, path: str) -> None:
         """Rules between the defense and the model it will get (BN-pruning needs BatchNorm);
         ``path`` names the model section. Called by the run config before any work."""

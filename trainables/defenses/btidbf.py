@@ -61,6 +61,9 @@ class BtiDbfConfig(UnlearnConfig):
     unet_depth: int = param(4, "levels of the generator", low=1)
     noise: float = param(0.03, "std of the Gaussian noise added before the target detection", low=0.0)
 
+    def smoke(self) -> dict:
+        return {"epochs": 1, "rounds": 1, "pretrain_epochs": 1, "mask_epochs": 1, "invert_epochs": 1}
+
 
 def _image_mse(f: Classifier, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(f.normalize(a.float()), f.normalize(b.float()))

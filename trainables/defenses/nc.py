@@ -53,6 +53,9 @@ class NeuralCleanseConfig(UnlearnConfig):
                                      low=0.0, high=1.0)
     anomaly_threshold: float = param(2.0, "MAD anomaly index at or above which the model is flagged (2 in NC)", low=0.0)
 
+    def smoke(self) -> dict:
+        return {"epochs": 1, "search_epochs": 1}
+
 
 @DEFENSES.register("nc")
 class NeuralCleanse(Defense):

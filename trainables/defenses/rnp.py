@@ -41,6 +41,9 @@ class RnpConfig(BatchNormDefenseConfig, AugmentedDefenseConfig):
     alpha: float = param(0.2, "weight of the CE while the masks learn", low=0.0, low_open=True)
     prune_threshold: float = param(0.7, "prune the channels whose mask is at or below this (fixed, no oracle)")
 
+    def smoke(self) -> dict:
+        return {"unlearn_epochs": 1, "recover_epochs": 1}
+
     def check(self, path: str) -> None:
         super().check(path)
         prefix = path + "." if path else ""
