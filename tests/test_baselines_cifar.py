@@ -12,8 +12,6 @@ What each does at this scale, measured (seed 0; backdoored CA 0.406 / ASR 0.947)
   the target at the CPU scale is for the benchmark.
 * ANP (200 iterations of batch 32 instead of 2000 of 128; fixed threshold 0.2): 16 channels
   pruned, ASR 0.59, CA 0.37.
-Times on 2 shared cores: NC 30 s, BTI-DBF(U) 22 s, ANP 34 s, RNP 13 s, EP and CLP under 1 s, plus
-31 s to build the backdoored model.
 * EP (one poisoned batch of 256, u = 3): 6 channels pruned, ASR 0.79, CA 0.40.
 * RNP (its defaults): the unlearning reaches 17% clean accuracy after 4 epochs; with the fixed
   threshold 0.7 the masks prune 27% of the channels: ASR 0.00, CA 0.17 (the clean accuracy does
@@ -21,6 +19,8 @@ Times on 2 shared cores: NC 30 s, BTI-DBF(U) 22 s, ANP 34 s, RNP 13 s, EP and CL
 * CLP (u = 3, data-free): prunes one channel, the one whose trigger-activated change is the
   largest of its layer (2.4x the layer mean), and keeps CA, but one channel is not the backdoor
   here: ASR 0.92. The test asserts that the pruned channels are trigger-driven.
+Times on 2 shared cores: NC 30 s, BTI-DBF(U) 22 s, ANP 34 s, RNP 13 s, EP and CLP under 1 s, plus
+31 s to build the backdoored model.
 """
 from types import SimpleNamespace
 
