@@ -22,23 +22,15 @@ What each does at this scale, measured (seed 0; backdoored CA 0.406 / ASR 0.947)
 Times on 2 shared cores: NC 30 s, BTI-DBF(U) 22 s, ANP 34 s, RNP 13 s, EP and CLP under 1 s, plus
 31 s to build the backdoored model.
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import trainables  # noqa: F401  (fill the registries)
-from trainables.attacks import build_attack
-from trainables.attacks.base import AttackConfig
 from trainables.config import build
-from trainables.data import DataConfig, defender_split, load_dataset
 from trainables.defenses import DefenseConfig, DefenseContext, build_defense
 from trainables.defenses.bn import batchnorm_units
 from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
-from trainables.models import ModelConfig, create_model
-from trainables.registry import ATTACKS, DEFENSES
-from trainables.schema import TrainConfig
-from trainables.train import train_model
+from trainables.registry import DEFENSES
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -46,23 +38,8 @@ TARGET = 0
 
 
 @pytest.fixture(scope="module")
-def bd(cifar10_archive):
-    ds = load_dataset(DataConfig(name="cifar10", root=str(cifar10_archive), image_size=16,
-                                 train_size=3000, test_size=500))
-    rest, clean_index = defender_split(ds.train, 0.1, seed=0)
-    attack = build_attack(build(AttackConfig, {"name": "badnets", "poison_rate": 0.1, "size": 6, "resize": "nearest",
-                                               "target": TARGET}, "attack", registry=ATTACKS), ds)
-    gen = torch.Generator().manual_seed(0)
-    poisoned, _ = attack.poison_trainset(ds.train, gen, exclude=clean_index)
-    model = create_model(ModelConfig(name="small_resnet", width=16, depth=3), ds.num_classes, mean=ds.mean,
-                         std=ds.std, generator=torch.Generator().manual_seed(0))
-    train_model(model, poisoned, TrainConfig(epochs=4, batch_size=64, lr=0.05, crop_padding=0, eval_every=0),
-                CPU, generator=gen, hflip_allowed=ds.hflip, log=lambda line: None)
-    poisoned_test = attack.poison_testset(ds.test)
-    batch = poisoned.subset(rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(1))[:256]])
-    return SimpleNamespace(model=model, clean=ds.train.subset(clean_index), test=ds.test, poisoned_test=poisoned_test,
-                           poisoned_batch=batch, hflip=ds.hflip, ca=clean_accuracy(model, ds.test, CPU),
-                           asr=attack_success_rate(model, poisoned_test, CPU))
+def bd(badnets_cifar16):
+    return badnets_cifar16  # conftest.py: the model of test_bibau_cifar.py, trained once per session
 
 
 def purify(bd, name, **settings):

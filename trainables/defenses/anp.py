@@ -24,8 +24,8 @@ from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
 from .base import AugmentedDefenseConfig, Defense, DefenseContext, DefenseResult, frozen_copy
-from .bn import (BatchNormDefenseConfig, check_threshold, insert_masks, mask_findings, prune_copy, pruning_findings,
-                 require_batchnorm, select_by_mask)
+from .bn import (BatchNormDefenseConfig, check_threshold, insert_masks, mask_findings, pruned_result, require_batchnorm,
+                 select_by_mask)
 
 
 @dataclass
@@ -124,8 +124,5 @@ class AdversarialNeuronPruning(Defense):
                         f"mask_mean={row['mask_mean']:.3f}")
                 sums.zero_()
                 t0 = time.perf_counter()
-        selected = select_by_mask(masks, cfg.prune_threshold)
-        findings = {**pruning_findings(selected), **mask_findings(masks)}
-        ctx.log(f"{self.name}: pruned {int(findings['pruned_channels'])} channels (mask <= {cfg.prune_threshold})")
-        pruned = prune_copy(model, selected, ctx.device)
-        return DefenseResult(model=pruned, history=history, seconds=time.perf_counter() - started, findings=findings)
+        return pruned_result(self.name, model, select_by_mask(masks, cfg.prune_threshold), ctx, started,
+                             f"mask <= {cfg.prune_threshold}", history, mask_findings(masks))

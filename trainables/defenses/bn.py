@@ -10,6 +10,7 @@ A channel is pruned by zeroing its BN weight and bias; masks are learned through
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -155,3 +156,20 @@ def select_by_mask(masks: dict[str, MaskedBatchNorm], threshold: float) -> dict[
 def mask_findings(masks: dict[str, MaskedBatchNorm]) -> dict[str, float]:
     values = torch.cat([m.mask.detach().flatten().cpu() for m in masks.values()])
     return {"mask_mean": float(values.mean()), "mask_min": float(values.min())}
+
+
+def pruned_result(defense: str, model: nn.Module, selected: dict[str, torch.Tensor], ctx, started: float,
+                  rule: str, history: list[dict] | None = None, extra: dict[str, float] | None = None):
+    """The end of every pruning defense: prune a copy of the suspicious ``model``, log and report
+    what was pruned (``rule`` says by what), with ``extra`` findings. Without ``history`` (a
+    one-pass defense), the history is one row with the pass's time."""
+    from .base import DefenseResult
+
+    findings = {**pruning_findings(selected), **(extra or {})}
+    if history is None:
+        history = [{"phase": "prune", "epoch": 1, "pruned_channels": findings["pruned_channels"],
+                    "seconds": time.perf_counter() - started}]
+    ctx.log(f"{defense}: pruned {int(findings['pruned_channels'])} channels in {int(findings['pruned_layers'])} "
+            f"layers ({rule})")
+    pruned = prune_copy(model, selected, ctx.device)
+    return DefenseResult(model=pruned, history=history, seconds=time.perf_counter() - started, findings=findings)

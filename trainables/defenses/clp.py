@@ -18,7 +18,7 @@ from ..data import ImageSet
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from .base import Defense, DefenseContext, DefenseResult
-from .bn import BatchNormDefenseConfig, BNUnit, prune_copy, pruning_findings, require_batchnorm
+from .bn import BatchNormDefenseConfig, BNUnit, pruned_result, require_batchnorm
 
 
 @dataclass
@@ -57,11 +57,5 @@ class ChannelLipschitzPruning(Defense):
                 skipped.append(unit.name)
                 continue
             selected[unit.name] = (uclc > uclc.mean() + cfg.u * uclc.std()).cpu()
-        findings = {**pruning_findings(selected), "layers_skipped": float(len(skipped))}
-        seconds = time.perf_counter() - started
-        ctx.log(f"{self.name}: pruned {int(findings['pruned_channels'])} channels in {int(findings['pruned_layers'])} "
-                f"layers (UCLC > mean + {cfg.u} std)" + (f"; no matching convolution: {skipped}" if skipped else ""))
-        pruned = prune_copy(model, selected, ctx.device)
-        history = [{"phase": "lipschitz", "epoch": 1, "pruned_channels": findings["pruned_channels"],
-                    "seconds": seconds}]
-        return DefenseResult(model=pruned, history=history, seconds=time.perf_counter() - started, findings=findings)
+        rule = f"UCLC > mean + {cfg.u} std" + (f"; no matching convolution: {skipped}" if skipped else "")
+        return pruned_result(self.name, model, selected, ctx, started, rule, extra={"layers_skipped": float(len(skipped))})

@@ -24,7 +24,7 @@ from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
 from .base import Defense, DefenseContext, DefenseResult, frozen_copy
-from .bn import BatchNormDefenseConfig, batchnorm_units, prune_copy, pruning_findings, require_batchnorm
+from .bn import BatchNormDefenseConfig, batchnorm_units, pruned_result, require_batchnorm
 
 
 @dataclass
@@ -77,10 +77,7 @@ class EntropyPruning(Defense):
             e = channel_entropy(maxima[u.name], cfg.bin_width)
             entropy[u.name] = e
             selected[u.name] = (e < e.mean() - cfg.u * e.std()).cpu()
-        findings = {**pruning_findings(selected), "poisoned_batch_size": float(len(ctx.poisoned_batch))}
-        seconds = time.perf_counter() - started
-        ctx.log(f"{self.name}: pruned {int(findings['pruned_channels'])} channels in {int(findings['pruned_layers'])} "
-                f"layers (entropy < mean - {cfg.u} std) from a poisoned batch of {len(ctx.poisoned_batch)}")
-        pruned = prune_copy(model, selected, ctx.device)
-        history = [{"phase": "entropy", "epoch": 1, "pruned_channels": findings["pruned_channels"], "seconds": seconds}]
-        return DefenseResult(model=pruned, history=history, seconds=time.perf_counter() - started, findings=findings)
+        n = len(ctx.poisoned_batch)
+        return pruned_result(self.name, model, selected, ctx, started,
+                             f"entropy < mean - {cfg.u} std on a poisoned batch of {n}",
+                             extra={"poisoned_batch_size": float(n)})
