@@ -87,7 +87,7 @@ def test_clp_bound_grows_with_the_kernel_and_prunes_the_outlier():
         model, ImageSet(torch.zeros(0, 3, 16, 16, dtype=torch.uint8), torch.zeros(0)),
         DefenseContext(device=CPU, num_classes=3, log=lambda line: None))
     pruned = dict(result.model.named_modules())[unit.name]
-    assert pruned.weight[2] == 0 and result.findings[f"pruned/{unit.name}"] >= 1
+    assert pruned.weight[2] == 0 and result.findings[f"pruned.{unit.name}"] >= 1
 
 
 @pytest.mark.parametrize("name,key", [("anp", "prune_threshold"), ("rnp", "prune_threshold"),

@@ -53,7 +53,7 @@ def purify(bd, name, **settings):
     assert all(torch.equal(v, before[k]) for k, v in bd.model.state_dict().items())
     ca, asr = clean_accuracy(result.model, bd.test, CPU), attack_success_rate(result.model, bd.poisoned_test, CPU)
     print(f"{name}: CA {bd.ca:.3f} -> {ca:.3f}, ASR {bd.asr:.3f} -> {asr:.3f} in {result.seconds:.1f}s; "
-          f"{ {k: round(v, 3) for k, v in result.findings.items() if '/' not in k} }")
+          f"{ {k: round(v, 3) for k, v in result.findings.items() if '.' not in k} }")
     return result, ca, asr
 
 
@@ -65,8 +65,8 @@ def test_nc_flags_the_target_and_unlearns_it(bd):
     result, ca, asr = purify(bd, "nc", search_epochs=8, patience=2, early_stop_patience=5, epochs=5,
                              batch_size=64)
     f = result.findings
-    assert f["flagged"] == 1.0 and f["anomaly_index"] >= 2.0 and f.get(f"flagged/{TARGET}") == 1.0
-    assert f[f"mask_l1/{TARGET}"] == min(v for k, v in f.items() if k.startswith("mask_l1/"))
+    assert f["flagged"] == 1.0 and f["anomaly_index"] >= 2.0 and f.get(f"flagged.{TARGET}") == 1.0
+    assert f[f"mask_l1.{TARGET}"] == min(v for k, v in f.items() if k.startswith("mask_l1."))
     assert asr < 0.3 and asr < bd.asr - 0.5, f"ASR {bd.asr:.3f} -> {asr:.3f}"
     assert ca > bd.ca - 0.08
 
@@ -107,7 +107,7 @@ def test_rnp_removes_the_backdoor_at_a_clean_accuracy_cost(bd):
 
 def test_clp_prunes_trigger_driven_channels_without_data(bd):
     result, ca, asr = purify(bd, "clp")
-    pruned = {k.split("/", 1)[1]: v for k, v in result.findings.items() if k.startswith("pruned/") and v > 0}
+    pruned = {k.split(".", 1)[1]: v for k, v in result.findings.items() if k.startswith("pruned.") and v > 0}
     assert pruned and abs(ca - bd.ca) < 0.03
     # CLP's premise: the channels with an outlying Lipschitz bound are the ones the trigger drives
     layers = {u.name: u.bn for u in batchnorm_units(bd.model)}

@@ -129,12 +129,12 @@ def prune_channels(model: nn.Module, selected: dict[str, torch.Tensor]) -> None:
 
 
 def pruning_findings(selected: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Channels pruned in all and per layer (``pruned/<layer>``), for the trial's report."""
+    """Channels pruned in all and per layer (``pruned.<layer>``), for the trial's report."""
     total = sum(int(p.sum()) for p in selected.values())
     channels = sum(p.numel() for p in selected.values())
     out: dict[str, float] = {"pruned_channels": float(total), "pruned_fraction": total / max(channels, 1),
                              "pruned_layers": float(sum(bool(p.any()) for p in selected.values()))}
-    out.update({f"pruned/{name}": float(p.sum()) for name, p in selected.items()})
+    out.update({f"pruned.{name}": float(p.sum()) for name, p in selected.items()})
     return out
 
 

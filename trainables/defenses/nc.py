@@ -81,8 +81,8 @@ class NeuralCleanse(Defense):
         norms_t = torch.tensor(norms)
         index, flagged = mad_outliers(norms_t, cfg.anomaly_threshold)
         findings = {"anomaly_index": index, "flagged": float(bool(flagged)), "flagged_classes": float(len(flagged)),
-                    **{f"mask_l1/{k}": float(v) for k, v in enumerate(norms)},
-                    **{f"flagged/{k}": 1.0 for k in flagged}}
+                    **{f"mask_l1.{k}": float(v) for k, v in enumerate(norms)},
+                    **{f"flagged.{k}": 1.0 for k in flagged}}
         ctx.log(f"{self.name}: mask L1 norms {[round(v, 1) for v in norms]}, anomaly index {index:.3g}; "
                 + (f"flagged classes {flagged}" if flagged else "not flagged: the model is returned unchanged"))
         f = trainable_copy(model, ctx.device)
