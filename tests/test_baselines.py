@@ -179,3 +179,11 @@ def test_a_trial_hands_ep_a_poisoned_batch_and_reports_its_findings(tmp_path):
     assert report["defense_data_use"] == "poisoned_batch" and report["defense_poisoned_batch_size"] == 64.0
     assert report["defense_pruned_channels"] >= 0 and "defense_pruned_fraction" in report
     assert any("ep (data: poisoned_batch)" in line for line in lines)
+
+
+def test_pareto_plots_label_a_baseline_with_the_data_it_saw_beyond_the_clean_split():
+    from orchestrator.tracking import baseline_label
+
+    assert baseline_label("nc") == "nc (baseline)"
+    assert baseline_label("ep") == "ep (baseline; data: poisoned_batch)"
+    assert baseline_label("clp") == "clp (baseline; data: none)"
