@@ -397,6 +397,15 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def baseline_label(defense: str) -> str:
+    """``<defense> (baseline)``, with the data it saw when that is more than the clean split (EP's
+    poisoned batch, the IBU reference's poisoned samples, CLP's none)."""
+    from trainables.registry import DEFENSES
+
+    use = DEFENSES.get(defense).declared_data_use() if defense in DEFENSES else "clean_split"
+    return f"{defense} (baseline)" if use == "clean_split" else f"{defense} (baseline; data: {use})"
+
+
 def plot_front(attack: str, records: Sequence[TrialRecord], front: Sequence[TrialRecord], objectives: Sequence) -> dict:
     """One figure per objective after the first: the first objective (y) against it (x), every
     usable trial, the Pareto trials and the 2-D front of the projection; baselines labelled."""
@@ -427,7 +436,7 @@ def plot_front(attack: str, records: Sequence[TrialRecord], front: Sequence[Tria
                     label=f"front in ({o.metric}, {first.metric})")
         for r in (r for r in usable if not r.tuned):
             ax.scatter([r.metrics[o.metric]], [r.metrics[first.metric]], marker="*", s=160, zorder=5,
-                       label=f"{r.defense} (baseline)")
+                       label=baseline_label(r.defense))
         ax.set_xlabel(f"{o.metric} ({o.mode})")
         ax.set_ylabel(f"{first.metric} ({first.mode})")
         ax.set_title(f"{attack}: {first.metric} against {o.metric}")

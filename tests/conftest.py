@@ -34,6 +34,46 @@ def digits():
     return load_dataset(DataConfig(name="digits"))
 
 
+@pytest.fixture(scope="session")
+def badnets_cifar16(cifar10_archive):
+    """A small BadNets model on real CIFAR-10, shared by the defenses' real-data tests: 3,000
+    training images at 16x16 (a 3x3 white patch: size 6 on the 32x32 grid, resized by nearest
+    neighbour; 10% poisoned, target 0), small ResNet width 16 depth 3, 4 epochs, no crop, flips;
+    a 300-image clean split. Also a batch of 256 of the poisoned training set (for EP). Defenses
+    must leave ``model`` untouched (their tests check it)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from trainables.attacks import build_attack
+    from trainables.attacks.base import AttackConfig
+    from trainables.config import build
+    from trainables.data import DataConfig, defender_split, load_dataset
+    from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
+    from trainables.models import ModelConfig, create_model
+    from trainables.registry import ATTACKS
+    from trainables.schema import TrainConfig
+    from trainables.train import train_model
+
+    cpu = torch.device("cpu")
+    ds = load_dataset(DataConfig(name="cifar10", root=str(cifar10_archive), image_size=16,
+                                 train_size=3000, test_size=500))
+    rest, clean_index = defender_split(ds.train, 0.1, seed=0)
+    attack = build_attack(build(AttackConfig, {"name": "badnets", "poison_rate": 0.1, "size": 6, "resize": "nearest",
+                                               "target": 0}, "attack", registry=ATTACKS), ds)
+    gen = torch.Generator().manual_seed(0)
+    poisoned, _ = attack.poison_trainset(ds.train, gen, exclude=clean_index)
+    model = create_model(ModelConfig(name="small_resnet", width=16, depth=3), ds.num_classes, mean=ds.mean,
+                         std=ds.std, generator=torch.Generator().manual_seed(0))
+    train_model(model, poisoned, TrainConfig(epochs=4, batch_size=64, lr=0.05, crop_padding=0, eval_every=0),
+                cpu, generator=gen, hflip_allowed=ds.hflip, log=lambda line: None)
+    poisoned_test = attack.poison_testset(ds.test)
+    batch = poisoned.subset(rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(1))[:256]])
+    return SimpleNamespace(model=model, clean=ds.train.subset(clean_index), test=ds.test, poisoned_test=poisoned_test,
+                           poisoned_batch=batch, hflip=ds.hflip, target=0, ca=clean_accuracy(model, ds.test, cpu),
+                           asr=attack_success_rate(model, poisoned_test, cpu))
+
+
 @pytest.fixture(autouse=True)
 def _no_mlflow_environment(monkeypatch):
     """A developer's MLFLOW_TRACKING_URI must not send the tests' runs to their server."""

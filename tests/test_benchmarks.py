@@ -61,6 +61,29 @@ def test_the_done_when_check_reads_the_reports():
     assert "badnets FT R-ASR 90.0 > bibau_u R-ASR 10.0: PASS" in lines
 
 
+def test_cifar10_small_takes_its_defenses_from_the_registry():
+    from trainables.registry import DEFENSES
+
+    assert cifar10_small.DEFENSES == ("none", *DEFENSES.names())
+    assert {"nc", "btidbf_u", "anp", "ep", "rnp", "clp"} <= set(cifar10_small.DEFENSES)
+
+
+def test_baseline_costs_in_epoch_equivalents_and_the_comparisons():
+    history = {"attack": [{"epoch": e, "seconds": s} for e, s in enumerate([10.0, 12.0, 11.0], 1)]}
+    assert cifar10_small.epoch_seconds({"history": history}) == 11.0
+
+    def rep(defense, seconds, r_asr, q_asr):
+        return {"defense": defense, "time_defense_s": seconds, "epoch_seconds": 10.0, "r_asr": r_asr, "q_asr": q_asr}
+
+    reports = {("badnets", "bibau_u"): rep("bibau_u", 100, 0.05, 0.08), ("badnets", "nc"): rep("nc", 300, 0.9, 0.2),
+               ("badnets", "clp"): rep("clp", 1, 0.1, 0.12), ("badnets", "ep"): rep("ep", 2, 0.95, 0.5)}
+    assert cifar10_small.epochs_equivalent(reports[("badnets", "nc")]) == 30.0
+    lines = cifar10_small.compare_baselines(reports)
+    assert "badnets nc max(R-ASR, Q-ASR) 90.0 well above BI-BAU(U)'s 8.0: PASS" in lines
+    assert "badnets clp max(R-ASR, Q-ASR) 12.0 well above BI-BAU(U)'s 8.0: MISS" in lines
+    assert "badnets cost order nc 30.00E, ep 0.20E, clp 0.10E; synthesis > pruning: PASS" in lines
+
+
 def test_quickstart_time_rejects_a_bad_spec_override_before_starting_the_sweep(tmp_path):
     from benchmarks import quickstart_time
     from trainables.config import ConfigError

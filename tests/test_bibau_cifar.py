@@ -10,44 +10,22 @@ the model was trained (no crop, flips). Measured 2026-11-30 (seed 0, 2 shared CP
 in all): backdoored CA 0.406 / ASR 0.947; BI-BAU(U) CA 0.312 / ASR 0.062; FT CA 0.402 / ASR 0.924.
 (Before 2026-11-30 the default added the M-step distillation, now ``bibau_u_kd``: CA 0.358 / ASR 0.067.)
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import trainables  # noqa: F401  (fill the registries)
-from trainables.attacks import build_attack
-from trainables.attacks.base import AttackConfig
 from trainables.config import build
-from trainables.data import DataConfig, defender_split, load_dataset
 from trainables.defenses import DefenseConfig, DefenseContext, build_defense
 from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
-from trainables.models import ModelConfig, create_model
-from trainables.registry import ATTACKS, DEFENSES
-from trainables.schema import TrainConfig
-from trainables.train import train_model
+from trainables.registry import DEFENSES
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def backdoored(cifar10_archive):
-    ds = load_dataset(DataConfig(name="cifar10", root=str(cifar10_archive), image_size=16,
-                                 train_size=3000, test_size=500))
-    _, clean_index = defender_split(ds.train, 0.1, seed=0)
-    attack = build_attack(build(AttackConfig, {"name": "badnets", "poison_rate": 0.1, "size": 6, "resize": "nearest"},
-                                "attack", registry=ATTACKS), ds)
-    gen = torch.Generator().manual_seed(0)
-    poisoned, _ = attack.poison_trainset(ds.train, gen, exclude=clean_index)
-    model = create_model(ModelConfig(name="small_resnet", width=16, depth=3), ds.num_classes, mean=ds.mean,
-                         std=ds.std, generator=torch.Generator().manual_seed(0))
-    train_model(model, poisoned, TrainConfig(epochs=4, batch_size=64, lr=0.05, crop_padding=0, eval_every=0),
-                CPU, generator=gen, hflip_allowed=ds.hflip, log=lambda line: None)
-    poisoned_test = attack.poison_testset(ds.test)
-    return SimpleNamespace(model=model, clean=ds.train.subset(clean_index), test=ds.test, poisoned_test=poisoned_test,
-                           ca=clean_accuracy(model, ds.test, CPU), asr=attack_success_rate(model, poisoned_test, CPU),
-                           hflip=ds.hflip)
+def backdoored(badnets_cifar16):
+    return badnets_cifar16  # conftest.py: shared with the baselines' real-data tests
 
 
 def purify(bd, name, **overrides):

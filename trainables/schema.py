@@ -106,5 +106,7 @@ class RunConfig(Config):
                 setattr(self.defense, name, getattr(self.train, name))
 
     def check(self, path: str) -> None:
+        if self.defense is not None and hasattr(self.defense, "check_model"):
+            self.defense.check_model(self.model, f"{path + '.' if path else ''}model")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{path + '.' if path else ''}device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")

@@ -57,8 +57,8 @@ def smoke_config(cfg: RunConfig) -> RunConfig:
                        "qra_clean_size": min(ev.qra_clean_size, 50), "qra_poison_size": min(ev.qra_poison_size, 50),
                        "qra_hidden": min(ev.qra_hidden, 64), "bec_samples": min(ev.bec_samples, 50)},
     }
-    if cfg.defense is not None and hasattr(cfg.defense, "epochs"):
-        changes["defense"] = {"epochs": 1}
+    if cfg.defense is not None and hasattr(cfg.defense, "smoke"):
+        changes["defense"] = cfg.defense.smoke()
     return cfg.replace(**changes)  # type: ignore[return-value]
 
 
@@ -242,6 +242,7 @@ class DefenseStage:
     model: Classifier
     history: list[dict]
     seconds: float
+    findings: dict = field(default_factory=dict)  # what the defense found, reported as defense_<key>
 
 
 def defense_stage(cfg: RunConfig, stage: AttackStage, device: torch.device, log: Log = print) -> DefenseStage | None:
@@ -255,16 +256,28 @@ def defense_stage(cfg: RunConfig, stage: AttackStage, device: torch.device, log:
     start = time.perf_counter()
     build_defense = getattr(defenses, "build_defense", None)
     defense = build_defense(cfg.defense) if build_defense else DEFENSES.get(cfg.defense.name)(cfg.defense)
+    data_use = type(defense).declared_data_use()
     ctx = DefenseContext(device=device, num_classes=stage.dataset.num_classes, seed=cfg.seed,
                          hflip=stage.dataset.hflip,
                          target=stage.attack.target if defense.needs_target else None,
-                         poisoned=stage.poisoned_samples() if defense.uses_poisoned_data else None, log=log)
+                         poisoned=stage.poisoned_samples() if defense.uses_poisoned_data else None,
+                         poisoned_batch=poisoned_batch(stage, getattr(cfg.defense, "batch_size", 256), cfg.seed)
+                         if data_use == "poisoned_batch" else None, log=log)
     clean = stage.clean_split
-    log(f"[defense] {cfg.defense.name} on {len(clean)} clean images")
+    log(f"[defense] {cfg.defense.name} (data: {data_use}) on {len(clean)} clean images")
     result = defense.purify(stage.model, clean, ctx)
     seconds = time.perf_counter() - start
     log(f"[defense] done ({seconds:.1f}s)")
-    return DefenseStage(model=result.model, history=result.history, seconds=seconds)
+    return DefenseStage(model=result.model, history=result.history, seconds=seconds,
+                        findings=dict(getattr(result, "findings", {})))
+
+
+def poisoned_batch(stage: AttackStage, size: int, seed: int) -> ImageSet:
+    """A random batch of the poisoned training set as the attacker labelled it (the defender's
+    clean split left out): what EP-style defenses assume they are given."""
+    gen = seeded_generator(seed, "defense_poisoned_batch")
+    pick = stage.rest_index[torch.randperm(len(stage.rest_index), generator=gen)[:size]]
+    return stage.poisoned_train.subset(pick.sort().values)
 
 
 # -- stage 3: the evaluation ---------------------------------------------------------------------
@@ -353,6 +366,9 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         "time_data_s": time_data, "time_attack_s": stage.seconds,
         "time_defense_s": defended.seconds if defended is not None else 0.0, "time_eval_s": time_eval,
     })
+    if defended is not None:
+        report["defense_data_use"] = getattr(cfg.defense, "data_use", None)
+        report.update({f"defense_{k}": v for k, v in defended.findings.items()})
     report["wall_time_s"] = time.perf_counter() - start
     report["history"] = {"attack": stage.history, "defense": defended.history if defended is not None else []}
 

@@ -1,7 +1,8 @@
-"""Defenses: a Defense subclass per method, registered in DEFENSES (BI-BAU, FT, the IBU reference)."""
+"""Defenses: a Defense subclass per method, registered in DEFENSES (BI-BAU, FT, the IBU reference, and the
+baselines NC, BTI-DBF(U), ANP, EP, RNP, CLP)."""
 from ..config import build
 from ..registry import DEFENSES
-from . import bibau, finetune  # noqa: F401  (fill the registry)
+from . import anp, bibau, btidbf, clp, ep, finetune, nc, rnp  # noqa: F401  (fill the registry)
 from .base import Defense, DefenseConfig, DefenseContext, DefenseResult
 
 

@@ -1,8 +1,11 @@
 """The defense interface.
 
 A defense gets the suspicious model, the defender's small clean split and its config, and
-returns the purified model with its own diagnostics. It never sees the poisoned training data
-or the true trigger; the IBU reference declares ``uses_poisoned_data`` and is handed them.
+returns the purified model with its own diagnostics. Each defense declares the data it sees
+(``Defense.data_use``, copied into its config's ``data_use`` so it lands in the run's params):
+the clean split (most), none (data-free CLP), a batch of the poisoned training set (EP, which
+the post-training threat model does not grant), or the real poisoned samples with their true
+labels (the IBU reference, ``uses_poisoned_data``). Nothing else reaches it.
 """
 from __future__ import annotations
 
@@ -13,20 +16,62 @@ from typing import Callable
 
 import torch
 
-from ..config import Config, param
+from ..config import Config, ConfigError, param
 from ..data.base import ImageSet
-from ..models.base import Classifier
+from ..models.base import Classifier, ModelConfig
 from ..registry import DEFENSES
 from ..runtime import prepare_model
+
+
+# what a defense may see, besides the suspicious model
+DATA_USES = ("clean_split", "none", "poisoned_batch", "clean_split+poisoned_samples")
 
 
 @dataclass
 class DefenseConfig(Config):
     name: str = param("bibau_u", "registered defense", registry=DEFENSES)
+    data_use: str | None = param(None, "data the defense sees, declared by the defense and recorded with the run "
+                                 "(not a setting: None fills in the declaration)", choices=DATA_USES)
+
+    def resolve(self) -> None:
+        if self.name in DEFENSES:
+            self.data_use = self.data_use or DEFENSES.get(self.name).declared_data_use()
+
+    def check(self, path: str) -> None:
+        if self.name in DEFENSES:
+            declared = DEFENSES.get(self.name).declared_data_use()
+            if self.data_use != declared:
+                raise ConfigError(f"{path + '.' if path else ''}data_use: {self.data_use!r} is not what defense "
+                                  f"{self.name!r} uses; allowed: {declared!r} (leave it unset)")
+
+    def smoke(self) -> dict:
+        """Settings that shrink this defense for ``--smoke-test``, a fast end-to-end check."""
+        return {"epochs": 1} if hasattr(self, "epochs") else {}
+
+    def check_model(self, model: ModelConfig, path: str) -> None:
+        """Rules between the defense and the model it will get (BN-pruning needs BatchNorm);
+        ``path`` names the model section. Called by the run config before any work."""
+        return None
 
 
 @dataclass
-class SGDDefenseConfig(DefenseConfig):
+class AugmentedDefenseConfig(DefenseConfig):
+    """Fields shared by defenses that draw (augmented) batches of the clean split at random."""
+
+    crop_padding: int | None = param(None, "random-crop padding of the clean split in pixels (0: no crop); "
+                                     "None: as the model was trained (train.crop_padding of the run)", low=0)
+    hflip: bool | None = param(None, "random horizontal flips of the clean split, where the data set allows them; "
+                               "None: as the model was trained (train.hflip of the run)")
+    seed: int | None = param(None, "seed of shuffling, augmentation and random starts; None: the trial's seed", low=0)
+
+    def augmentation(self, data_allows_flips: bool) -> tuple[int, bool]:
+        """(crop padding, flips) of the clean split. A defense built outside a run config, which
+        has no training to follow, leaves an unset value off."""
+        return self.crop_padding or 0, bool(self.hflip) and data_allows_flips
+
+
+@dataclass
+class SGDDefenseConfig(AugmentedDefenseConfig):
     """Fields shared by defenses that fine-tune the model with SGD on the clean split."""
 
     epochs: int = param(10, "passes over the defender's clean split", low=1)
@@ -36,19 +81,9 @@ class SGDDefenseConfig(DefenseConfig):
     weight_decay: float = param(5e-4, "L2 weight decay", low=0.0)
     nesterov: bool = param(False, "Nesterov momentum")
     schedule: str = param("cosine", "learning-rate schedule over the defense's steps", choices=("cosine", "constant"))
-    crop_padding: int | None = param(None, "random-crop padding of the clean split in pixels (0: no crop); "
-                                     "None: as the model was trained (train.crop_padding of the run)", low=0)
-    hflip: bool | None = param(None, "random horizontal flips of the clean split, where the data set allows them; "
-                               "None: as the model was trained (train.hflip of the run)")
-    seed: int | None = param(None, "seed of shuffling, augmentation and random starts; None: the trial's seed", low=0)
     bn_stats: str = param("train", "BatchNorm while updating: train (batch statistics, running stats updated) or "
                           "frozen (the suspicious model's running statistics, affine weights still learned)",
                           choices=("train", "frozen"))
-
-    def augmentation(self, data_allows_flips: bool) -> tuple[int, bool]:
-        """(crop padding, flips) of the clean split. A defense built outside a run config, which
-        has no training to follow, leaves an unset value off."""
-        return self.crop_padding or 0, bool(self.hflip) and data_allows_flips
 
 
 @dataclass
@@ -61,6 +96,9 @@ class DefenseContext:
     hflip: bool = True  # the data set allows horizontal flips as augmentation
     target: int | None = None  # attack target; handed only to defenses with ``needs_target``
     poisoned: ImageSet | None = None  # real poisoned samples, true labels; only ``uses_poisoned_data``
+    # a random batch of the poisoned training set as the attacker labelled it (clean and poisoned
+    # images mixed); only for ``data_use == "poisoned_batch"`` (EP)
+    poisoned_batch: ImageSet | None = None
     log: Callable[[str], None] = print
 
 
@@ -69,6 +107,9 @@ class DefenseResult:
     model: Classifier
     history: list[dict] = field(default_factory=list)  # per-epoch diagnostics (losses, time)
     seconds: float = 0.0
+    # what the defense found (flagged classes, pruned channels, trigger norms): flat numbers,
+    # reported with the trial's metrics as ``defense_<key>``
+    findings: dict[str, float] = field(default_factory=dict)
 
 
 class Defense(abc.ABC):
@@ -76,6 +117,13 @@ class Defense(abc.ABC):
     Config = DefenseConfig
     needs_target: bool = False  # targeted variants assume the target class is known
     uses_poisoned_data: bool = False  # only the IBU reference
+    data_use: str | None = None  # one of DATA_USES; None: the clean split (and the poisoned samples for IBU)
+
+    @classmethod
+    def declared_data_use(cls) -> str:
+        if cls.data_use is not None:
+            return cls.data_use
+        return "clean_split+poisoned_samples" if cls.uses_poisoned_data else "clean_split"
 
     def __init__(self, cfg: DefenseConfig):
         self.cfg = cfg
@@ -90,7 +138,11 @@ class Defense(abc.ABC):
 
     def check_context(self, clean: ImageSet, ctx: DefenseContext) -> None:
         """Fail with a clear message when the trial did not hand over what this defense needs."""
-        if len(clean) < 2:
+        use = self.declared_data_use()
+        if use == "poisoned_batch" and (ctx.poisoned_batch is None or len(ctx.poisoned_batch) < 2):
+            raise ValueError(f"defense {self.name!r} needs a batch of the poisoned training set "
+                             "(DefenseContext.poisoned_batch), which was not given")
+        if use.startswith("clean_split") and len(clean) < 2:
             raise ValueError(f"defense {self.name!r}: the defender's clean split has {len(clean)} images; "
                              "it needs at least 2 (BatchNorm), raise data.clean_fraction")
         if self.needs_target:

@@ -1,0 +1,112 @@
+"""Parts shared by the trigger-synthesis defenses, NC and BTI-DBF(U) (defenses.md A1, A2).
+
+* :func:`stamp`: a mask-and-pattern trigger, (1 - m)·x + m·p in [0, 1] pixel space (NC's form);
+* :func:`unlearn_with_triggers`: fine-tune the model on its clean split with a share of each
+  batch replaced by synthesised-trigger images that keep their **true** labels (NC's unlearning
+  set, BTI-DBF(U)'s unlearning rounds), optionally with BTI-DBF(U)'s feature-consistency term.
+  The two papers differ only in the share, the optimiser and that term: they are parameters.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import param
+from ..data import ImageSet, batches
+from ..models.base import Classifier
+from ..runtime import autocast, prepare_batch
+from .base import DefenseContext, SGDDefenseConfig, sgd, train_mode
+
+Trigger = Callable[[torch.Tensor], torch.Tensor]  # x in [0, 1] -> triggered x in [0, 1]
+
+
+def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """(1 - m)·x + m·p; ``mask`` (1, H, W) or (B, 1, H, W), ``pattern`` (C, H, W), all in [0, 1]."""
+    return (1.0 - mask) * x + mask * pattern
+
+
+def n_triggered(batch: int, fraction: float, plus_one: bool) -> int:
+    """How many of a batch get the synthesised trigger: round(fraction·B) (NC's 20% of the set),
+    or int(fraction·B) + 1 (BTI-DBF(U)'s rule, never none)."""
+    k = int(fraction * batch) + 1 if plus_one else round(fraction * batch)
+    return max(0, min(batch, k))
+
+
+@dataclass
+class UnlearnConfig(SGDDefenseConfig):
+    """The fine-tuning of the trigger-synthesis defenses (the optimiser is SGD unless ``optimizer``)."""
+
+    optimizer: str = param("sgd", "optimiser of the unlearning: sgd (momentum, weight decay as set) or adam "
+                           "(betas 0.9/0.999, weight decay as set)", choices=("sgd", "adam"))
+    trigger_fraction: float = param(0.2, "share of each unlearning batch given a synthesised trigger, labels kept true",
+                                    low=0.0, high=1.0)
+
+
+def _optimizer(model: torch.nn.Module, cfg: UnlearnConfig, steps: int):
+    if cfg.optimizer == "sgd":
+        return sgd(model, cfg, steps)
+    from ..train import make_scheduler  # late: train imports the schema, which imports defenses.base
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                           weight_decay=cfg.weight_decay)
+    return opt, make_scheduler(opt, cfg, steps)
+
+
+def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg: UnlearnConfig, ctx: DefenseContext,
+                          gen: torch.Generator, name: str, *, epochs: int | None = None, plus_one: bool = False,
+                          feature_weight: float = 0.0, phase: str = "unlearn", log_prefix: str = "") -> list[dict]:
+    """Fine-tune ``f`` (in place) for ``epochs`` (default ``cfg.epochs``) passes over ``clean``:
+    loss = CE(f(x̃), y) + feature_weight·MSE(h(x̃), h(x)), where x̃ is the (augmented) batch with
+    its first ``n_triggered`` images replaced by ``trigger(x)``; the batch order is shuffled, so
+    which images get the trigger is random."""
+    epochs = cfg.epochs if epochs is None else epochs
+    crop, flip = cfg.augmentation(ctx.hflip)
+    clean = clean.to(ctx.device)
+    drop_last = len(clean) % cfg.batch_size == 1  # a lone image would break BatchNorm
+    steps = max(1, len(clean) // cfg.batch_size if drop_last else math.ceil(len(clean) / cfg.batch_size))
+    optimizer, scheduler = _optimizer(f, cfg, steps)
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        sums = torch.zeros(3, device=ctx.device)
+        for x, y in batches(clean, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,
+                            crop_padding=crop, hflip=flip, drop_last=drop_last):
+            k = n_triggered(len(y), cfg.trigger_fraction, plus_one)
+            if k:
+                with torch.no_grad():
+                    x_tilde = torch.cat([trigger(x[:k]).detach().clamp(0, 1).to(x.dtype), x[k:]])
+            else:
+                x_tilde = x
+            train_mode(f, cfg)
+            with autocast(ctx.device):
+                if feature_weight > 0:
+                    h = f.features(prepare_batch(torch.cat([x_tilde, x]), ctx.device)).float()
+                    h_tilde, h_clean = h.split(len(y))
+                    ce = F.cross_entropy(f.head(h_tilde).float(), y)
+                    feat = F.mse_loss(h_tilde, h_clean)
+                else:
+                    ce = F.cross_entropy(f(prepare_batch(x_tilde, ctx.device)).float(), y)
+                    feat = ce.new_zeros(())
+            loss = ce + feature_weight * feat
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([ce.detach(), feat.detach(), loss.detach()])
+        ce_m, feat_m, loss_m = (sums / steps).tolist()
+        row = {"phase": phase, "epoch": epoch, "lr": lr, "ce": ce_m, "feature_mse": feat_m, "loss": loss_m,
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        ctx.log(f"{name} {log_prefix}{phase} epoch {epoch}/{epochs}: lr={lr:.4g} ce={ce_m:.4g} "
+                f"feature_mse={feat_m:.4g}")
+        if not math.isfinite(loss_m):
+            raise FloatingPointError(f"{name} diverged while unlearning: the loss of epoch {epoch}/{epochs} is "
+                                     f"{loss_m} (lr {lr:.4g}); lower defense.lr")
+    f.eval()
+    return history
