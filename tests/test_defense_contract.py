@@ -72,7 +72,8 @@ def snapshot(model):
 
 
 def test_registered_defenses():
-    assert {"bibau_t", "bibau_u", "ft", "ibu", "nc", "btidbf_u", "anp", "ep", "rnp", "clp"} <= set(NAMES)
+    assert {"bibau_t", "bibau_u", "bibau_t_kd", "bibau_u_kd", "ft", "ibu", "nc", "btidbf_u", "anp", "ep", "rnp",
+            "clp"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,7 +114,7 @@ def test_purify_returns_a_purified_copy_and_leaves_the_input_alone(name):
     assert result.history and all(row["seconds"] >= 0 for row in result.history)
     assert result.seconds >= sum(row["seconds"] for row in result.history) * 0.99
     assert all(isinstance(v, float) and not math.isnan(v) for v in result.findings.values())
-    if name in ("bibau_t", "bibau_u", "ft", "ibu"):  # one history row per epoch
+    if name in ("bibau_t", "bibau_u", "bibau_t_kd", "bibau_u_kd", "ft", "ibu"):  # one history row per epoch
         assert [row["epoch"] for row in result.history] == [1, 2]
         assert all(row["lr"] > 0 for row in result.history)
         assert any("epoch 2/2" in line for line in lines)
