@@ -44,7 +44,7 @@ class RecordingAttack(Attack):
     def apply_trigger(self, x, train=False):
         return x
 
-    def training_batch(self, x, y, model, generator):
+    def training_batch(self, x, y, model, generator, *, poisonable=None, hflip=False):
         self.calls += 1
         self.seen.append(x.detach().clone())
         assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0

@@ -80,3 +80,10 @@ class DataConfig(Config):
     test_size: int | None = param(None, "images drawn from the test split, stratified; None: all", low=1)
     clean_fraction: float = param(0.05, "defender's clean split, as a fraction of the training images; disjoint from poison", low=0.0, high=0.9)
     seed: int = param(0, "seed of the subsets and of the defender's split", low=0)
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images this config loads, known without loading them: every data set
+        is RGB (grey ones are replicated), the side is ``image_size`` or the data set's own
+        (``native_size`` of its loader); None for an image folder kept at its files' sizes."""
+        side = self.image_size or getattr(DATASETS.get(self.name), "native_size", None)
+        return None if side is None else (3, side, side)
