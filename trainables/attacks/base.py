@@ -71,6 +71,7 @@ class Attack(abc.ABC):
     clean_label: bool = False  # poisoned samples keep their true label (SIG, Narcissus)
     build_time: bool = True  # poisons the training set when it is built; False: clean, or on the fly
     standard_augmentation: bool = True  # False: the trainer skips crop/flip (the attack augments itself)
+    adopts_state: bool = False  # load_state adopts saved tensors (drawn from the run's seed or data) instead of comparing
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int):
         if cfg.target >= num_classes:
