@@ -1,17 +1,22 @@
-"""Tables 1 and 2 of the paper at CPU scale: CIFAR-10, the small ResNet, BadNets and Blended, each
+"""Tables 1 and 2 of the paper at CPU scale: CIFAR-10, the small ResNet, every registered attack, each
 purified by BI-BAU(T), BI-BAU(U), FT and the IBU reference, evaluated by CA, ASR, R-ASR, Q-ASR, BEC.
 
-    python benchmarks/cifar10_small.py --record
+    python benchmarks/cifar10_small.py --record                      # every registered attack
+    python benchmarks/cifar10_small.py --attacks badnets,blended --record
 
-The attack stage is `search_spaces/run_<attack>_cifar10.yaml` (20,000 training images, small
-ResNet width 16 depth 4, 20 epochs, flips only): the same content hash as `bibau run` on that file, so the
-backdoored models come from the cache when those runs were made. Each row is one `run_trial`
+The attack list is the attack registry (less ``clean``). The attack stage is
+`search_spaces/run_<attack>_cifar10.yaml` (20,000 training images, small ResNet width 16 depth 4,
+20 epochs, flips only): the same content hash as `bibau run` on that file, so the backdoored models
+come from the cache when those runs were made; an attack without such a file runs at its registered
+defaults on the training of run_badnets_cifar10.yaml. Each row is one `run_trial`
 (attack from the cache -> defense -> every evaluation) with the defense's registered defaults
 unless `--defense-set` changes them; the "none" row evaluates the backdoored model itself.
 The clean reference model (RA on clean, QRA, BEC) is trained once, through the same cache.
 
-Checks the Done-when targets of issue 3 and prints them: BI-BAU(U) ASR <= 0.10, R-ASR <= 0.20,
-Q-ASR <= 0.20 at a CA drop of at most 8 points; FT's R-ASR above BI-BAU(U)'s.
+Checks the Done-when targets of issues 3 and 12 and prints them: BI-BAU(U) ASR <= 0.10, R-ASR <= 0.20,
+Q-ASR <= 0.20 at a CA drop of at most 8 points; FT's R-ASR above BI-BAU(U)'s; the backdoored model's
+ASR >= 0.85 (0.60 for the adaptive attacks at their low rates) with CA within 3 points of BadNets'.
+Each line also prints the attack stage's seconds per training epoch.
 `--record` appends one row per trial to docs/benchmarks.md; `--json` writes every report.
 """
 from __future__ import annotations
@@ -28,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, append_rows, load_average, machine  # noqa: E402
 from orchestrator.config import load_run_config  # noqa: E402
 from trainables.config import parse_overrides  # noqa: E402
+from trainables.registry import ATTACKS as ATTACK_REGISTRY  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 
-ATTACKS = ("badnets", "blended")
+ATTACKS = tuple(name for name in ATTACK_REGISTRY.names() if name != "clean")
 DEFENSES = ("none", "bibau_t", "bibau_u", "ft", "ibu")
 METRICS = ("ca", "asr", "ra", "qra", "bec")
 # BI-BAU at the registered defaults (METHOD: 20 epochs, 20 PGD steps) takes about an hour per model
@@ -39,6 +45,11 @@ METRICS = ("ca", "asr", "ra", "qra", "bec")
 _CPU_BIBAU = ("epochs=5", "pgd_steps=5", "pgd_eps=0.0627", "pgd_step=0.0157")
 CPU_SCALE = {"bibau_u": _CPU_BIBAU, "bibau_t": _CPU_BIBAU}
 TARGETS = {"asr": 0.10, "r_asr": 0.20, "q_asr": 0.20, "ca_drop": 0.08}
+# the backdoored model (issue 12): ASR at least this (the adaptive attacks run at the paper's 0.3%),
+# CA at most this far below the BadNets model's
+ATTACK_ASR = {"adaptive_blend": 0.60, "adaptive_patch": 0.60}
+ATTACK_ASR_DEFAULT = 0.85
+ATTACK_CA_GAP = 0.03
 
 SECTION = "## CIFAR-10 at CPU scale: Tables 1 and 2 (benchmarks/cifar10_small.py)"
 HEADER = ("| date | machine | attack | defense | settings | CA | ASR | R-ASR | RA on clean | Q-ASR | BEC "
@@ -79,7 +90,17 @@ def trial_config(attack: str, defense: str, args) -> object:
     if defense != "none":
         overrides.append(f"defense.name={defense}")
         overrides += [f"defense.{item}" for item in defense_items(defense, args)]
-    return load_run_config(str(ROOT / "search_spaces" / f"run_{attack}_cifar10.yaml"), overrides)
+    own = ROOT / "search_spaces" / f"run_{attack}_cifar10.yaml"
+    if not own.is_file():  # a registered attack without its own run file: its defaults, BadNets' training
+        overrides.insert(0, f"attack={{name: {attack}}}")
+        own = ROOT / "search_spaces" / "run_badnets_cifar10.yaml"
+    return load_run_config(str(own), overrides)
+
+
+def seconds_per_epoch(report: dict) -> float | None:
+    """Mean training seconds per epoch of the attack stage (from the cached history on a hit)."""
+    rows = [row["seconds"] for row in report.get("history", {}).get("attack", []) if "seconds" in row]
+    return sum(rows) / len(rows) if rows else None
 
 
 def settings(defense: str, args, cfg) -> str:
@@ -94,8 +115,17 @@ def settings(defense: str, args, cfg) -> str:
 def check(reports: dict[tuple[str, str], dict]) -> list[str]:
     """The Done-when lines of issue 3, each with its numbers and PASS or MISS."""
     lines = []
+    badnets = reports.get(("badnets", "none"))
     for attack in ATTACKS:
         base, bibau, ft = (reports.get((attack, d)) for d in ("none", "bibau_u", "ft"))
+        if base is not None:
+            need = ATTACK_ASR.get(attack, ATTACK_ASR_DEFAULT)
+            lines.append(f"{attack} backdoored ASR {pct(base['asr'])} >= {pct(need)}: "
+                         f"{'PASS' if base['asr'] >= need else 'MISS'}")
+            if badnets is not None and attack != "badnets":
+                gap = badnets["ca"] - base["ca"]
+                lines.append(f"{attack} backdoored CA {pct(base['ca'])} within {pct(ATTACK_CA_GAP)} of BadNets' "
+                             f"{pct(badnets['ca'])}: {'PASS' if gap <= ATTACK_CA_GAP else 'MISS'}")
         if bibau is None:
             continue
         conds = [("ASR", bibau["asr"], TARGETS["asr"]), ("R-ASR", bibau.get("r_asr"), TARGETS["r_asr"]),
@@ -149,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     for (attack, defense), cfg in configs.items():
         out = args.out / f"{attack}-{defense}" if args.out else None
         report = run_trial(cfg, out, log=log)
+        report["attack_s_per_epoch"] = seconds_per_epoch(report)
         report.pop("history", None)
         report["settings"] = settings(defense, args, cfg)
         reports[(attack, defense)] = report
         line = (f"{attack:8s} {defense:8s} CA {pct(report['ca'])} ASR {pct(report['asr'])} "
                 f"R-ASR {pct(report.get('r_asr'))} (clean {pct(report.get('ra_clean_asr'))}) "
                 f"Q-ASR {pct(report.get('q_asr'))} BEC {num(report.get('bec'))} "
-                f"times {report['time_attack_s']:.0f}/{report['time_defense_s']:.0f}/{report['time_eval_s']:.0f}s")
+                f"times {report['time_attack_s']:.0f}/{report['time_defense_s']:.0f}/{report['time_eval_s']:.0f}s "
+                f"(attack {num(report['attack_s_per_epoch'])} s/epoch)")
         print(line, flush=True)
         rows.append(
             f"| {datetime.date.today()} | {machine()} | {attack} | {defense} | {report['settings']} "

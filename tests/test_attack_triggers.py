@@ -153,7 +153,7 @@ def test_wanet_own_augmentation_and_noise_accuracy_set():
     assert torch.equal(extra["noise_acc"].x, attack.extra_test_sets(data.test)["noise_acc"].x)
 
 
-def test_wanet_run_records_noise_accuracy_and_keeps_the_clean_split_clean(tmp_path):
+def test_wanet_run_records_noise_accuracy_and_restores_its_field_from_the_cache(tmp_path):
     from trainables.trial import attack_stage
     from trainables.data import load_dataset
 
