@@ -32,31 +32,28 @@ import torch
 
 from ..config import ConfigError, param
 from ..registry import ATTACKS
-from .base import Attack, AttackConfig
-from .images import SKLEARN_IMAGES, SKLEARN_PREFIX, check_image_spec, load_image, quantize, resize
+from .base import check_cover_rate
+from .blended import Blended, BlendedConfig
 
 
 @dataclass
-class AdaptiveBlendConfig(AttackConfig):
+class AdaptiveBlendConfig(BlendedConfig):
     poison_rate: float = param(0.003, "fraction of the training set poisoned (the paper's 0.3%)", low=0.0, high=1.0)
     cover_rate: float = param(0.003, "fraction of the training set given the partial trigger with their true "
                               "labels (cover samples)", low=0.0, high=1.0)
     pieces: int = param(16, "blocks the trigger is cut into: a square number whose root divides the image side", low=1)
     mask_rate: float = param(0.5, "share of the pieces dropped in each poisoned or cover image", low=0.0, high=1.0)
-    alpha_train: float = param(0.15, "weight of the trigger in poisoned and cover training images", low=0.0, high=1.0)
+    alpha_train: float = param(0.15, "weight of the trigger in poisoned and cover training images (inside the "
+                               "pieces kept)", low=0.0, high=1.0)
     alpha_test: float = param(0.2, "weight of the (full) trigger in triggered test images", low=0.0, high=1.0)
-    image: str = param(SKLEARN_PREFIX + SKLEARN_IMAGES[0], "trigger image: a file path, or "
-                       f"{' / '.join(SKLEARN_PREFIX + n for n in SKLEARN_IMAGES)} (photos bundled with scikit-learn)")
 
     def check(self, path: str) -> None:
+        super().check(path)
         where = f"{path}." if path else "attack."
-        check_image_spec(self.image, f"{where}image")
         root = math.isqrt(self.pieces)
         if root * root != self.pieces:
             raise ConfigError(f"{where}pieces: {self.pieces} is not a square number; allowed: 1, 4, 9, 16, 25, ...")
-        if self.poison_rate + self.cover_rate > 1.0:
-            raise ConfigError(f"{where}cover_rate: poison_rate + cover_rate = {self.poison_rate + self.cover_rate:.4g} "
-                              "exceeds the training set; allowed: a sum of at most 1")
+        check_cover_rate(self, where)
 
     def check_image(self, image_shape: tuple[int, ...], path: str) -> None:
         root = math.isqrt(self.pieces)
@@ -67,18 +64,11 @@ class AdaptiveBlendConfig(AttackConfig):
 
 
 @ATTACKS.register("adaptive_blend")
-class AdaptiveBlend(Attack):
+class AdaptiveBlend(Blended):
+    """Blended's trigger image and full-trigger ``apply_trigger``; per-image masks when poisoning."""
+
     Config = AdaptiveBlendConfig
     cfg: AdaptiveBlendConfig
-
-    def __init__(self, cfg: AdaptiveBlendConfig, image_shape: tuple[int, int, int], num_classes: int):
-        super().__init__(cfg, image_shape, num_classes)
-        channels, height, width = self.image_shape
-        self.image = quantize(resize(load_image(cfg.image, channels), (height, width), "bilinear"))
-
-    def apply_trigger(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        alpha = self.cfg.alpha_train if train else self.cfg.alpha_test
-        return torch.lerp(x, self.tensor_on("image", x), alpha)
 
     def masks(self, n: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
         """(n, 1, H, W): per image, a fresh random ``mask_rate`` of the pieces set to 0, the rest 1."""
@@ -101,6 +91,3 @@ class AdaptiveBlend(Attack):
 
     def cover_images(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self._partial(x, generator)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"image": self.image}

@@ -42,7 +42,7 @@ import torch
 
 from ..config import ConfigError, param
 from ..registry import ATTACKS
-from .base import Attack, AttackConfig
+from .base import Attack, AttackConfig, check_cover_rate
 from .images import check_image_spec, load_image, resize
 
 REFERENCE = 32
@@ -87,9 +87,7 @@ class AdaptivePatchConfig(AttackConfig):
         if len(self.train_alphas) != len(self.train_triggers):
             raise ConfigError(f"{where}train_alphas: {len(self.train_alphas)} values for {len(self.train_triggers)} "
                               "train_triggers; allowed: one opacity per training trigger")
-        if self.poison_rate + self.cover_rate > 1.0:
-            raise ConfigError(f"{where}cover_rate: poison_rate + cover_rate = {self.poison_rate + self.cover_rate:.4g} "
-                              "exceeds the training set; allowed: a sum of at most 1")
+        check_cover_rate(self, where)
 
 
 def reference_trigger(name: str, channels: int, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:

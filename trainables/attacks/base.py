@@ -50,6 +50,14 @@ class AttackConfig(Config):
         return None
 
 
+def check_cover_rate(cfg: AttackConfig, where: str) -> None:
+    """Poisoned and cover samples are disjoint: their rates may not sum past the training set."""
+    total = cfg.poison_rate + getattr(cfg, "cover_rate", 0.0)
+    if total > 1.0:
+        raise ConfigError(f"{where}cover_rate: poison_rate + cover_rate = {total:.4g} exceeds the training set; "
+                          "allowed: a sum of at most 1")
+
+
 # seed of the per-sample trigger draws of triggered test sets (fixed: the same test set on every run)
 TEST_TRIGGER_SEED = 20_17
 
