@@ -1,13 +1,16 @@
-"""Tables 1 and 2 of the paper at CPU scale: CIFAR-10, the small ResNet, BadNets and Blended, each
+"""Tables 1 and 2 of the paper at CPU scale: CIFAR-10, the small ResNet, every registered attack, each
 purified by every registered defense: BI-BAU(T), BI-BAU(U) (the paper's method), this project's
 extension of them (bibau_t_kd, bibau_u_kd: + the M-step distillation), FT, the IBU reference and
 the baselines NC, BTI-DBF(U), ANP, EP, RNP, CLP, evaluated by CA, ASR, R-ASR, Q-ASR, BEC.
 
-    python benchmarks/cifar10_small.py --record
+    python benchmarks/cifar10_small.py --record                      # every registered attack
+    python benchmarks/cifar10_small.py --attacks badnets,blended --record
 
-The attack stage is `search_spaces/run_<attack>_cifar10.yaml` (20,000 training images, small
-ResNet width 16 depth 4, 20 epochs, flips only): the same content hash as `bibau run` on that file, so the
-backdoored models come from the cache when those runs were made. Each row is one `run_trial`
+The attack list is the attack registry (less ``clean``). The attack stage is
+`search_spaces/run_<attack>_cifar10.yaml` (20,000 training images, small ResNet width 16 depth 4,
+20 epochs, flips only): the same content hash as `bibau run` on that file, so the backdoored models
+come from the cache when those runs were made; an attack without such a file runs at its registered
+defaults on the training of run_badnets_cifar10.yaml. Each row is one `run_trial`
 (attack from the cache -> defense -> every evaluation) with the defense's registered defaults
 unless `--defense-set` changes them; the "none" row evaluates the backdoored model itself.
 The clean reference model (RA on clean, QRA, BEC) is trained once, through the same cache.
@@ -17,11 +20,13 @@ training set is outside the post-training threat model) and its cost in seconds 
 equivalents (defense seconds / seconds of one epoch of the attack stage's training, the median
 epoch of that training as recorded with the model).
 
-Checks the Done-when targets and prints them: for each BI-BAU variant run, ASR <= 0.10, R-ASR <= 0.20,
+Checks the Done-when targets and prints them: the backdoored model's ASR >= 0.85 (0.60 for the
+adaptive attacks at their low rates) with CA within 3 points of BadNets'; for each BI-BAU variant run, ASR <= 0.10, R-ASR <= 0.20,
 Q-ASR <= 0.20, and its CA drop (at most 8 points for the extension; recorded only for the paper's
 method); FT's R-ASR above BI-BAU(U)'s; then issue 13's comparisons: each baseline's worst of R-ASR
 and Q-ASR against BI-BAU(U)'s, and the paper's §5.8 cost ordering (trigger synthesis, NC and
 BTI-DBF(U), costlier than pruning, ANP, EP, RNP, CLP).
+Each line also prints the attack stage's seconds per training epoch.
 `--record` appends one row per trial to docs/benchmarks.md; `--json` writes every report.
 """
 from __future__ import annotations
@@ -38,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, append_rows, load_average, machine  # noqa: E402
 from orchestrator.config import load_run_config  # noqa: E402
 from trainables.config import parse_overrides  # noqa: E402
+from trainables.registry import ATTACKS as ATTACK_REGISTRY  # noqa: E402
 from trainables.registry import DEFENSES as REGISTERED  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 
-ATTACKS = ("badnets", "blended")
+ATTACKS = tuple(name for name in ATTACK_REGISTRY.names() if name != "clean")
 DEFENSES = ("none", *REGISTERED.names())  # every registered defense; "none": the backdoored model
 BIBAU = ("bibau_u", "bibau_t", "bibau_u_kd", "bibau_t_kd")
 PAPER_METHOD = ("bibau_u", "bibau_t")  # the registered defaults run METHOD.md; the _kd ones are the extension
@@ -59,6 +65,11 @@ CPU_SCALE = {**{name: _CPU_BIBAU for name in BIBAU},
              "btidbf_u": ("rounds=3", "pretrain_epochs=10", "mask_epochs=10", "invert_epochs=10", "epochs=10"),
              "anp": ("iterations=500",)}
 TARGETS = {"asr": 0.10, "r_asr": 0.20, "q_asr": 0.20, "ca_drop": 0.08}
+# the backdoored model (issue 12): ASR at least this (the adaptive attacks run at the paper's 0.3%),
+# CA at most this far below the BadNets model's
+ATTACK_ASR = {"adaptive_blend": 0.60, "adaptive_patch": 0.60}
+ATTACK_ASR_DEFAULT = 0.85
+ATTACK_CA_GAP = 0.03
 
 SECTION = "## CIFAR-10 at CPU scale: Tables 1 and 2 with the baselines (benchmarks/cifar10_small.py)"
 HEADER = ("| date | machine | attack | defense | data | settings | CA | ASR | R-ASR | RA on clean | Q-ASR | BEC "
@@ -102,7 +113,11 @@ def trial_config(attack: str, defense: str, args) -> object:
     if defense != "none":
         overrides.append(f"defense.name={defense}")
         overrides += [f"defense.{item}" for item in defense_items(defense, args)]
-    return load_run_config(str(ROOT / "search_spaces" / f"run_{attack}_cifar10.yaml"), overrides)
+    own = ROOT / "search_spaces" / f"run_{attack}_cifar10.yaml"
+    if not own.is_file():  # a registered attack without its own run file: its defaults, BadNets' training
+        overrides.insert(0, f"attack={{name: {attack}}}")
+        own = ROOT / "search_spaces" / "run_badnets_cifar10.yaml"
+    return load_run_config(str(own), overrides)
 
 
 def settings(defense: str, args, cfg) -> str:
@@ -153,8 +168,17 @@ def compare_baselines(reports: dict[tuple[str, str], dict]) -> list[str]:
 def check(reports: dict[tuple[str, str], dict]) -> list[str]:
     """The Done-when lines, each with its numbers and PASS or MISS."""
     lines = []
+    badnets = reports.get(("badnets", "none"))
     for attack in ATTACKS:
         base, ft = reports.get((attack, "none")), reports.get((attack, "ft"))
+        if base is not None:
+            need = ATTACK_ASR.get(attack, ATTACK_ASR_DEFAULT)
+            lines.append(f"{attack} backdoored ASR {pct(base['asr'])} >= {pct(need)}: "
+                         f"{'PASS' if base['asr'] >= need else 'MISS'}")
+            if badnets is not None and attack != "badnets":
+                gap = badnets["ca"] - base["ca"]
+                lines.append(f"{attack} backdoored CA {pct(base['ca'])} within {pct(ATTACK_CA_GAP)} of BadNets' "
+                             f"{pct(badnets['ca'])}: {'PASS' if gap <= ATTACK_CA_GAP else 'MISS'}")
         for defense in BIBAU:
             bibau = reports.get((attack, defense))
             if bibau is None:
@@ -214,14 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     for (attack, defense), cfg in configs.items():
         out = args.out / f"{attack}-{defense}" if args.out else None
         report = run_trial(cfg, out, log=log)
-        report["epoch_seconds"] = epoch_seconds(report)
+        report["epoch_seconds"] = report["attack_s_per_epoch"] = epoch_seconds(report)
         report.pop("history", None)
         report["settings"] = settings(defense, args, cfg)
         reports[(attack, defense)] = report
         line = (f"{attack:8s} {defense:8s} CA {pct(report['ca'])} ASR {pct(report['asr'])} "
                 f"R-ASR {pct(report.get('r_asr'))} (clean {pct(report.get('ra_clean_asr'))}) "
                 f"Q-ASR {pct(report.get('q_asr'))} BEC {num(report.get('bec'))} "
-                f"times {report['time_attack_s']:.0f}/{report['time_defense_s']:.0f}/{report['time_eval_s']:.0f}s")
+                f"times {report['time_attack_s']:.0f}/{report['time_defense_s']:.0f}/{report['time_eval_s']:.0f}s "
+                f"(attack {num(report['attack_s_per_epoch'])} s/epoch)")
         print(line, flush=True)
         cost = epochs_equivalent(report)
         rows.append(

@@ -1,6 +1,8 @@
 """The contract every registered attack keeps, and the exact triggers of BadNets and Blended."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch.nn import functional as F
 
 import trainables  # noqa: F401  (fill the registries)
 from trainables.attacks import build_attack
-from trainables.attacks.base import AttackConfig, to_float, to_uint8
+from trainables.attacks.base import Attack, AttackConfig, to_float, to_uint8
 from trainables.checkpoint import load_tensors, save_tensors
 from trainables.config import ConfigError, build
 from trainables.data.base import Dataset, ImageSet
@@ -58,28 +60,45 @@ def test_trigger_keeps_shape_dtype_and_range(name):
         assert not torch.allclose(attack.apply_trigger(x, train=False), x), "the trigger changes nothing"
 
 
+def fixed_trigger(attack) -> bool:
+    """Whether poisoned training images are ``apply_trigger(train=True)`` of the clean ones (no
+    per-image draw from the generator)."""
+    return type(attack).poison_images is Attack.poison_images
+
+
 def test_same_seed_same_poison_and_declared_indices(name):
     data = dataset()
-    attack = make_attack(name, data, poison_rate=0.2)
+    has_cover = "cover_rate" in {f.name for f in dataclasses.fields(ATTACKS.get(name).Config)}
+    attack = make_attack(name, data, poison_rate=0.1, **({"cover_rate": 0.1} if has_cover else {}))
     exclude = torch.randperm(len(data.train), generator=gen(9))[:40]
     a, index_a = attack.poison_trainset(data.train, gen(3), exclude=exclude)
+    cover_a = attack.cover_index
     b, index_b = attack.poison_trainset(data.train, gen(3), exclude=exclude)
     assert torch.equal(index_a, index_b) and torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert torch.equal(cover_a, attack.cover_index)
     assert a.x.shape == data.train.x.shape and a.x.dtype == torch.uint8 and len(a.y) == len(data.train)
 
     drawn = attack.select_poison(data.train.y, gen(3))
     if not attack.build_time:  # clean, or poisons on the fly
         assert len(index_a) == 0 and torch.equal(a.x, data.train.x) and torch.equal(a.y, data.train.y)
         return
-    assert len(drawn) == round(0.2 * len(data.train))
+    assert len(drawn) == round(0.1 * len(data.train))
     expected = drawn[~torch.isin(drawn, exclude)]
     assert torch.equal(index_a, expected) and len(index_a) > 0, "poison count = round(rate*N) minus the excluded"
     assert not torch.isin(index_a, exclude).any()
-    _, index_c = attack.poison_trainset(data.train, gen(4), exclude=exclude)
+    c, index_c = attack.poison_trainset(data.train, gen(4), exclude=exclude)
     assert not torch.equal(index_a, index_c), "another seed should draw other samples"
+
+    # cover samples (adaptive attacks): disjoint from the poison and the clean split, true labels
+    cover = cover_a
+    assert len(cover) <= round(0.1 * len(data.train)) and (len(cover) > 0) == has_cover
+    assert not torch.isin(cover, index_a).any() and not torch.isin(cover, exclude).any()
+    assert torch.equal(a.y[cover], data.train.y[cover])
+    assert (a.x[cover] != data.train.x[cover]).flatten(1).any(1).all(), "every cover image carries a trigger"
 
     untouched = torch.ones(len(data.train), dtype=torch.bool)
     untouched[index_a] = False
+    untouched[cover] = False
     assert torch.equal(a.x[untouched], data.train.x[untouched]) and torch.equal(a.y[untouched], data.train.y[untouched])
     if attack.clean_label:
         assert (data.train.y[index_a] == attack.target).all() and torch.equal(a.y[index_a], data.train.y[index_a])
@@ -87,11 +106,41 @@ def test_same_seed_same_poison_and_declared_indices(name):
         assert (a.y[index_a] == attack.target).all()
     changed = (a.x[index_a] != data.train.x[index_a]).flatten(1).any(1)
     assert changed.all(), "every poisoned image carries the trigger"
-    expected_x = to_uint8(attack.apply_trigger(to_float(data.train.x[index_a]), train=True))
-    assert torch.equal(a.x[index_a], expected_x)
+    if fixed_trigger(attack):
+        expected_x = to_uint8(attack.apply_trigger(to_float(data.train.x[index_a]), train=True))
+        assert torch.equal(a.x[index_a], expected_x)
+    else:  # drawn per image from the generator: the same draw for the same seed only
+        again = to_uint8(attack.poison_images(to_float(data.train.x[index_a]), gen(3), train=True))
+        assert torch.equal(again, to_uint8(attack.poison_images(to_float(data.train.x[index_a]), gen(3), train=True)))
 
     real = attack.poisoned_samples(data.train, a, index_a)
     assert torch.equal(real.x, a.x[index_a]) and torch.equal(real.y, data.train.y[index_a])
+
+
+def test_on_the_fly_poisoning_keeps_the_protected_rows(name):
+    """``training_batch``: same generator, same batch; rows outside ``poisonable`` keep their
+    labels; build-time attacks hand the batch back unchanged."""
+    data = dataset()
+    attack = make_attack(name, data, poison_rate=0.25)
+    x = to_float(data.train.x[:32])
+    y = data.train.y[:32]
+    model = torch.nn.Linear(1, 1)
+    everyone = torch.ones(32, dtype=torch.bool)
+    out_a = attack.training_batch(x.clone(), y.clone(), model, gen(5), poisonable=everyone, hflip=True)
+    out_b = attack.training_batch(x.clone(), y.clone(), model, gen(5), poisonable=everyone, hflip=True)
+    assert torch.equal(out_a[0], out_b[0]) and torch.equal(out_a[1], out_b[1])
+    assert out_a[0].shape == x.shape and out_a[0].dtype == x.dtype and out_a[1].dtype == y.dtype
+    assert out_a[0].min() >= 0 and out_a[0].max() <= 1
+    if attack.build_time or name == "clean":
+        assert torch.equal(out_a[0], x) and torch.equal(out_a[1], y)
+        return
+    relabelled = (out_a[1] != y)
+    assert relabelled.any() and (out_a[1][relabelled] == attack.target).all()
+    protected = torch.arange(32) % 2 == 0
+    _, y_p = attack.training_batch(x.clone(), y.clone(), model, gen(5), poisonable=~protected)
+    assert torch.equal(y_p[protected], y[protected]) and (y_p[~protected] != y[~protected]).any()
+    _, y_none = attack.training_batch(x.clone(), y.clone(), model, gen(5), poisonable=torch.zeros(32, dtype=torch.bool))
+    assert torch.equal(y_none, y)
 
 
 def test_poison_testset_is_non_target_images_labelled_target(name):
@@ -117,7 +166,15 @@ def test_state_tensors_survive_a_file_and_are_checked(name, tmp_path):
     x = torch.rand(4, 3, 32, 32, generator=gen(1))
     assert torch.equal(again.apply_trigger(x), attack.apply_trigger(x))
     for key, value in state.items():
-        if value.is_floating_point():
+        if not value.is_floating_point():
+            continue
+        if attack.adopts_state:  # drawn from the run (seed, data): a saved state is taken over
+            again.load_state({**state, key: value + 0.01})
+            assert not torch.equal(again.apply_trigger(x), attack.apply_trigger(x)), f"{key} was not adopted"
+            with pytest.raises(ValueError, match=key):
+                again.load_state({**state, key: value[:1]})
+            again.load_state(state)
+        else:  # computed from the config: a different saved one is caught
             with pytest.raises(ValueError, match=key):
                 again.load_state({**state, key: value + 0.5})
 

@@ -31,7 +31,7 @@ def test_rows_go_to_the_end_of_their_own_table(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--defenses", "bibau_u,nope"], "unknown ['nope']"),
-    (["--attacks", "wanet"], "unknown ['wanet']"),
+    (["--attacks", "trojannn"], "unknown ['trojannn']"),
     (["--defense-set", "bibau_u"], "expected DEFENSE.KEY=VALUE"),
 ])
 def test_cifar10_small_rejects_bad_arguments_before_work(argv, message, capsys):
@@ -105,3 +105,18 @@ def test_train_throughput_measures_both_pipelines_and_records_a_row(cifar10_arch
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     loop, dataloader, ratio = float(cells[8]), float(cells[9]), float(cells[10])
     assert loop > 0 and dataloader > 0 and ratio == pytest.approx(loop / dataloader, rel=0.05)
+
+
+def test_cifar10_small_takes_every_registered_attack_with_its_own_run_file():
+    from trainables.registry import ATTACKS
+
+    assert set(cifar10_small.ATTACKS) == set(ATTACKS.names()) - {"clean"}
+    args = type("Args", (), {"metrics": ["ca", "asr"], "seed": 0, "set": [], "defense_set": [], "full_scale": True})()
+    for attack in cifar10_small.ATTACKS:
+        cfg = cifar10_small.trial_config(attack, "bibau_u", args)
+        assert cfg.attack.name == attack and cfg.data.train_size == 20000 and cfg.train.epochs == 20
+    assert cifar10_small.trial_config("adaptive_patch", "none", args).attack.poison_rate == 0.003
+    lines = cifar10_small.check({("badnets", "none"): {"ca": 0.80, "asr": 0.97},
+                                 ("adaptive_patch", "none"): {"ca": 0.76, "asr": 0.65}})
+    assert "adaptive_patch backdoored ASR 65.0 >= 60.0: PASS" in lines
+    assert "adaptive_patch backdoored CA 76.0 within 3.0 of BadNets' 80.0: MISS" in lines

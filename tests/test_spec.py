@@ -79,7 +79,7 @@ def test_a_valid_spec_plans_one_study_per_attack_and_defense(tmp_path):
     (lambda d: d["defenses"][1].update(name="nope"), "defenses[1].name", "known: anp, bibau_t"),
     (lambda d: d["defenses"][1]["fixed"].update(lrr=1), "defenses[1].fixed.lrr", "unknown key"),
     (lambda d: d["defenses"].append({"name": "ft"}), "defenses[2]", "label 'ft' is used twice"),
-    (lambda d: d["attacks"].append("wanet"), "attacks[2] (wanet): attack.name", "known: badnets"),
+    (lambda d: d["attacks"].append("trojannn"), "attacks[2] (trojannn): attack.name", "known: adaptive_blend"),
     (lambda d: d["attacks"].append("badnets"), "attacks[2]", "label 'badnets' is used twice"),
     (lambda d: d["base"]["train"].update(epochz=3), "train.epochz", "unknown key"),
     (lambda d: d.update(objectives=[{"metric": "ca", "mode": "up"}]), "objectives[0].mode", "'max', 'min'"),

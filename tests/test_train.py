@@ -44,7 +44,7 @@ class RecordingAttack(Attack):
     def apply_trigger(self, x, train=False):
         return x
 
-    def training_batch(self, x, y, model, generator):
+    def training_batch(self, x, y, model, generator, *, poisonable=None, hflip=False):
         self.calls += 1
         self.seen.append(x.detach().clone())
         assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
@@ -189,3 +189,21 @@ def test_optimizer_helper():
     assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["weight_decay"] == 5e-4
     with pytest.raises(ValueError, match="nesterov"):
         make_optimizer(model, 0.1, 0.0, 0.0, nesterov=True)
+
+
+def test_the_attack_is_told_which_rows_it_may_poison_and_whether_flips_keep_labels():
+    """The defender's clean split (``protected``) reaches ``training_batch`` as poisonable=False."""
+    data = tiny_set(n=48, classes=4)
+    protected = (data.y == 3).nonzero().flatten()  # class 3 stands for the clean split: it shows in y
+
+    class Checking(RecordingAttack):
+        def training_batch(self, x, y, model, generator, *, poisonable=None, hflip=False):
+            assert poisonable is not None and torch.equal(poisonable, y != 3)
+            self.flags = getattr(self, "flags", set()) | {hflip}
+            return super().training_batch(x, y, model, generator)
+
+    for allowed, expected in ((True, {True}), (False, {False})):
+        attack = Checking(standard_augmentation=False)
+        train_model(tiny_model(), data, cfg(epochs=2), CPU, generator=torch.Generator().manual_seed(0),
+                    attack=attack, hflip_allowed=allowed, protected=protected, log=lambda _: None)
+        assert attack.calls == 6 and attack.flags == expected

@@ -110,3 +110,7 @@ class RunConfig(Config):
             self.defense.check_model(self.model, f"{path + '.' if path else ''}model")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{path + '.' if path else ''}device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        # an attack that cannot serve the data set's image size fails here, before the data is loaded
+        shape = self.data.image_shape()
+        if shape is not None:
+            self.attack.check_image(shape, f"{path}.attack" if path else "attack")

@@ -90,7 +90,7 @@ def _eval_subsets(eval_sets: dict[str, ImageSet] | None, size: int,
 
 def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: torch.device, *,
                 generator: torch.Generator, attack: "Attack | None" = None, hflip_allowed: bool = True,
-                eval_sets: dict[str, ImageSet] | None = None,
+                protected: torch.Tensor | None = None, eval_sets: dict[str, ImageSet] | None = None,
                 log: Callable[[str], None] = print) -> list[dict]:
     """Train ``model`` in place on ``train`` and return the per-epoch history.
 
@@ -99,7 +99,8 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
     ``cfg.eval_every`` epochs and after the last, the accuracy on each of ``eval_sets`` under
     its own name (a fixed subsample of ``cfg.eval_size`` images) and ``eval_seconds``.
     ``attack.training_batch`` sees every augmented batch (crop and flip are skipped for an
-    attack with ``standard_augmentation = False``). A non-finite loss raises
+    attack with ``standard_augmentation = False``), with the rows it may poison: all but the
+    indices in ``protected`` (the defender's clean split). A non-finite loss raises
     :class:`FloatingPointError`. The model is left in eval mode.
     """
     if len(train) < 2:
@@ -115,8 +116,12 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
     scheduler = make_scheduler(optimizer, cfg, steps)
     # an attack that augments inside training_batch (WaNet) replaces crop and flip
     standard = attack is None or getattr(attack, "standard_augmentation", True)
-    hflip = cfg.hflip and hflip_allowed and standard
+    flips_keep_labels = cfg.hflip and hflip_allowed
+    hflip = flips_keep_labels and standard
     crop = cfg.crop_padding if standard else 0
+    poisonable = torch.ones(len(train), dtype=torch.bool, device=device)
+    if protected is not None and len(protected):
+        poisonable[protected.to(device)] = False
     history: list[dict] = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -125,10 +130,11 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
         # summed on the device: one host sync per epoch instead of one per step
         loss_sum = torch.zeros((), device=device)
         seen = 0
-        for x, y in data.batches(images, cfg.batch_size, device=device, shuffle=True, generator=generator,
-                                 crop_padding=crop, hflip=hflip, drop_last=drop_last):
+        for x, y, index in data.batches(images, cfg.batch_size, device=device, shuffle=True, generator=generator,
+                                        crop_padding=crop, hflip=hflip, drop_last=drop_last, with_index=True):
             if attack is not None:
-                x, y = attack.training_batch(x, y, model, generator)
+                x, y = attack.training_batch(x, y, model, generator, poisonable=poisonable[index],
+                                             hflip=flips_keep_labels)
             with autocast(device):
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)

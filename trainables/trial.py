@@ -30,7 +30,7 @@ from .checkpoint import DIR_MODE, CheckpointError, load_checkpoint, load_tensors
 from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
 from .data.base import Dataset, ImageSet
-from .evaluation.metrics import attack_success_rate, clean_accuracy
+from .evaluation.metrics import accuracy, attack_success_rate, clean_accuracy
 from .models.base import Classifier, create_model
 from .runtime import resolve_device, seed_everything
 from .schema import RunConfig
@@ -201,14 +201,18 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
         log(f"[attack] cache hit: {cfg.attack.name} model loaded from {entry} "
             f"(CA {metrics['backdoored_ca']:.4f}, ASR {metrics['backdoored_asr']:.4f}); no training")
     else:
-        log(f"[attack] poisoned {len(index)} of {len(dataset.train)} training images ({len(clean_index)} held out "
-            f"as the defender's clean split); {len(poisoned_test)} triggered test images")
-        # train_model skips crop and flip itself for an attack that augments on its own
+        covers = f", {len(attack.cover_index)} cover images" if len(attack.cover_index) else ""
+        log(f"[attack] poisoned {len(index)} of {len(dataset.train)} training images{covers} ({len(clean_index)} held "
+            f"out as the defender's clean split); {len(poisoned_test)} triggered test images")
+        extra = attack.extra_test_sets(dataset.test)
+        # train_model skips crop and flip itself for an attack that augments on its own; an
+        # on-the-fly attack leaves the defender's clean split (protected) unpoisoned
         history = train_model(model, poisoned_train, cfg.train, device, generator=seeded_generator(cfg.seed, "train"),
-                              attack=attack, hflip_allowed=dataset.hflip,
-                              eval_sets={"ca": dataset.test, "asr": poisoned_test}, log=log)
+                              attack=attack, hflip_allowed=dataset.hflip, protected=clean_index,
+                              eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
-                   "backdoored_asr": attack_success_rate(model, poisoned_test, device)}
+                   "backdoored_asr": attack_success_rate(model, poisoned_test, device),
+                   **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
         meta = {**_model_meta(cfg, dataset, model), "stage": "attack", "cache_key": key,
                 "attack": to_dict(cfg.attack), "data": to_dict(cfg.data), "train": to_dict(cfg.train),
                 "seed": cfg.seed, "data_fingerprint": key_payload["data_fingerprint"],
@@ -360,7 +364,7 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         "attack": cfg.attack.name, "defense": defense_name, "dataset": dataset.name, "model": cfg.model.name,
         "seed": cfg.seed, "device": str(device), "smoke_test": smoke_test,
         "n_train": len(dataset.train), "n_test": len(dataset.test), "n_clean": len(stage.clean_index),
-        "n_poisoned": len(stage.poison_index), "n_poisoned_test": len(stage.poisoned_test),
+        "n_poisoned": len(stage.poison_index), "n_cover": len(stage.attack.cover_index), "n_poisoned_test": len(stage.poisoned_test),
         "cache_hit": stage.cache_hit, "cache_key": stage.cache_key, "cache_dir": str(stage.cache_dir),
         "data_fingerprint": stage.data_fingerprint, "code_version": code_version(),
         "time_data_s": time_data, "time_attack_s": stage.seconds,

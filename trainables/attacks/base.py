@@ -6,10 +6,24 @@ are fully described by :meth:`Attack.poison_trainset`; attacks that poison on th
 IAD) or need a trained component (Narcissus, IAD's generator) use the hooks :meth:`prepare`
 and :meth:`training_batch`, which the training loop always calls.
 
+Three hooks serve attacks whose trigger is not one fixed function of the image:
+
+* :meth:`poison_images` makes the poisoned training images from a generator (Refool draws a
+  reflection per image, Adaptive-Blend a fresh mask per image, Adaptive-Patch one of its
+  training triggers); by default it is ``apply_trigger(x, train=True)``. The test set and the
+  evaluations' poisoned samples go through it too, each with its own fixed-seed generator, so a
+  triggered test set is the same on every run.
+* :meth:`select_cover` and :meth:`cover_images` add *cover* (conservatism) samples that carry a
+  weakened trigger but keep their true label (the adaptive attacks); by default there are none.
+* :meth:`training_batch` gets, besides the batch, which rows may be poisoned (the defender's
+  clean split may not) and whether horizontal flips keep labels, so an on-the-fly attack (WaNet)
+  poisons per batch after shuffling and augments the batch itself.
+
 An on-the-fly attack sets ``build_time = False`` (nothing is poisoned when the data set is
 built), may set ``standard_augmentation = False`` (WaNet replaces crop/flip with its own
 augmentation inside ``training_batch``), and restores learned state (IAD's generator,
-Narcissus' trigger) from a cached run through :meth:`load_state`.
+Narcissus' trigger) from a cached run through :meth:`load_state`. :meth:`extra_test_sets` names
+additional test sets whose accuracy the attack stage reports (WaNet's noise-mode accuracy).
 """
 from __future__ import annotations
 
@@ -29,6 +43,24 @@ class AttackConfig(Config):
     target: int = param(0, "target class of the all-to-one backdoor", low=0)
     poison_rate: float = param(0.1, "fraction of the training set poisoned (clean-label: still of the whole set)", low=0.0, high=1.0)
 
+    def check_image(self, image_shape: tuple[int, ...], path: str) -> None:
+        """Refuse, with a :class:`ConfigError` naming the field, an image shape (C, H, W) this
+        attack cannot serve. Called by :class:`~trainables.schema.RunConfig` with the shape the data
+        config implies (when it is known without loading) and again when the attack is built."""
+        return None
+
+
+def check_cover_rate(cfg: AttackConfig, where: str) -> None:
+    """Poisoned and cover samples are disjoint: their rates may not sum past the training set."""
+    total = cfg.poison_rate + getattr(cfg, "cover_rate", 0.0)
+    if total > 1.0:
+        raise ConfigError(f"{where}cover_rate: poison_rate + cover_rate = {total:.4g} exceeds the training set; "
+                          "allowed: a sum of at most 1")
+
+
+# seed of the per-sample trigger draws of triggered test sets (fixed: the same test set on every run)
+TEST_TRIGGER_SEED = 20_17
+
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
@@ -47,13 +79,16 @@ class Attack(abc.ABC):
     clean_label: bool = False  # poisoned samples keep their true label (SIG, Narcissus)
     build_time: bool = True  # poisons the training set when it is built; False: clean, or on the fly
     standard_augmentation: bool = True  # False: the trainer skips crop/flip (the attack augments itself)
+    adopts_state: bool = False  # load_state adopts saved tensors (drawn from the run's seed or data) instead of comparing
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int):
         if cfg.target >= num_classes:
             raise ConfigError(f"attack.target: {cfg.target} is not a class; allowed: 0..{num_classes - 1}")
+        cfg.check_image(tuple(image_shape), "attack")
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
+        self.cover_index = torch.empty(0, dtype=torch.long)  # cover samples of the last poison_trainset
         self._device_copies: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -68,6 +103,13 @@ class Attack(abc.ABC):
         ``train`` selects the training-time trigger where it differs from the test-time one
         (Narcissus multiplies its trigger at test time).
         """
+
+    def poison_images(self, x: torch.Tensor, generator: torch.Generator, train: bool = True) -> torch.Tensor:
+        """Triggered copies of the float images ``x`` as the attack poisons them: at training time
+        (``train``) or for the triggered test set. Attacks whose trigger varies per sample (a
+        reflection, a mask, one of several triggers) draw it from ``generator``; the default is
+        the fixed trigger."""
+        return self.apply_trigger(x, train=train)
 
     # -- build-time poisoning ------------------------------------------------------------------
     def select_poison(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -90,23 +132,48 @@ class Attack(abc.ABC):
     def poison_labels(self, y: torch.Tensor) -> torch.Tensor:
         return y.clone() if self.clean_label else torch.full_like(y, self.target)
 
+    def select_cover(self, labels: torch.Tensor, generator: torch.Generator, taken: torch.Tensor) -> torch.Tensor:
+        """Indices of cover samples (sorted), disjoint from ``taken`` (the poisoned ones):
+        ``round(cover_rate * N)`` drawn uniformly from the rest when the config has a
+        ``cover_rate``, else none."""
+        rate = getattr(self.cfg, "cover_rate", 0.0)
+        if not self.build_time or not rate:
+            return torch.empty(0, dtype=torch.long)
+        free = torch.ones(len(labels), dtype=torch.bool)
+        free[taken] = False
+        pool = free.nonzero().flatten()
+        n = min(round(rate * len(labels)), len(pool))
+        return pool[torch.randperm(len(pool), generator=generator)[:n]].sort().values
+
+    def cover_images(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The cover samples' images (they keep their labels); only attacks with a ``cover_rate``
+        are asked for them."""
+        raise NotImplementedError(f"{self.name} has no cover samples")
+
     def poison_trainset(self, train: ImageSet, generator: torch.Generator,
                         exclude: torch.Tensor | None = None) -> tuple[ImageSet, torch.Tensor]:
         """The poisoned training set (same size) and the indices that were poisoned.
 
-        ``exclude`` lists indices that must stay clean (the defender's clean split).
+        ``exclude`` lists indices that must stay clean (the defender's clean split). Cover
+        samples (adaptive attacks), drawn after the poisoned ones and disjoint from them, are
+        changed too but keep their labels; their indices are left in ``self.cover_index``.
         """
         labels = train.y.cpu()
         index = self.select_poison(labels, generator)
+        cover = self.select_cover(labels, generator, index)
         if exclude is not None and len(exclude):
             index = index[~torch.isin(index, exclude.cpu())]
+            cover = cover[~torch.isin(cover, exclude.cpu())]
         x, y = train.x.clone(), train.y.clone()
-        if len(index):
-            dev = x.device
-            for chunk in index.split(4096):  # bounded memory on large sets
-                c = chunk.to(dev)
-                x[c] = to_uint8(self.apply_trigger(to_float(x[c]), train=True))
-                y[c] = self.poison_labels(y[c])
+        dev = x.device
+        for chunk in index.split(4096) if len(index) else ():  # bounded memory on large sets
+            c = chunk.to(dev)
+            x[c] = to_uint8(self.poison_images(to_float(x[c]), generator, train=True))
+            y[c] = self.poison_labels(y[c])
+        for chunk in cover.split(4096) if len(cover) else ():
+            c = chunk.to(dev)
+            x[c] = to_uint8(self.cover_images(to_float(x[c]), generator))
+        self.cover_index = cover
         return ImageSet(x, y), index
 
     def poisoned_samples(self, train: ImageSet, poisoned_train: ImageSet, index: torch.Tensor) -> ImageSet:
@@ -119,12 +186,23 @@ class Attack(abc.ABC):
         return ImageSet(poisoned_train.x[index], train.y[index])
 
     def poison_testset(self, test: ImageSet) -> ImageSet:
-        """Every test image whose true class is not the target, triggered, labelled as the target."""
+        """Every test image whose true class is not the target, triggered, labelled as the target.
+
+        Per-sample random triggers (Refool) are drawn from a generator with a fixed seed: the
+        triggered test set is the same on every run.
+        """
         keep = (test.y != self.target).nonzero().flatten()
         x = torch.empty_like(test.x[keep])
+        generator = torch.Generator().manual_seed(TEST_TRIGGER_SEED)
         for i, chunk in enumerate(keep.split(4096)):
-            x[i * 4096: i * 4096 + len(chunk)] = to_uint8(self.apply_trigger(to_float(test.x[chunk]), train=False))
+            x[i * 4096: i * 4096 + len(chunk)] = to_uint8(
+                self.poison_images(to_float(test.x[chunk]), generator, train=False))
         return ImageSet(x, torch.full((len(keep),), self.target, dtype=torch.long, device=test.y.device))
+
+    def extra_test_sets(self, test: ImageSet) -> dict[str, ImageSet]:
+        """Further test sets (name -> images with the labels a correct model gives) whose accuracy
+        the attack stage reports beside CA and ASR, e.g. WaNet's noise-mode accuracy."""
+        return {}
 
     # -- hooks for attacks that need more than a fixed trigger -------------------------------------
     def prepare(self, train: ImageSet, model: torch.nn.Module, device: torch.device,
@@ -133,8 +211,15 @@ class Attack(abc.ABC):
         return None
 
     def training_batch(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Called on every (augmented, float) training batch; on-the-fly attacks poison here."""
+                       generator: torch.Generator, *, poisonable: torch.Tensor | None = None,
+                       hflip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Called on every (augmented, float) training batch; on-the-fly attacks poison here.
+
+        ``poisonable`` (bool, one per row, on the batch's device; None: all) marks the rows the
+        attacker controls: rows of the defender's clean split must come back unpoisoned.
+        ``hflip`` says whether horizontal flips keep labels here (the data set and
+        ``train.hflip`` allow them), for attacks that do their own augmentation.
+        """
         return x, y
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

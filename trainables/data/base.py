@@ -92,3 +92,10 @@ class DataConfig(Config):
             if value != defaults[name]:
                 raise ConfigError(f"{path + '.' if path else ''}{name}: {value!r} is not used by data set {self.name!r} "
                                   "(it would be silently ignored); remove it")
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images this config loads, known without loading them: every data set
+        is RGB (grey ones are replicated), the side is ``image_size`` or the data set's own
+        (``native_size`` of its loader); None for an image folder kept at its files' sizes."""
+        side = self.image_size or getattr(DATASETS.get(self.name), "native_size", None)
+        return None if side is None else (3, side, side)

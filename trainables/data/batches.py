@@ -38,9 +38,9 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 def batches(images: ImageSet, batch_size: int, *, device: torch.device | str, shuffle: bool = True,
             generator: torch.Generator | None = None, crop_padding: int = 0, hflip: bool = False,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            drop_last: bool = False, with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield ``(x, y)``: x float (B, C, H, W) in [0, 1] on ``device`` (channels_last on CUDA),
-    y int64.
+    y int64; with ``with_index``, ``(x, y, index)`` with the rows' positions in ``images``.
 
     ``images`` is moved to ``device`` once per call when it is not there already (pass a set
     already on the device to avoid even that). ``generator`` (CPU) drives the order, crops and
@@ -57,6 +57,7 @@ def batches(images: ImageSet, batch_size: int, *, device: torch.device | str, sh
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         if order is None:
+            idx = torch.arange(start, min(n, start + batch_size), device=device)
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         else:
             idx = order[start:start + batch_size]
@@ -66,4 +67,7 @@ def batches(images: ImageSet, batch_size: int, *, device: torch.device | str, sh
             xb = random_crop(xb, crop_padding, generator)
         if hflip:
             xb = random_flip(xb, generator)
-        yield prepare_batch(xb, device), yb
+        if with_index:
+            yield prepare_batch(xb, device), yb, idx
+        else:
+            yield prepare_batch(xb, device), yb

@@ -74,7 +74,7 @@ def cifar10(cfg: DataConfig) -> Dataset:
         cfg, "cifar10", detect, patterns=["cifar10*", "cifar-10*"], accepted=ACCEPTED,
         extra=[repo_shared_data() / "cifar10-jpg.tar.xz"], download=_download,
     )
-    size = cfg.image_size or 32
+    size = cfg.image_size or cifar10.native_size
     key = {"source": source_signature(where), "layout": layout}
     native = lambda: cached(cfg, "cifar10", {**key, "image_size": 32}, lambda: _decode(layout, where))  # noqa: E731
     if size == 32:
@@ -172,3 +172,6 @@ def _read_python(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
         raise ConfigError(f"data.root: CIFAR-10 batch {name} has unexpected shapes {x.shape}, {y.shape}")
     return x, y
+
+
+cifar10.native_size = 32  # side in pixels when data.image_size is not set (DataConfig.image_shape)

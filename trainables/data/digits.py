@@ -26,7 +26,7 @@ def digits(cfg: DataConfig) -> Dataset:
     bunch = load_digits()
     grey = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
     x = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
-    size = cfg.image_size or 32
+    size = cfg.image_size or digits.native_size
     x = resize(x, (size, size))
     y = torch.from_numpy(bunch.target).long()
     test = stratified_subset(y, round(TEST_FRACTION * len(y)), seeded_generator(_SPLIT_SEED, "digits_test"))
@@ -40,3 +40,4 @@ def digits(cfg: DataConfig) -> Dataset:
 
 
 digits.unused_fields = ("root", "download", "cache_dir")  # bundled with scikit-learn, decoded in ms, not cached
+digits.native_size = 32  # side in pixels when data.image_size is not set (DataConfig.image_shape)

@@ -79,7 +79,7 @@ def _download(dest: Path) -> None:
 def gtsrb(cfg: DataConfig) -> Dataset:
     root, layout = find_root(cfg, "gtsrb", detect, patterns=["gtsrb*", "GTSRB*"], accepted=ACCEPTED,
                              download=_download)
-    size = cfg.image_size or 32
+    size = cfg.image_size or gtsrb.native_size
     key = {"source": source_signature(root), "image_size": size}
     return cached(cfg, "gtsrb", key, lambda: _decode(root, layout, size))
 
@@ -121,3 +121,6 @@ def _test_labels(path: Path) -> list[tuple[str, str]]:
     if not rows or name_key not in rows[0] or "ClassId" not in rows[0]:
         raise ConfigError(f"data.root: {path} needs Filename (or Path) and ClassId columns")
     return [(r[name_key], r["ClassId"].strip()) for r in rows]
+
+
+gtsrb.native_size = 32  # side in pixels when data.image_size is not set (DataConfig.image_shape)

@@ -48,7 +48,7 @@ def _images_of(folder: Path) -> list[Path]:
 def tiny_imagenet(cfg: DataConfig) -> Dataset:
     root, layout = find_root(cfg, "tiny-imagenet", detect, patterns=["tiny-imagenet*", "tiny_imagenet*"],
                              accepted=ACCEPTED)
-    size = cfg.image_size or 64
+    size = cfg.image_size or tiny_imagenet.native_size
     key = {"source": source_signature(layout["base"])}
     native = lambda: cached(cfg, "tiny-imagenet", {**key, "image_size": 64}, lambda: _decode(layout, 64))  # noqa: E731
     if size == 64:
@@ -89,3 +89,6 @@ def _decode(layout: dict, size: int) -> Dataset:
         "tiny-imagenet", train.image_set(size, "tiny-imagenet train"), test.image_set(size, "tiny-imagenet val"),
         wnids, hflip=True, mean=MEAN, std=STD, info={"source": str(base), "layout": layout["val"]},
     )
+
+
+tiny_imagenet.native_size = 64  # side in pixels when data.image_size is not set (DataConfig.image_shape)

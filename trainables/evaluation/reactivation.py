@@ -63,7 +63,7 @@ def qra_set(train: ImageSet, attack: Attack, clean_size: int, poison_size: int,
                          f"{poison_size} asked for")
     clean_set = train.subset(clean)
     src = train.subset(rest)
-    poisoned = ImageSet(to_uint8(attack.apply_trigger(to_float(src.x), train=True)), src.y)
+    poisoned = ImageSet(to_uint8(attack.poison_images(to_float(src.x), generator, train=True)), src.y)
     return clean_set, poisoned
 
 

@@ -61,7 +61,7 @@ def retuning_set(train: ImageSet, attack: Attack, size: int, poison_count: int,
     mask = torch.zeros(size, dtype=torch.bool)
     mask[size - poison_count:] = True
     if poison_count:
-        x[-poison_count:] = to_uint8(attack.apply_trigger(to_float(x[-poison_count:]), train=True))
+        x[-poison_count:] = to_uint8(attack.poison_images(to_float(x[-poison_count:]), generator, train=True))
         y[-poison_count:] = attack.target
     return ImageSet(x, y), mask
 
