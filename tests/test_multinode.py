@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray")
 MLFLOW = shutil.which("mlflow")
 
-pytestmark = pytest.mark.skipif(not (RAY and MLFLOW), reason="needs the ray and mlflow command-line tools")
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(not (RAY and MLFLOW), reason="needs the ray and mlflow command-line tools")]
 
 DRIVER = textwrap.dedent("""
     import os, sys, time
