@@ -15,6 +15,7 @@ from orchestrator.cli import main
 from orchestrator.config import load_run_config
 from trainables.checkpoint import load_checkpoint, load_tensors
 from trainables.config import to_dict
+from trainables.registry import ATTACKS
 from trainables.data import load_dataset
 from trainables.evaluation.metrics import clean_accuracy
 
@@ -108,7 +109,8 @@ def test_bad_config_exits_2_naming_the_field_before_any_work(workdir, config_fil
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(bad), "--out", str(out)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "attack.name: unknown attack 'badnet'; known: badnets, blended, clean" in proc.stderr
+    assert f"attack.name: unknown attack 'badnet'; known: {', '.join(ATTACKS.names())}" in proc.stderr
+    assert "known: adaptive_blend, adaptive_patch, badnets, blended, clean" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
 
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_run_config
+from trainables.registry import ATTACKS
 from trainables.config import ConfigError, build, to_dict
 from trainables.schema import RunConfig
 from trainables.trial import resolved_yaml
@@ -33,7 +34,7 @@ def test_unknown_key_names_the_field_and_lists_allowed_keys(tmp_path):
 
 def test_unknown_name_lists_the_known_ones(tmp_path):
     fails(tmp_path, {"attack": {"name": "badnet"}},
-          match=r"^attack\.name: unknown attack 'badnet'; known: badnets, blended, clean")
+          match=r"^attack\.name: unknown attack 'badnet'; known: adaptive_blend, adaptive_patch, badnets, blended, clean, ")
     fails(tmp_path, {"model": {"name": "resnet1"}}, match=r"^model\.name: unknown model 'resnet1'; known: .*small_resnet")
     fails(tmp_path, {"data": {"name": "mnist"}}, match=r"^data\.name: unknown dataset 'mnist'; known: .*digits")
 
@@ -125,7 +126,9 @@ def test_export_errors_name_the_field(tmp_path):
                          ids=lambda p: p.name)
 def test_example_run_configs_are_valid(path):
     cfg = load_run_config(str(path))
-    assert cfg.attack.name in ("badnets", "blended") and cfg.train.epochs >= 1
+    assert cfg.attack.name in ATTACKS and cfg.attack.name != "clean" and cfg.train.epochs >= 1
+    if path.name.endswith("_cifar10.yaml"):  # the benchmark's run files: named for their attack
+        assert path.name == f"run_{cfg.attack.name}_cifar10.yaml"
 
 
 def test_defense_augmentation_follows_the_training_unless_set():
