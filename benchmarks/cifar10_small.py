@@ -256,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {pct(report.get('q_asr'))} | {num(report.get('bec'))} "
             f"| {report['time_attack_s']:.0f} | {report['time_defense_s']:.0f} | {'-' if cost is None else f'{cost:.2f}'} "
             f"| {report['time_eval_s']:.0f} | {load_average()} | `{command}` |")
+        if args.record:  # each row lands as its trial ends: a long command killed midway keeps what it measured
+            append_rows(SECTION, SECTION_TEXT, HEADER, rows[-1:])
     print("\n".join(check(reports) + compare_baselines(reports)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({f"{a}/{d}": r for (a, d), r in reports.items()}, indent=1, default=str))
     if args.record:
-        append_rows(SECTION, SECTION_TEXT, HEADER, rows)
         print(f"recorded {len(rows)} rows in docs/benchmarks.md")
     return 0
 

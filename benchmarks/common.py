@@ -38,7 +38,17 @@ def load_average() -> str:
 def append_rows(section: str, section_text: str, header: str, rows: list[str], doc: Path = DOC) -> None:
     """Append ``rows`` to the table under ``section`` (the heading line) whose header row is
     ``header``, creating the file, or the section from ``section_text``, when absent. The other
-    sections of the file stay as they are."""
+    sections of the file stay as they are. Two benchmark jobs side by side may record at once:
+    the read-modify-write holds an exclusive lock on a sidecar file."""
+    import fcntl
+
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    with open(doc.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _append_rows(section, section_text, header, rows, doc)
+
+
+def _append_rows(section: str, section_text: str, header: str, rows: list[str], doc: Path) -> None:
     if not doc.exists():
         doc.parent.mkdir(parents=True, exist_ok=True)
         doc.write_text("# Benchmarks\n\nResults of the scripts in `benchmarks/`, one section per script.\n")
