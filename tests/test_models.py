@@ -42,6 +42,19 @@ def test_shapes_features_and_head(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_feature_map_pools_to_the_features(name):
+    """BTI-DBF masks the map before the pool; the pool of that map must be what the head sees."""
+    model = make(name).eval()
+    x = batch(size=32)
+    with torch.no_grad():
+        fmap = model.feature_map(x)
+        torch.testing.assert_close(model.pool(fmap), model.features(x), rtol=0, atol=0)
+    assert fmap.dim() == 4 and fmap.shape[:2] == (2, model.head.in_features)
+    if name in ("small_resnet", "resnet18", "preact_resnet18"):  # the ResNets keep a spatial map at 32 px
+        assert fmap.shape[2] * fmap.shape[3] > 1
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_every_parameter(name):
     model = make(name).train()
     loss = nn.functional.cross_entropy(model(batch()), torch.tensor([1, 2]))

@@ -15,10 +15,12 @@
    c. unlearn for ``epochs`` (30, Adam 1e-4): in each batch int(0.2·B) + 1 images become G(x),
       labels kept true; loss CE + MSE(h(x̃), h(x)) (``triggers.unlearn_with_triggers``).
 
-h is the model's penultimate feature vector (``Classifier.features``, after global pooling; the
-reference takes layer4's map before pooling, which not every registered model names). Image MSEs
-are measured on normalised inputs, the space the reference's bounds were set in. Data: the
-clean split.
+h is the model's last feature map before the global pool (``Classifier.feature_map``: layer4's
+map on the ResNets, as in the reference's ``from_input_to_features``), so the mask M can single
+out where in the image the trigger's features sit; ``features: pooled`` uses the pooled vector
+instead (a 1x1 map; the only choice for models without a spatial map). M starts from a seeded
+N(0, 1) draw, as in the reference. Image MSEs are measured on normalised inputs, the space the
+reference's bounds were set in. Data: the clean split.
 """
 from __future__ import annotations
 
@@ -60,6 +62,9 @@ class BtiDbfConfig(UnlearnConfig):
     unet_width: int = param(32, "filters of the generator's first level", low=1)
     unet_depth: int = param(4, "levels of the generator", low=1)
     noise: float = param(0.03, "std of the Gaussian noise added before the target detection", low=0.0)
+    features: str = param("map", "h of the decoupling, inversion and feature MSEs: map (the last feature map "
+                          "before the global pool, the reference) or pooled (the penultimate vector)",
+                          choices=("map", "pooled"))
 
     def smoke(self) -> dict:
         return {"epochs": 1, "rounds": 1, "pretrain_epochs": 1, "mask_epochs": 1, "invert_epochs": 1}
@@ -67,6 +72,15 @@ class BtiDbfConfig(UnlearnConfig):
 
 def _image_mse(f: Classifier, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(f.normalize(a.float()), f.normalize(b.float()))
+
+
+def _h(f: Classifier, x: torch.Tensor, cfg: BtiDbfConfig) -> torch.Tensor:
+    """h(x) as the config says: (B, d, h, w) either way, 1x1 when pooled."""
+    return f.feature_map(x) if cfg.features == "map" else f.features(x)[:, :, None, None]
+
+
+def _logits(f: Classifier, h: torch.Tensor) -> torch.Tensor:
+    return f.head(f.pool(h))
 
 
 @DEFENSES.register("btidbf_u")
@@ -108,12 +122,12 @@ class BtiDbfUnlearning(Defense):
             g.train()
             for x, _ in epoch_batches():
                 with torch.no_grad(), autocast(ctx.device):
-                    h_x = f0.features(x).float()
-                    p_x = F.softmax(f0.head(h_x).float(), 1)
+                    h_x = _h(f0, x, cfg).float()
+                    p_x = F.softmax(_logits(f0, h_x).float(), 1)
                 gx = g(x)
                 with autocast(ctx.device):
-                    h_g = f0.features(prepare_batch(gx, ctx.device)).float()
-                    logits = f0.head(h_g).float()
+                    h_g = _h(f0, prepare_batch(gx, ctx.device), cfg).float()
+                    logits = _logits(f0, h_g).float()
                 img = _image_mse(f0, gx, x)
                 weight = 100.0 if img.item() > 0.1 else 0.01
                 loss = -(p_x * F.log_softmax(logits, 1)).sum(1).mean() + F.mse_loss(h_g, h_x) + weight * img
@@ -131,32 +145,35 @@ class BtiDbfUnlearning(Defense):
         for rnd in range(1, cfg.rounds + 1):
             prefix = f"round {rnd}/{cfg.rounds} "
             snap = frozen_copy(f, ctx.device)
-            mask = self._decouple(snap, epoch_batches, cfg, ctx, record, prefix)
+            mask = self._decouple(snap, epoch_batches, cfg, ctx, gen, record, prefix)
             self._invert(snap, g, g_opt, mask, target, epoch_batches, cfg, ctx, record, prefix)
             target, share = self._detect_target(snap, g, clean, cfg, ctx, gen)
             g.eval()
             ctx.log(f"{self.name} {prefix}detected target {target} ({share:.2f} of G(x) land there)")
             history += unlearn_with_triggers(f, clean, lambda x: g(x), cfg, ctx, gen, self.name, plus_one=True,
-                                             feature_weight=cfg.feature_weight, log_prefix=prefix)
+                                             feature_weight=cfg.feature_weight, feature_map=cfg.features == "map",
+                                             log_prefix=prefix)
             findings = {"detected_target": float(target), "target_share": share, "rounds": float(rnd)}
         findings.update(self._trigger_norms(g, clean, cfg, ctx))
         f.eval()
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started, findings=findings)
 
-    def _decouple(self, f: Classifier, epoch_batches, cfg: BtiDbfConfig, ctx: DefenseContext, record,
-                  prefix: str) -> torch.Tensor:
-        """The benign-feature mask M in (0, 1)^d of the current model."""
-        d = f.head.in_features
-        raw = torch.zeros(d, device=ctx.device, requires_grad=True)
+    def _decouple(self, f: Classifier, epoch_batches, cfg: BtiDbfConfig, ctx: DefenseContext,
+                  gen: torch.Generator, record, prefix: str) -> torch.Tensor:
+        """The benign-feature mask M in (0, 1) over h's shape (d, h, w) of the current model."""
+        probe = next(iter(epoch_batches()))[0][:1]
+        with torch.no_grad():
+            shape = _h(f, probe, cfg).shape[1:]
+        raw = torch.randn(shape, generator=gen).to(ctx.device).requires_grad_(True)
         opt = torch.optim.Adam([raw], lr=cfg.mask_lr)
         for epoch in range(1, cfg.mask_epochs + 1):
             t0, sums, n = time.perf_counter(), {"ce_benign": 0.0, "ce_rest": 0.0}, 0
             for x, y in epoch_batches():
                 with torch.no_grad(), autocast(ctx.device):
-                    h = f.features(x).float()
+                    h = _h(f, x, cfg).float()
                 m = torch.tanh(raw) / 2 + 0.5
-                ce_benign = F.cross_entropy(f.head(m * h).float(), y)
-                ce_rest = F.cross_entropy(f.head((1 - m) * h).float(), y)
+                ce_benign = F.cross_entropy(_logits(f, m * h).float(), y)
+                ce_rest = F.cross_entropy(_logits(f, (1 - m) * h).float(), y)
                 loss = ce_benign - ce_rest
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -174,10 +191,10 @@ class BtiDbfUnlearning(Defense):
             g.train()
             for x, _ in epoch_batches():
                 with torch.no_grad(), autocast(ctx.device):
-                    h_x = f.features(x).float()
+                    h_x = _h(f, x, cfg).float()
                 gx = g(x)
                 with autocast(ctx.device):
-                    h_g = f.features(prepare_batch(gx, ctx.device)).float()
+                    h_g = _h(f, prepare_batch(gx, ctx.device), cfg).float()
                 img = _image_mse(f, gx, x)
                 benign = F.mse_loss(mask * h_x, mask * h_g)
                 bounded = img.item() > cfg.norm_bound or benign.item() > cfg.feat_bound
@@ -187,7 +204,7 @@ class BtiDbfUnlearning(Defense):
                     loss = -F.mse_loss((1 - mask) * h_x, (1 - mask) * h_g) + 0.01 * benign
                     if target is not None:
                         labels = torch.full((len(x),), target, dtype=torch.long, device=x.device)
-                        loss = loss + F.cross_entropy(f.head(h_g).float(), labels)
+                        loss = loss + F.cross_entropy(_logits(f, h_g).float(), labels)
                 g_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 g_opt.step()

@@ -59,11 +59,13 @@ def _optimizer(model: torch.nn.Module, cfg: UnlearnConfig, steps: int):
 
 def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg: UnlearnConfig, ctx: DefenseContext,
                           gen: torch.Generator, name: str, *, epochs: int | None = None, plus_one: bool = False,
-                          feature_weight: float = 0.0, phase: str = "unlearn", log_prefix: str = "") -> list[dict]:
+                          feature_weight: float = 0.0, feature_map: bool = False, phase: str = "unlearn",
+                          log_prefix: str = "") -> list[dict]:
     """Fine-tune ``f`` (in place) for ``epochs`` (default ``cfg.epochs``) passes over ``clean``:
     loss = CE(f(x̃), y) + feature_weight·MSE(h(x̃), h(x)), where x̃ is the (augmented) batch with
     its first ``n_triggered`` images replaced by ``trigger(x)``; the batch order is shuffled, so
-    which images get the trigger is random."""
+    which images get the trigger is random. h is the penultimate vector, or the last feature map
+    before the pool when ``feature_map`` (BTI-DBF's reference)."""
     epochs = cfg.epochs if epochs is None else epochs
     crop, flip = cfg.augmentation(ctx.hflip)
     clean = clean.to(ctx.device)
@@ -86,9 +88,10 @@ def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg:
             train_mode(f, cfg)
             with autocast(ctx.device):
                 if feature_weight > 0:
-                    h = f.features(prepare_batch(torch.cat([x_tilde, x]), ctx.device)).float()
+                    both = prepare_batch(torch.cat([x_tilde, x]), ctx.device)
+                    h = (f.feature_map(both) if feature_map else f.features(both)).float()
                     h_tilde, h_clean = h.split(len(y))
-                    ce = F.cross_entropy(f.head(h_tilde).float(), y)
+                    ce = F.cross_entropy(f.head(f.pool(h_tilde) if feature_map else h_tilde).float(), y)
                     feat = F.mse_loss(h_tilde, h_clean)
                 else:
                     ce = F.cross_entropy(f(prepare_batch(x_tilde, ctx.device)).float(), y)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, ConfigError, param
@@ -41,6 +42,22 @@ class Classifier(nn.Module, abc.ABC):
     @abc.abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (B, d) of already normalised inputs."""
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (B, d, h, w) of inputs in [0, 1], before the global pool:
+        ``features(x) == pool(feature_map(x))``. Defenses that localise a trigger in feature
+        space (BTI-DBF's benign-feature mask) need the spatial map, not its average."""
+        return self.embed_map(self.normalize(x))
+
+    def embed_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``feature_map`` of already normalised inputs; a model without a spatial map (a ViT's
+        pooled token) gives its features as a 1x1 map."""
+        return self.embed(x)[:, :, None, None]
+
+    @staticmethod
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        """The global average pool every model applies between its feature map and its head."""
+        return F.adaptive_avg_pool2d(fmap, 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

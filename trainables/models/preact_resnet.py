@@ -49,9 +49,11 @@ class PreActResNet(Classifier):
         self.bn = nn.BatchNorm2d(planes)
         self.head = nn.Linear(planes, num_classes)
 
+    def embed_map(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.layers(self.conv1(x))))
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.layers(self.conv1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.pool(self.embed_map(x))
 
 
 @MODELS.register("preact_resnet18")

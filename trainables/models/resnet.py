@@ -48,9 +48,11 @@ class ResNet(Classifier):
         self.layers = nn.Sequential(*stages)
         self.head = nn.Linear(planes, num_classes)
 
+    def embed_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(F.relu(self.bn1(self.conv1(x))))
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(F.relu(self.bn1(self.conv1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.pool(self.embed_map(x))
 
 
 @MODELS.register("small_resnet")

@@ -30,9 +30,12 @@ class VGG(Classifier):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(planes, num_classes)
 
+    def embed_map(self, x: torch.Tensor) -> torch.Tensor:
+        # five halvings: inputs must be at least 32 px (1x1 map); 64 px leaves a 2x2 map
+        return self.body(x)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        # five halvings: inputs must be at least 32 px; larger ones (64 px) are pooled to 1x1
-        return nn.functional.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+        return self.pool(self.embed_map(x))
 
 
 @MODELS.register("vgg19_bn")
