@@ -203,7 +203,13 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     path = write_export(doc, out or "export.yaml")
     for s in doc["selections"]:
         shown = ", ".join(f"{m}={s['metrics'].get(m, float('nan')):.4f}" for m in metrics)
-        log(f"{s['attack']}: {s['defense']} ({s['provenance']['picked_by']}) {shown}  run {s['provenance']['run_id']}")
+        view = views.get(s["attack"])
+        base, ca = (view.undefended.get("ca") if view else None), s["metrics"].get("ca")
+        context = "" if base is None or ca is None else (
+            f" (CA drop {100 * (base - ca):.1f} points from the undefended model"
+            + (f", chance level {100 * view.chance:.1f}%)" if view.chance is not None else ")"))
+        log(f"{s['attack']}: {s['defense']} ({s['provenance']['picked_by']}) {shown}{context}  "
+            f"run {s['provenance']['run_id']}")
     if tag and attack_runs:
         tag_picks(tracker.client, list(views.values()), parsed.text, attack_runs, state["parent_run_id"], objectives,
                   experiment_id=state.get("experiment_id"), sweep_id=tracker.sweep_id)

@@ -133,7 +133,7 @@ def draw_panel(ax, view: AttackView, x, y, objectives: Sequence, rule: Rule | No
         ax.text(0.99, 0.01, f"{left_out} trial(s) without {short(x.metric)} or {short(y.metric)} not shown",
                 transform=ax.transAxes, ha="right", va="bottom", fontsize=6, color="dimgray")
     if legend:
-        ax.legend(fontsize=5.5, loc="best", framealpha=0.8)
+        ax.legend(fontsize=5.5, loc="best", framealpha=0.8, markerscale=0.6)
     return left_out
 
 

@@ -383,6 +383,7 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
         attack = next(iter(out.fronts), "NAME")
         # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
         lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
+    lines.append(f"tables:    bibau report {out.folder}  (Tables 1 and 2, the figure grid; attached to the parent run)")
     if out.warnings:  # last, where nobody misses them
         lines += ["", *out.warnings, "(tagged export.rule_met=false on the sweep's parent run in MLflow)"]
     return "\n".join(lines)
