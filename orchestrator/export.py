@@ -173,7 +173,8 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     objectives = [Objective(**o) for o in spec["objectives"]]
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     parsed = parse_rule(rule or spec.get("export_rule") or DEFAULT_RULE, metrics)
-    records = [r for r in tracker.records() if r.usable(metrics)]
+    every = tracker.records()
+    records = [r for r in every if r.usable(metrics)]
     for r in records:
         r.config = tracker.load_config(r.run_id)
     state = tracker.state()
@@ -183,7 +184,7 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     if not doc["selections"]:
         raise ValueError(f"sweep {tracker.sweep_id}: no completed trial to export (rule {parsed.text!r}, fallback {parsed.fallback})")
     attack_runs = state.get("attack_runs", {})
-    views = {a: attack_view(a, records, dict(tracker.client.get_run(run).data.metrics), parsed, objectives)
+    views = {a: attack_view(a, every, dict(tracker.client.get_run(run).data.metrics), parsed, objectives)
              for a, run in attack_runs.items()}
     warnings = []
     for sel in doc["selections"]:
