@@ -112,7 +112,13 @@ def add_export(subparsers) -> None:
     add(subparsers)
 
 
-SUBCOMMANDS = [add_run, add_config, add_sweep, add_export]
+def add_report(subparsers) -> None:  # tables and figures from what sweeps recorded: report.py, figures.py
+    from .report import add_report as add
+
+    add(subparsers)
+
+
+SUBCOMMANDS = [add_run, add_config, add_sweep, add_export, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,17 +146,25 @@ def read_export(path: str | Path) -> dict:
 # -- bibau export ---------------------------------------------------------------------------------
 
 
+class RuleNotMet(Exception):
+    """``--strict``: for some attack no trial meets the export rule."""
+
+
 def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule: str | None = None,
                  per_defense: bool = False, out: str | Path | None = None, log=print,
-                 fingerprint: str | None = None) -> tuple[Path, dict]:
+                 fingerprint: str | None = None, strict: bool = False, tag: bool = True) -> tuple[Path, dict]:
     """Read a finished sweep from MLflow, pick by ``rule`` and write the export file.
 
     Without ``sweep_id`` the newest sweep of ``experiment`` started from the spec with
     ``fingerprint`` is used (any spec's when None); without ``rule``, the sweep spec's own
-    ``export_rule``. The objectives come from the spec the sweep logged.
+    ``export_rule``. The objectives come from the spec the sweep logged. A selection no trial
+    met the rule for carries a ``warning`` (also printed, and tagged on the parent run); with
+    ``strict`` that raises :class:`RuleNotMet` before anything is written. ``tag``: mark the
+    per-attack picks in MLflow (``picked``) and write them as the runs' descriptions.
     """
     import os
 
+    from .results import attack_view, fallback_warning, tag_picks
     from .spec import Objective
     from .tracking import open_sweep
 
@@ -165,7 +173,8 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     objectives = [Objective(**o) for o in spec["objectives"]]
     metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
     parsed = parse_rule(rule or spec.get("export_rule") or DEFAULT_RULE, metrics)
-    records = [r for r in tracker.records() if r.usable(metrics)]
+    every = tracker.records()
+    records = [r for r in every if r.usable(metrics)]
     for r in records:
         r.config = tracker.load_config(r.run_id)
     state = tracker.state()
@@ -174,10 +183,40 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
                         "code_version": state.get("code_version", ""), "tracking_uri": uri}, per_defense)
     if not doc["selections"]:
         raise ValueError(f"sweep {tracker.sweep_id}: no completed trial to export (rule {parsed.text!r}, fallback {parsed.fallback})")
+    attack_runs = state.get("attack_runs", {})
+    views = {a: attack_view(a, every, dict(tracker.client.get_run(run).data.metrics), parsed, objectives)
+             for a, run in attack_runs.items()}
+    warnings = []
+    for sel in doc["selections"]:
+        view = views.get(sel["attack"])
+        if view is None or sel["provenance"]["picked_by"] == "rule":
+            continue
+        pick = next((p for p in ([view.pick] + list(view.picks.values())) if p and p.record.run_id ==
+                     sel["provenance"]["run_id"]), None)
+        text = fallback_warning(view, pick) if pick else None
+        if text:
+            sel["warning"] = text
+            warnings.append(text)
+    if strict and warnings:
+        raise RuleNotMet(f"--strict: no trial meets the rule {parsed.text!r} for "
+                         f"{', '.join(sorted({s['attack'] for s in doc['selections'] if 'warning' in s}))}; "
+                         f"nothing written.\n" + "\n".join(warnings))
     path = write_export(doc, out or "export.yaml")
     for s in doc["selections"]:
         shown = ", ".join(f"{m}={s['metrics'].get(m, float('nan')):.4f}" for m in metrics)
-        log(f"{s['attack']}: {s['defense']} ({s['provenance']['picked_by']}) {shown}  run {s['provenance']['run_id']}")
+        view = views.get(s["attack"])
+        base, ca = (view.undefended.get("ca") if view else None), s["metrics"].get("ca")
+        context = "" if base is None or ca is None else (
+            f" (CA drop {100 * (base - ca):.1f} points from the undefended model"
+            + (f", chance level {100 * view.chance:.1f}%)" if view.chance is not None else ")"))
+        log(f"{s['attack']}: {s['defense']} ({s['provenance']['picked_by']}) {shown}{context}  "
+            f"run {s['provenance']['run_id']}")
+    if tag and attack_runs:
+        tag_picks(tracker.client, list(views.values()), parsed.text, attack_runs, state["parent_run_id"], objectives,
+                  experiment_id=state.get("experiment_id"), sweep_id=tracker.sweep_id)
+        log("picked runs tagged in MLflow: filter tags.picked = 'true'")
+    for w in warnings:  # last, where nobody misses them
+        log(w)
     log(f"wrote {path} ({len(doc['selections'])} selection(s)); reproduce with: bibau run {path} --attack NAME")
     return path, doc
 
@@ -198,7 +237,12 @@ def cmd_export(args) -> int:
         raise ConfigError("bibau export: give the sweep's SPEC, or --tracking-uri and --experiment")
     try:
         export_sweep(uri, experiment, sweep_id=args.sweep, rule=args.rule, per_defense=args.per_defense, out=args.out,
-                     fingerprint=fingerprint)
+                     fingerprint=fingerprint, strict=args.strict)
+    except RuleNotMet as exc:
+        import sys
+
+        print(f"bibau export: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return 0
@@ -221,4 +265,7 @@ def add_export(subparsers) -> None:
     p.add_argument("--rule", help=f"selection rule (default: the spec's export_rule, normally {DEFAULT_RULE!r})")
     p.add_argument("--per-defense", action="store_true", help="one selection per attack and defense, not per attack")
     p.add_argument("-o", "--out", default="export.yaml", help="file to write (default: export.yaml)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit code 1, nothing written) when for some attack no trial meets the rule, "
+                   "instead of taking the fallback with a warning")
     p.set_defaults(func=cmd_export)

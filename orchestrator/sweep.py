@@ -45,6 +45,7 @@ class SweepOutcome:
     export_file: Path | None
     attack_stage: dict[str, dict] = field(default_factory=dict)
     resumed: bool = False
+    warnings: list[str] = field(default_factory=list)  # attacks whose export rule no trial met
 
 
 def code_version() -> str:
@@ -324,11 +325,11 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                                 "tracking_uri": uri})
             if doc["selections"]:
                 export_file = write_export(doc, sweep_dir / "export.yaml")
-            fronts = tracker.finish(records, spec.objectives, export_file=export_file)
+            fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule)
             clock.lap("fronts and export")
             log("time: " + clock.text())
             outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
-                                   export_file, infos, bool(resume))
+                                   export_file, infos, bool(resume), list(tracker.pick_warnings))
             log(summary_text(outcome, spec))
             return outcome
         finally:
@@ -382,6 +383,9 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
         attack = next(iter(out.fronts), "NAME")
         # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
         lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
+    lines.append(f"tables:    bibau report {out.folder}  (Tables 1 and 2, the figure grid; attached to the parent run)")
+    if out.warnings:  # last, where nobody misses them
+        lines += ["", *out.warnings, "(tagged export.rule_met=false on the sweep's parent run in MLflow)"]
     return "\n".join(lines)
 
 

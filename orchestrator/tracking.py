@@ -5,9 +5,10 @@ attack run a child run per trial. Runs are created by the driver: the parent and
 before Ray starts, a trial's run when Tune reports the trial finished (:class:`TrackingCallback`).
 Each trial run holds the resolved config (params and ``config.json``), every metric of the
 report, per-epoch curves, the time per stage, and tags ``attack``, ``defense``, ``status`` and,
-once the sweep ends, ``pareto``. Each attack run holds the Pareto front (CSV, PNG plots of the
-first objective against each other one, the baselines on the same axes) and the hypervolume as
-it grows with the trials.
+once the sweep ends, ``pareto`` and, on the export rule's picks, ``picked`` (``results.py``). Each
+attack run holds the Pareto front (CSV, the figures of ``figures.py``: the first objective against
+each other one, PNG and PDF) and the hypervolume as it grows with the trials; its description is
+its Pareto table and pick.
 
 Run ids live in the sweep's ``state.json`` and trial runs are keyed by Tune's trial id, so a
 resumed sweep reuses its runs instead of duplicating them.
@@ -26,7 +27,9 @@ from typing import Any, Sequence
 
 from ray import tune
 
-from .pareto import TrialRecord, front_of, growth, pareto_front
+from .figures import attack_figures, baseline_label, plot_growth, save  # noqa: F401 (baseline_label: re-exported)
+from .pareto import TrialRecord, front_of, growth
+from .results import attack_view, tag_picks
 from .search import STATUS_KEY
 
 # keys Tune adds to every result; everything else in a report is the trial's own
@@ -115,6 +118,7 @@ class SweepTracker:
         self.artifact_root = str(artifact_root) if artifact_root else None
         self._fixed_state = state  # a sweep read back from MLflow alone (bibau export)
         self._client = None
+        self.pick_warnings: list[str] = []  # set by finish(): attacks whose export rule no trial met
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_client"} | {"_client": None}
@@ -273,9 +277,17 @@ class SweepTracker:
         self._log_batch(run, steps=[("hypervolume", hypervolume, step), ("pareto_size", front_size, step)])
 
     def finish(self, records: list[TrialRecord], objectives: Sequence, *, attack_info: dict[str, dict] | None = None,
-               export_file: Path | None = None, status: str = "FINISHED") -> dict[str, list[TrialRecord]]:
-        """Tag the Pareto trials, log each attack's front, plots and hypervolume; close the runs."""
+               export_file: Path | None = None, status: str = "FINISHED", rule=None) -> dict[str, list[TrialRecord]]:
+        """Tag the Pareto trials, log each attack's front, plots and hypervolume; with the export
+        ``rule``, tag its picks and write the runs' descriptions (warnings in ``pick_warnings``);
+        close the runs."""
+        import tempfile
+
+        from .export import DEFAULT_RULE, parse_rule
+
+        rule = rule or parse_rule(DEFAULT_RULE)
         state = self.state()
+        views = []
         metrics = [o.metric for o in objectives]
         modes = [o.mode for o in objectives]
         ref = [o.reference for o in objectives]
@@ -293,17 +305,23 @@ class SweepTracker:
             self.client.log_text(run, records_csv(recs, metrics), "pareto/trials.csv")
             self.client.log_text(run, "trials,hypervolume\n" + "".join(f"{k},{v:.6g}\n" for k, v in curve),
                                  "pareto/hypervolume.csv")
-            for name, fig in plot_front(attack, recs, front, objectives).items():
-                self.client.log_figure(run, fig, f"pareto/{name}.png")
-            fig = plot_growth(attack, curve)
-            if fig is not None:
-                self.client.log_figure(run, fig, "pareto/hypervolume.png")
+            view = attack_view(attack, recs, dict(self.client.get_run(run).data.metrics), rule, objectives)
+            views.append(view)
+            with tempfile.TemporaryDirectory() as d:
+                for name, fig in attack_figures(view, objectives, rule).items():
+                    save(fig, Path(d) / name)  # PNG at 200 dpi and PDF
+                fig = plot_growth(attack, curve)
+                if fig is not None:
+                    save(fig, Path(d) / "hypervolume", formats=("png",))
+                self.client.log_artifacts(run, d, "pareto")
             self._log_batch(run, metrics={
                 "pareto_size": len(front), "hypervolume_final": curve[-1][1] if curve else 0.0,
                 "trials_completed": sum(r.status == "completed" for r in recs),
                 "trials_failed": sum(r.status != "completed" for r in recs)})
             self.client.set_terminated(run, status)
         parent = state["parent_run_id"]
+        self.pick_warnings = tag_picks(self.client, views, rule.text, state["attack_runs"], parent, objectives,
+                                       experiment_id=state.get("experiment_id"), sweep_id=self.sweep_id)
         allf = [r for f in fronts.values() for r in f]
         self.client.log_text(parent, records_csv(allf, metrics), "pareto/fronts.csv")
         if export_file is not None and Path(export_file).is_file():
@@ -395,76 +413,6 @@ def records_csv(records: Sequence[TrialRecord], metrics: Sequence[str]) -> str:
 
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def baseline_label(defense: str) -> str:
-    """``<defense> (baseline)``, with the data it saw when that is more than the clean split (EP's
-    poisoned batch, the IBU reference's poisoned samples, CLP's none)."""
-    from trainables.registry import DEFENSES
-
-    use = DEFENSES.get(defense).declared_data_use() if defense in DEFENSES else "clean_split"
-    return f"{defense} (baseline)" if use == "clean_split" else f"{defense} (baseline; data: {use})"
-
-
-def plot_front(attack: str, records: Sequence[TrialRecord], front: Sequence[TrialRecord], objectives: Sequence) -> dict:
-    """One figure per objective after the first: the first objective (y) against it (x), every
-    usable trial, the Pareto trials and the 2-D front of the projection; baselines labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figs = {}
-    first = objectives[0]
-    usable = [r for r in records if r.usable([o.metric for o in objectives])]
-    on_front = {r.trial_id for r in front}
-    for o in objectives[1:]:
-        fig, ax = plt.subplots(figsize=(5.5, 4.2))
-        tuned = [r for r in usable if r.tuned]
-        for defense in sorted({r.defense for r in tuned}):
-            pts = [r for r in tuned if r.defense == defense]
-            ax.scatter([r.metrics[o.metric] for r in pts], [r.metrics[first.metric] for r in pts], s=18,
-                       alpha=0.45, label=f"{defense} trials")
-        pts = [r for r in usable if r.trial_id in on_front]
-        ax.scatter([r.metrics[o.metric] for r in pts], [r.metrics[first.metric] for r in pts], s=60,
-                   facecolors="none", edgecolors="black", label="Pareto (all objectives)")
-        xy = [(r.metrics[o.metric], r.metrics[first.metric]) for r in usable]
-        if xy:
-            idx = pareto_front([(x, y) for x, y in xy], [o.mode, first.mode])
-            stair = sorted(xy[i] for i in idx)
-            ax.step([p[0] for p in stair], [p[1] for p in stair], where="post", color="black", lw=0.8,
-                    label=f"front in ({o.metric}, {first.metric})")
-        for r in (r for r in usable if not r.tuned):
-            ax.scatter([r.metrics[o.metric]], [r.metrics[first.metric]], marker="*", s=160, zorder=5,
-                       label=baseline_label(r.defense))
-        ax.set_xlabel(f"{o.metric} ({o.mode})")
-        ax.set_ylabel(f"{first.metric} ({first.mode})")
-        ax.set_title(f"{attack}: {first.metric} against {o.metric}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        figs[f"{first.metric}_vs_{o.metric}"] = fig
-        plt.close(fig)
-    return figs
-
-
-def plot_growth(attack: str, curve: list[tuple[int, float]]):
-    if not curve:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([k for k, _ in curve], [v for _, v in curve], marker="o", ms=3)
-    ax.set_xlabel("trials finished")
-    ax.set_ylabel("hypervolume of the front")
-    ax.set_title(f"{attack}: hypervolume as the sweep goes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
 
 
 class TrackingCallback(tune.Callback):

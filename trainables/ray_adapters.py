@@ -67,7 +67,8 @@ class TrialBackend:
         _use_threads(run_cfg)
         stage = attack_stage(run_cfg, load_dataset(run_cfg.data), resolve_device(run_cfg.device), log)
         info = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, (int, float))}
-        return {**info, "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
+        return {**info, "num_classes": stage.dataset.num_classes,  # the chance level of CA, for the figures
+                "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
                 "cache_dir": str(stage.cache_dir), "n_poisoned": int(len(stage.poison_index)),
                 "history": json_safe(stage.history)}
 

@@ -1,0 +1,200 @@
+"""A sweep's results per attack, as the report, the figures and the export read them: the trials,
+the undefended (backdoored) model, the chance level, the clean reference model's values, and the
+export rule's picks, with the loud warning when no trial met the rule.
+
+Also the MLflow side of the picks: the picked runs are tagged (``picked = 'true'``, with the rule
+in ``picked.rule``), so one filter in the UI finds them, and the per-attack Pareto table and the
+picks become the attack and parent runs' descriptions (``mlflow.note.content``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .export import Rule, select
+from .pareto import TrialRecord, front_of
+
+PICK_TAG = "picked"  # 'true' on the runs the export rule picked: filter ``tags.picked = 'true'``
+NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+UNDEFENDED = {"ca": "backdoored_ca", "asr": "backdoored_asr"}  # objective -> the undefended model's metric
+CLEAN_REFERENCE = {"r_asr": "ra_clean_asr", "q_asr": "q_asr_clean_model"}  # objective -> the clean model's
+NAMES = {"ca": "CA", "asr": "ASR", "r_asr": "R-ASR", "q_asr": "Q-ASR"}
+
+
+@dataclass
+class Pick:
+    record: TrialRecord
+    how: str  # "rule": it meets the rule; "fallback": nothing did, the point nearest the ideal was taken
+    rule: str
+
+    @property
+    def rule_met(self) -> bool:
+        return self.how == "rule"
+
+
+@dataclass
+class AttackView:
+    """What a sweep recorded for one attack."""
+
+    attack: str
+    records: list[TrialRecord]
+    undefended: dict[str, float] = field(default_factory=dict)  # objective -> the backdoored model's value
+    chance: float | None = None  # chance-level CA: 1 / classes (None when the sweep did not record the classes)
+    clean_reference: dict[str, float] = field(default_factory=dict)  # objective -> the clean model's value
+    pick: Pick | None = None  # the export rule's pick over all defenses (what the export file holds)
+    picks: dict[str, Pick] = field(default_factory=dict)  # defense -> the rule's pick among its own trials
+    run_id: str = ""  # the attack's MLflow run (its attack_stage/* metrics: the undefended model)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    vals = sorted(v for v in values if _finite(v))
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def attack_view(attack: str, records: Sequence[TrialRecord], attack_metrics: dict[str, float], rule: Rule,
+                objectives: Sequence) -> AttackView:
+    """The view of ``attack`` from its trial records and its attack run's metrics (``attack_stage/*``).
+
+    The undefended model's CA and ASR are the attack stage's (every trial also carries them as
+    ``backdoored_*``); the clean reference's R-ASR and Q-ASR are what the trials measured on it
+    (``ra_clean_asr`` with ``evaluation.ra_on_clean``, ``q_asr_clean_model``), when they did.
+    """
+    recs = [r for r in records if r.attack == attack]
+    undefended = {}
+    for objective, metric in UNDEFENDED.items():
+        v = attack_metrics.get(f"attack_stage/{metric}")
+        v = v if _finite(v) else _median([r.metrics.get(metric, math.nan) for r in recs])
+        if v is not None:
+            undefended[objective] = float(v)
+    classes = attack_metrics.get("attack_stage/num_classes")
+    clean = {}
+    for objective, metric in CLEAN_REFERENCE.items():
+        v = _median([r.metrics.get(metric, math.nan) for r in recs])
+        if v is not None:
+            clean[objective] = v
+    view = AttackView(attack, recs, undefended, 1.0 / classes if _finite(classes) and classes >= 1 else None, clean)
+    metrics, modes, ideal = [o.metric for o in objectives], [o.mode for o in objectives], [o.best for o in objectives]
+    usable = [r for r in recs if r.usable(metrics)]
+    got = select(usable, rule, metrics, modes, ideal)
+    if got is not None:
+        view.pick = Pick(got[0], got[1], rule.text)
+    for defense in sorted({r.defense for r in usable if r.tuned}):
+        got = select([r for r in usable if r.defense == defense], rule, metrics, modes, ideal)
+        if got is not None:
+            view.picks[defense] = Pick(got[0], got[1], rule.text)
+    return view
+
+
+def pct(v: float | None) -> str:
+    return "n/a" if v is None or not _finite(v) else f"{100 * v:.1f}%"
+
+
+def fallback_warning(view: AttackView, pick: Pick | None = None) -> str | None:
+    """The loud line when no trial met the rule: what was picked instead, its CA drop from the
+    undefended model and the chance level. None when the rule was met."""
+    pick = pick or view.pick
+    if pick is None or pick.rule_met:
+        return None
+    r = pick.record
+    ca = r.metrics.get("ca")
+    parts = [f"WARNING: {view.attack}: no trial meets the rule {pick.rule!r}; the fallback picked the point "
+             f"nearest the ideal, {r.defense} run {r.run_id or r.trial_id}: CA {pct(ca)}"]
+    base = view.undefended.get("ca")
+    if base is not None and _finite(ca):
+        parts.append(f"(undefended model {pct(base)}: a drop of {100 * (base - ca):.1f} points)")
+    parts.append(f"chance level {pct(view.chance)}" if view.chance is not None else "chance level unknown")
+    others = ", ".join(f"{NAMES[m]} {pct(r.metrics.get(m))}" for m in ("asr", "r_asr", "q_asr")
+                       if _finite(r.metrics.get(m)))
+    return " ".join(parts) + (f"; {others}" if others else "") + ". Relax the rule or search further before using it."
+
+
+# -- MLflow ------------------------------------------------------------------------------------------
+
+
+def _cell(v: Any, metric: str) -> str:
+    if not _finite(v):
+        return "-"
+    return f"{100 * v:.1f}" if metric in ("ca", "asr", "r_asr", "q_asr") else f"{v:.3g}"
+
+
+def attack_note(view: AttackView, objectives: Sequence) -> str:
+    """The attack run's description: its Pareto table (%), the pick and how it was made."""
+    metrics = [o.metric for o in objectives]
+    modes = [o.mode for o in objectives]
+    front = sorted(front_of(view.records, metrics, modes), key=lambda r: -r.metrics.get(metrics[0], 0.0))
+    lines = [f"### {view.attack}: Pareto front ({len(front)} of {len(view.records)} trials)", ""]
+    if view.undefended:
+        lines.append("Undefended model: " + ", ".join(f"{m.upper().replace('_', '-')} {pct(v)}"
+                                                     for m, v in view.undefended.items())
+                     + (f"; chance-level CA {pct(view.chance)}" if view.chance is not None else "") + ".")
+        lines.append("")
+    lines.append("| defense | run | " + " | ".join(f"{m} (%)" if m in ("ca", "asr", "r_asr", "q_asr") else m
+                                                   for m in metrics) + " | picked |")
+    lines.append("|---|---|" + "---:|" * len(metrics) + "---|")
+    picked = view.pick.record.run_id if view.pick else None
+    for r in front:
+        lines.append(f"| {r.defense} | {r.run_id or r.trial_id} | "
+                     + " | ".join(_cell(r.metrics.get(m), m) for m in metrics)
+                     + f" | {'**yes**' if picked and r.run_id == picked else ''} |")
+    lines.append("")
+    lines.append(pick_line(view))
+    return "\n".join(lines)
+
+
+def pick_line(view: AttackView) -> str:
+    if view.pick is None:
+        return f"{view.attack}: nothing picked (no completed trial with every objective)."
+    r = view.pick.record
+    text = (f"{view.attack}: picked {r.defense} run {r.run_id or r.trial_id} by the rule `{view.pick.rule}`"
+            + ("" if view.pick.rule_met else " **(fallback: no trial meets the rule)**")
+            + ": " + ", ".join(f"{NAMES[m]} {pct(r.metrics.get(m))}" for m in ("ca", "asr", "r_asr", "q_asr")
+                               if _finite(r.metrics.get(m))))
+    warning = fallback_warning(view)
+    return text + ("\n\n" + warning if warning else "")
+
+
+def sweep_note(views: Sequence[AttackView], rule: str) -> str:
+    """The parent run's description: every attack's pick, and the warning where the rule was not met."""
+    lines = [f"### Picks by the export rule `{rule}`", "", "Filter the picked runs with `tags.picked = 'true'`.", ""]
+    lines += [f"- {pick_line(v)}" for v in views]
+    return "\n".join(lines)
+
+
+def tag_picks(client, views: Sequence[AttackView], rule: str, attack_runs: dict[str, str], parent_run: str,
+              objectives: Sequence, *, experiment_id: str | None = None, sweep_id: str | None = None) -> list[str]:
+    """Tag the picked runs (``picked``, ``picked.rule``, ``picked.by``), clear the tag of runs an
+    earlier export of this sweep picked, write the attack and parent runs' descriptions and the
+    parent's ``export.*`` tags. Returns the warning lines (one per attack whose rule was not met)."""
+    picked = {v.pick.record.run_id: v.pick for v in views if v.pick and v.pick.record.run_id}
+    if experiment_id and sweep_id:
+        earlier = client.search_runs([experiment_id], filter_string=f"tags.sweep_id = '{sweep_id}' and "
+                                     f"tags.{PICK_TAG} = 'true'", max_results=10000)
+        for run in earlier:
+            if run.info.run_id not in picked:
+                client.set_tag(run.info.run_id, PICK_TAG, "false")
+    for run_id, pick in picked.items():
+        client.set_tag(run_id, PICK_TAG, "true")
+        client.set_tag(run_id, "picked.rule", rule)
+        client.set_tag(run_id, "picked.by", pick.how)
+    warnings = []
+    for v in views:
+        run = attack_runs.get(v.attack)
+        if run:
+            client.set_tag(run, NOTE_TAG, attack_note(v, objectives))
+            client.set_tag(run, "export.rule_met", "n/a" if v.pick is None else str(v.pick.rule_met).lower())
+        w = fallback_warning(v)
+        if w:
+            warnings.append(w)
+    client.set_tag(parent_run, NOTE_TAG, sweep_note(views, rule))
+    client.set_tag(parent_run, "export.rule", rule)
+    client.set_tag(parent_run, "export.rule_met", str(not warnings).lower())
+    client.set_tag(parent_run, "export.warning", " | ".join(warnings)[:4900] if warnings else "")
+    return warnings
