@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import trainables  # noqa: F401  (fill the registries the validation looks names up in)
 from trainables.config import Config, ConfigError, build, load_yaml, merge, param, parse_overrides, to_dict
 from trainables.registry import DEFENSES, EVALUATIONS
-from trainables.schema import RunConfig
+from trainables.schema import GateConfig, RunConfig
 
 from .export import EXPORT_KIND, DEFAULT_RULE, parse_rule
 
@@ -210,6 +210,9 @@ class SweepSpec(Config):
     seed: int = param(0, "seed of the samplers (each study adds its index)", low=0)
     save_models: bool = param(False, "keep every trial's purified and backdoored model in its folder "
                               "(off: config.yaml and results.json only; the attack models stay in the cache)")
+    gate: GateConfig | None = param(None, "cheap-first evaluation of every defense trial: {ca_min, ca_drop_max}; "
+                                    "a trial whose CA fails it skips RA, QRA and BEC and is recorded as gated "
+                                    "(Optuna: pruned); None: every trial is evaluated fully")
     export_rule: str = param(DEFAULT_RULE, "rule the sweep's own export picks configurations by (see bibau export --help)")
     replay: list[dict[str, Any]] = param([], "fixed runs {attack, defense, config}, filled from a bibau export file")
 
@@ -375,6 +378,8 @@ def plan(spec: SweepSpec) -> Plan:
                 # the config must also hold with sampled values: check it with the space's low ends
                 probe = merge(defense, {k: s.endpoints()[0] for k, s in d.space.items()})
                 trial = merge(stage.config, {"threads": trial_threads})
+                if spec.gate is not None:  # the spec's gate wins over one in base.evaluation
+                    trial = merge(trial, {"evaluation": {"gate": to_dict(spec.gate)}})
                 _resolve(merge(trial, {"defense": probe}), f"defenses[{j}] ({d.key}) with attack {label}")
                 resolved = _resolve(merge(trial, {"defense": defense}), f"defenses[{j}] ({d.key}) with attack {label}")
                 studies.append(Study(
