@@ -28,6 +28,21 @@ def machine(device=None) -> str:
     return text
 
 
+def start_ray(attempts: int = 3, **kwargs) -> None:
+    """A local Ray (``ray.init(**kwargs)``), retried: on a loaded machine the raylet may miss Ray's
+    fixed 30 s start-up window."""
+    import ray
+
+    for i in range(attempts):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception on a start-up timeout
+            print(f"Ray did not start ({str(exc).splitlines()[0][:120]}); attempt {i + 1}/{attempts}", flush=True)
+            ray.shutdown()
+    raise SystemExit("Ray did not start")
+
+
 def load_average() -> str:
     try:
         return f"{os.getloadavg()[0]:.1f}"

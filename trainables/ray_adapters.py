@@ -153,7 +153,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
 
     from .config import ConfigError
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         report = make_report(backend.run(config["run"], out_dir, log), config["objectives"])
     except ConfigError as exc:
@@ -162,6 +162,8 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     finally:
         logfile.close()
     report.setdefault("time_trial_s", time.perf_counter() - started)
+    # CPU seconds of this worker (all its threads): the trial's compute, whatever else loads the machine
+    report.setdefault("cpu_trial_s", time.process_time() - cpu_started)
     report = json_safe(report)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "report.json").write_text(json.dumps(report))

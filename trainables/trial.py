@@ -392,6 +392,8 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     if defended is not None:
         report["defense_data_use"] = getattr(cfg.defense, "data_use", None)
         report.update({f"defense_{k}": v for k, v in defended.findings.items()})
+    if device.type == "cuda":  # what trials packed on one GPU (resources.gpus < 1) must fit in together
+        report["cuda_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     report["wall_time_s"] = time.perf_counter() - start
     report["history"] = {"attack": stage.history, "defense": defended.history if defended is not None else []}
 
