@@ -65,13 +65,15 @@ def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: flo
         "seed": 0,
         "base": {
             "seed": 0, "device": "cpu",
+            # the default model cache: a second run of the benchmark reuses the attack models
+            "cache_dir": str(Path("~/.cache/bibau/models").expanduser()) if not smoke else str(storage / "cache"),
             "data": data,
             "model": {"name": "small_resnet", "width": 8, "depth": 3},
             "train": {"epochs": 1 if smoke else 15, "batch_size": 128, "lr": 0.05, "crop_padding": 0,
                       "eval_every": 0},
-            "evaluation": {"metrics": ["ca", "asr", "ra", "qra"], "ra_size": 100 if smoke else 500,
-                           "ra_epochs": 1 if smoke else 3, "ra_on_clean": False, "qra_epochs": 1 if smoke else 20,
-                           "qra_clean_size": 50 if smoke else 250, "qra_poison_size": 50 if smoke else 250,
+            "evaluation": {"metrics": ["ca", "asr", "ra", "qra"], "ra_size": 100 if smoke else 300,
+                           "ra_epochs": 1 if smoke else 3, "ra_on_clean": False, "qra_epochs": 1 if smoke else 10,
+                           "qra_clean_size": 50 if smoke else 200, "qra_poison_size": 50 if smoke else 200,
                            "qra_hidden": 64 if smoke else 256},
         },
         "attacks": [{"name": "badnets", "target": 0, "poison_rate": 0.1}],
@@ -163,6 +165,8 @@ def main() -> None:
     ap.add_argument("--gate", type=float, default=0.2, help="ca_drop_max of the gated side (fraction)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script, records nothing")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
+    ap.add_argument("--calibrate", action="store_true", help="warm the cache and time one ungated trial's stages; "
+                    "no sweep")
     ap.add_argument("--doc", type=Path, default=None, help="record into this file instead of docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -187,6 +191,20 @@ def main() -> None:
         floor = max(0.0, backdoored_ca - args.gate)
         print(f"  {time.perf_counter() - t:.1f} s; backdoored CA {backdoored_ca:.4f}, ASR {info['backdoored_asr']:.4f}; "
               f"gate floor (and CA's HV reference) {floor:.4f}", flush=True)
+        if args.calibrate:
+            from trainables.config import build
+            from trainables.schema import RunConfig
+            from trainables.trial import run_trial
+
+            study = plan.studies[0]
+            cfg = build(RunConfig, {**study.config, "defense": {**study.config["defense"], "theta": 0.5, "lr": 0.01,
+                                                                "pgd_eps": 8 / 255}})
+            r = run_trial(cfg, None, log=lambda m: None)
+            ev = r["time_eval_ra_s"] + r["time_eval_qra_s"]
+            print(f"one trial: {r['wall_time_s']:.1f} s; defense {r['time_defense_s']:.1f} s, RA {r['time_eval_ra_s']:.1f} s, "
+                  f"QRA {r['time_eval_qra_s']:.1f} s, CA/ASR {r['time_eval_ca_asr_s']:.1f} s (RA + QRA {ev / r['wall_time_s']:.0%} "
+                  f"of it); CA {r['ca']:.4f}, R-ASR {r['r_asr']:.4f}, Q-ASR {r['q_asr']:.4f}")
+            return
         start_ray(num_cpus=2)  # one Ray for both sides: neither pays its start
         sides = [side("ungated", spec(store, args.trials, args.smoke_test, floor), tmp),
                  side("gated", spec(store, args.trials, args.smoke_test, floor, gate=args.gate), tmp)]
