@@ -1,7 +1,7 @@
 """Sweep efficiency: the same spec and seed with and without the cheap-first gate.
 
-A BI-BAU(U) study on a CIFAR-10 spec reduced to fit a CPU (5,000 training images, a narrow
-ResNet, RA and QRA shortened but still most of a trial's time), run twice in one command:
+A BI-BAU(U) study on a CIFAR-10 spec reduced to fit a shared CPU (2,000 training images, a
+narrow ResNet, RA and QRA shortened but still about half of a trial's time), run twice in one command:
 without a gate, then with ``gate: {ca_drop_max: D}``. Per side: wall time of the whole
 ``run_sweep`` (Ray start, trials, MLflow, fronts), the trials' own wall and CPU seconds, how many
 trials were evaluated fully and how many gated, and the hypervolume of the front reached.
@@ -40,8 +40,8 @@ from benchmarks.common import append_rows, load_average, machine, start_ray  # n
 SECTION = "## Sweep efficiency: the cheap-first gate (benchmarks/sweep_efficiency.py)"
 HEADER = """{section}
 
-The same BI-BAU(U) study (CIFAR-10 reduced to fit: 5,000 training / 1,000 test images, a width-8
-3-stage ResNet, BadNets; TPE on CA, R-ASR, Q-ASR; 2 trials at a time, 1 thread each) with and without
+The same BI-BAU(U) study (CIFAR-10 reduced to fit: 2,000 training / 500 test images, a width-8
+2-stage ResNet, BadNets; TPE on CA, R-ASR, Q-ASR; 2 trials at a time, 1 thread each) with and without
 `gate: {{ca_drop_max: D}}`, same seed, one command, warm model cache. Wall: the whole sweep (Ray, trials,
 MLflow, fronts). CPU: the trials' own CPU seconds (a measure the machine's other load does not change).
 HV: hypervolume of the front with CA's reference at the gate's floor (backdoored CA - D), and with CA's
@@ -57,7 +57,7 @@ EPS = {"low": 4 / 255, "high": 32 / 255}
 
 def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: float | None = None) -> dict:
     """The benchmark's sweep spec; ``gate``: the side with ``ca_drop_max`` = gate."""
-    data = {"name": "cifar10", "train_size": 600 if smoke else 5000, "test_size": 200 if smoke else 1000,
+    data = {"name": "cifar10", "train_size": 600 if smoke else 2000, "test_size": 200 if smoke else 500,
             "clean_fraction": 0.1}
     out = {
         "name": "efficiency-gated" if gate is not None else "efficiency",
@@ -68,19 +68,19 @@ def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: flo
             # the default model cache: a second run of the benchmark reuses the attack models
             "cache_dir": str(Path("~/.cache/bibau/models").expanduser()) if not smoke else str(storage / "cache"),
             "data": data,
-            "model": {"name": "small_resnet", "width": 8, "depth": 3},
-            "train": {"epochs": 1 if smoke else 15, "batch_size": 128, "lr": 0.05, "crop_padding": 0,
+            "model": {"name": "small_resnet", "width": 8, "depth": 2},
+            "train": {"epochs": 1 if smoke else 10, "batch_size": 64, "lr": 0.05, "crop_padding": 0,
                       "eval_every": 0},
-            "evaluation": {"metrics": ["ca", "asr", "ra", "qra"], "ra_size": 100 if smoke else 300,
+            "evaluation": {"metrics": ["ca", "asr", "ra", "qra"], "ra_size": 100 if smoke else 200,
                            "ra_epochs": 1 if smoke else 3, "ra_on_clean": False, "qra_epochs": 1 if smoke else 10,
-                           "qra_clean_size": 50 if smoke else 200, "qra_poison_size": 50 if smoke else 200,
+                           "qra_clean_size": 50 if smoke else 100, "qra_poison_size": 50 if smoke else 100,
                            "qra_hidden": 64 if smoke else 256},
         },
         "attacks": [{"name": "badnets", "target": 0, "poison_rate": 0.1}],
         "defenses": [{
             "name": "bibau_u",
             "fixed": {"epochs": 1 if smoke else 2, "pgd_steps": 2 if smoke else 3, "pgd_step": 4 / 255,
-                      "batch_size": 128, "crop_padding": 0},
+                      "batch_size": 64, "crop_padding": 0},
             # METHOD's ranges, lr and epsilon wide: the first look at a new setting, where some
             # trials lose their clean accuracy
             "space": {"theta": {"low": 0.0, "high": 1.0},
@@ -182,7 +182,7 @@ def main() -> None:
         probe = tmp / "probe.yaml"
         probe.write_text(yaml.safe_dump(spec(store, args.trials, args.smoke_test)))
         _, plan = load_spec(str(probe))
-        print(f"warming the model cache (attack stage, clean reference) in {store / 'cache'} ...", flush=True)
+        print(f"warming the model cache (attack stage, clean reference) in {plan.attacks[0].config['cache_dir']} ...", flush=True)
         t = time.perf_counter()
         backend = TrialBackend()
         info = backend.attack_stage(plan.attacks[0].config, lambda m: None)
@@ -205,7 +205,7 @@ def main() -> None:
                   f"QRA {r['time_eval_qra_s']:.1f} s, CA/ASR {r['time_eval_ca_asr_s']:.1f} s (RA + QRA {ev / r['wall_time_s']:.0%} "
                   f"of it); CA {r['ca']:.4f}, R-ASR {r['r_asr']:.4f}, Q-ASR {r['q_asr']:.4f}")
             return
-        start_ray(num_cpus=2)  # one Ray for both sides: neither pays its start
+        start_ray(attempts=6, num_cpus=2)  # one Ray for both sides: neither pays its start
         sides = [side("ungated", spec(store, args.trials, args.smoke_test, floor), tmp),
                  side("gated", spec(store, args.trials, args.smoke_test, floor, gate=args.gate), tmp)]
         u, g = sides

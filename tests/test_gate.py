@@ -252,3 +252,38 @@ def test_a_gated_sweep_tells_tune_optuna_mlflow_and_the_summary(tmp_path, local_
     for r in gated:
         result = json.loads((out.folder / "tune").glob(f"*{r.trial_id}/result.json").__next__().read_text().splitlines()[-1])
         assert result[STATUS_KEY] == "gated" and not set(SKIPPED) & set(result)
+
+
+# -- the attack stage at scale: a grid of attacks x data sets x models ------------------------------
+
+
+def test_a_grid_makes_one_attack_stage_per_attack_data_set_and_model(tmp_path):
+    data = {**spec_dict(tmp_path / "store"), "attacks": ["badnets", {"name": "blended", "model": {"depth": 2}}],
+            "grid": {"data": [{"name": "digits"}, {"name": "digits", "train_size": 300, "test_size": 100}],
+                     "model": [{"name": "small_resnet"}, {"name": "vgg19_bn"}]}}
+    data["defenses"] = [{"name": "ft"}]
+    with pytest.raises(ConfigError) as err:  # the entry's depth reaches a VGG: the error names the cell
+        load_spec(write_spec(tmp_path, data))
+    assert "blended+data0+vgg19_bn" in str(err.value) and "depth" in str(err.value)
+    data["attacks"][1] = {"name": "blended", "poison_rate": 0.05}
+    spec, plan = load_spec(write_spec(tmp_path, data))
+    cells = {a.label: a.config for a in plan.attacks}
+    assert sorted(cells) == sorted(f"{a}+data{i}+{m}" for a in ("badnets", "blended") for i in (0, 1)
+                                   for m in ("small_resnet", "vgg19_bn"))
+    assert cells["badnets+data1+vgg19_bn"]["data"]["train_size"] == 300
+    assert cells["badnets+data1+vgg19_bn"]["model"] == {"name": "vgg19_bn", "width": None, "depth": None}
+    assert cells["blended+data0+small_resnet"]["model"]["width"] == 4  # base's width kept for the same model
+    assert cells["blended+data0+small_resnet"]["attack"]["poison_rate"] == 0.05
+    assert {s.attack for s in plan.studies} == set(cells) and len(plan.studies) == 8
+    data["grid"] = {"model": [{"name": "resnet 18"}]}
+    with pytest.raises(ConfigError, match=r"grid.model\[0\].name"):
+        load_spec(write_spec(tmp_path, data))
+
+
+def test_stage_timing_compares_the_wall_with_the_sum_of_its_tasks():
+    from orchestrator.sweep import stage_timing
+
+    t = stage_timing({"a": {"seconds": 30.0, "cached": False}, "b": {"seconds": 20.0, "cached": True},
+                      "c": {"ok": False}}, 25.0)
+    assert t["attack_stage_tasks_s"] == 50.0 and t["attack_stage_parallelism"] == 2.0
+    assert t["attack_stage_tasks"] == 3 and t["attack_stage_cached"] == 1
