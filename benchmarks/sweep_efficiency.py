@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="warm the cache and time one ungated trial's stages; "
                     "no sweep")
     ap.add_argument("--doc", type=Path, default=None, help="record into this file instead of docs/benchmarks.md")
+    ap.add_argument("--storage", type=Path, default=None, help="keep the sweeps here (default: a temporary folder)")
     args = ap.parse_args()
 
     from orchestrator.spec import load_spec
@@ -178,6 +179,9 @@ def main() -> None:
     os.environ.setdefault("RAY_ADDRESS", "")
     with tempfile.TemporaryDirectory(prefix="bibau-efficiency-") as tmp:
         tmp = Path(tmp)
+        if args.storage is not None:
+            tmp = args.storage
+            tmp.mkdir(parents=True, exist_ok=True)
         store = tmp / "store"
         probe = tmp / "probe.yaml"
         probe.write_text(yaml.safe_dump(spec(store, args.trials, args.smoke_test)))
