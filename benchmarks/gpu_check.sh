@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one call to make when a GPU is lent (one H100/H200; about 6-7 minutes, under 8):
+# The one call to make when a GPU is lent (one H100/H200; estimated 6-7 minutes, each step under its
+# own limit so the whole stays under 8; not yet run on a GPU):
 #
 #   benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
 #   benchmarks/gpu_check.sh --compile       # also the torch.compile'd training loop (+1-2 min)
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --doc=*) DOC="${1#--doc=}" ;;
     --data) DATA=(--data "$2"); shift ;;
     --data=*) DATA=(--data "${1#--data=}") ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'; allowed: --tiny, --compile, --doc PATH, --data PATH" >&2; exit 2 ;;
   esac
   shift
