@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,39 @@ def machine(device=None) -> str:
     if device is not None and torch.device(device).type == "cuda":
         text = f"{torch.cuda.get_device_name(device)}; " + text
     return text
+
+
+def start_ray(attempts: int = 3, **kwargs) -> None:
+    """A local Ray (``ray.init(**kwargs)``), retried: on a loaded machine the raylet may miss Ray's
+    fixed 30 s start-up window."""
+    import ray
+    from ray._private import services
+
+    # Ray gives the raylet a fixed 30 s to register, asking get_node() in a loop; on a machine
+    # loaded far beyond its cores registration takes longer, so each ask waits up to 3 minutes
+    if not getattr(services.get_node, "_patient", False):
+        ask = services.get_node
+
+        def patient(*args, **kwargs):
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    return ask(*args, **kwargs)
+                except RuntimeError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(2)
+
+        patient._patient = True
+        services.get_node = patient
+    for i in range(attempts):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception on a start-up timeout
+            print(f"Ray did not start ({str(exc).splitlines()[0][:120]}); attempt {i + 1}/{attempts}", flush=True)
+            ray.shutdown()
+    raise SystemExit("Ray did not start")
 
 
 def load_average() -> str:

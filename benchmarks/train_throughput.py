@@ -142,11 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="CIFAR-10 source (data.root); default: the usual places")
     p.add_argument("--doc", default=str(DOC), help="markdown file whose throughput table gets the result")
     p.add_argument("--no-record", action="store_true", help="print only; leave the doc alone")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (both pipelines); its "
+                   "compilation falls in the untimed warm-up epoch")
+    p.add_argument("--pipelines", default="loop,dataloader", help="which to measure: loop, dataloader or both")
     p.add_argument("--smoke-test", action="store_true", help="256 images, 1 timed epoch, 1 round, nothing recorded")
     args = p.parse_args(argv)
     if args.smoke_test:
         args.images, args.epochs, args.repeats, args.no_record = 256, 1, 1, True
 
+    kinds = [k.strip() for k in args.pipelines.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"loop", "dataloader"}:
+        p.error(f"--pipelines: {args.pipelines!r}; allowed: loop, dataloader or loop,dataloader")
     names = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else args.device.split(",")
     devices = [resolve_device(n.strip()) for n in names]
     ds = load_dataset(DataConfig(name="cifar10", root=args.data, train_size=args.images, test_size=10))
@@ -167,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         train_model(warm, images.subset(torch.arange(min(len(images), 2 * args.batch_size))),
                     cfg.replace(epochs=1), device, generator=torch.Generator().manual_seed(0), log=lambda _: None)
         for r in range(args.repeats):
-            for kind in ("loop", "dataloader"):
+            for kind in kinds:
                 model = create_model(ModelConfig(name=args.model), ds.num_classes, mean=ds.mean, std=ds.std,
                                      generator=torch.Generator().manual_seed(0))
+                if args.compile:
+                    model = torch.compile(model)
                 if kind == "loop":
                     cpu0 = time.process_time()
                     history = train_model(model, images, cfg, device, generator=torch.Generator().manual_seed(r),
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {device.type} round {r + 1} {kind:10s} {ips:9.1f} img/s, "
                       f"{1000 * cpu / (len(images) * cfg.epochs):.2f} CPU ms/img "
                       f"(epochs {', '.join(f'{s:.2f}' for s in seconds)} s; first is warm-up)")
-        ratio = best["loop"] / best["dataloader"]
+        ratio = best["loop"] / best["dataloader"] if best["dataloader"] else float("nan")
         print(f"{device.type}: loop {best['loop']:.1f} img/s, DataLoader {best['dataloader']:.1f} img/s, "
               f"ratio {ratio:.2f} (target {'>= 1.0' if device.type == 'cpu' else '>= 3'}); CPU ms/img "
               f"loop {cpu_ms['loop']:.2f}, DataLoader {cpu_ms['dataloader']:.2f}")

@@ -125,7 +125,7 @@ class TrialRecord:
     study: str  # "<attack>/<defense>"
     attack: str
     defense: str
-    status: str  # completed | failed | diverged
+    status: str  # completed | gated (stopped after CA/ASR by the sweep's gate) | failed | diverged
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # the sampled hyperparameters (empty for a baseline)
     config: dict = field(default_factory=dict)  # the resolved RunConfig mapping

@@ -6,6 +6,12 @@ in the sweep's RDB storage and its own sampler seed) and the fixed runs of the b
 hands out trials round-robin over the studies that still have budget (and are below their own
 concurrency cap), remembers which study each trial belongs to, and forwards completions to
 that study. A failed or diverged trial is told to Optuna as FAIL: NaN never reaches a study.
+A trial the spec's gate stopped after CA and ASR (``gated``) is told as PRUNED, with no values
+(it has no R-ASR or Q-ASR to give) and with its gate margin as the Optuna constraint ``gate``
+(``Trial.set_constraint``, Optuna 5's successor of the samplers' ``constraints_func``): TPE
+puts infeasible trials among the bad ones; NSGA-II learns from COMPLETE trials only, so to it a
+gated trial is simply no candidate. When a gate is set, every completed trial carries its own
+(non-positive) margin too, so a study's trials are constrained alike.
 
 Trial configs carry everything a trial needs (the resolved RunConfig mapping, the objectives,
 its output folder), so a restored experiment needs nothing from the driver's memory.
@@ -26,7 +32,8 @@ from .spec import Objective, Study
 
 log = logging.getLogger(__name__)
 
-STATUS_KEY = "trial_status"  # what ray_adapters reports: completed | diverged
+STATUS_KEY = "trial_status"  # what ray_adapters reports: completed | diverged | gated | invalid
+GATE_CONSTRAINT = "gate"  # the Optuna constraint a gated trial violates (> 0) and a passing one meets
 
 
 def make_sampler(study: Study):
@@ -51,6 +58,19 @@ def result_ok(result: dict | None, metrics: list[str]) -> bool:
     return True
 
 
+def set_constraint(sub, trial_id: str, margin: float) -> None:
+    """Give the Optuna trial behind Tune's ``trial_id`` its gate margin (> 0: infeasible)."""
+    import optuna
+
+    trial = sub._ot_trials.get(trial_id)
+    if trial is None:
+        return
+    if isinstance(trial, int):  # a restored searcher knows its trials by number
+        study = sub._ot_study
+        trial = optuna.trial.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial))
+    trial.set_constraint(GATE_CONSTRAINT, margin)
+
+
 class StudySearcher(Searcher):
     """Round-robin over the studies of a sweep; see the module docstring."""
 
@@ -67,7 +87,7 @@ class StudySearcher(Searcher):
         self.owner: dict[str, str] = {}  # trial id -> study key
         self.launched = {k: 0 for k in self.order}
         self.running = {k: 0 for k in self.order}
-        self.done: dict[str, str] = {}  # trial id -> completed | failed
+        self.done: dict[str, str] = {}  # trial id -> completed | gated | failed
         self.cursor = 0
         self.optuna = {k: self._optuna(self.studies[k], storage_url) for k in self.order if self.studies[k].tuned}
 
@@ -126,12 +146,19 @@ class StudySearcher(Searcher):
             return
         self.running[key] -= 1
         ok = not error and result_ok(result, self.metrics)
-        self.done[trial_id] = "completed" if ok else "failed"
+        gated = not error and bool(result) and result.get(STATUS_KEY) == "gated"
+        self.done[trial_id] = "completed" if ok else "gated" if gated else "failed"
         if key in self.optuna:
+            sub = self.optuna[key]
+            margin = (result or {}).get("gate_margin")
+            if (ok or gated) and isinstance(margin, (int, float)) and math.isfinite(margin):
+                set_constraint(sub, trial_id, float(margin))
             if ok:
-                self.optuna[key].on_trial_complete(trial_id, {m: float(result[m]) for m in self.metrics})
+                sub.on_trial_complete(trial_id, {m: float(result[m]) for m in self.metrics})
+            elif gated:
+                sub.on_trial_complete(trial_id, None, error=False)  # no values: OptunaSearch tells PRUNED
             else:
-                self.optuna[key].on_trial_complete(trial_id, None, error=True)
+                sub.on_trial_complete(trial_id, None, error=True)
 
     # -- state for Tuner.restore: plain JSON, never a pickle ---------------------------------------
     _COUNTERS = ("owner", "launched", "running", "done", "cursor")

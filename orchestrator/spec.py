@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import trainables  # noqa: F401  (fill the registries the validation looks names up in)
 from trainables.config import Config, ConfigError, build, load_yaml, merge, param, parse_overrides, to_dict
 from trainables.registry import DEFENSES, EVALUATIONS
-from trainables.schema import RunConfig
+from trainables.schema import GateConfig, RunConfig
 
 from .export import EXPORT_KIND, DEFAULT_RULE, parse_rule
 
@@ -192,6 +192,38 @@ class Tracking(Config):
 
 
 @dataclass
+class Grid(Config):
+    """Data sets and models every attack of the spec runs on (attacks x data sets x models)."""
+
+    data: list[dict[str, Any]] = param([], "data sections (over base.data; one naming another data set replaces it); "
+                                       "empty: base.data only")
+    model: list[dict[str, Any]] = param([], "model sections (over base.model; one naming another model replaces it); "
+                                        "empty: base.model only")
+
+    def cells(self, path: str) -> list[tuple[str, dict]]:
+        """(label suffix, {data, model} overrides) per cell of the grid."""
+        def named(kind: str, items: list[dict]) -> list[tuple[str, dict | None]]:
+            if not items:
+                return [("", None)]
+            out = []
+            for j, item in enumerate(items):
+                tag = str(item.get("name") or f"{kind}{j}")
+                if not _LABEL.match(tag):
+                    raise ConfigError(f"grid.{kind}[{j}].name: {tag!r}; use letters, digits and _ . + -")
+                out.append((f"+{tag}", item))
+            tags = [t for t, _ in out]
+            if len(set(tags)) != len(tags):  # two cifar10 variants: tell them apart by position
+                out = [(f"+{kind}{j}", item) for j, (_, item) in enumerate(out)]
+            return out
+
+        cells = []
+        for dt, d in named("data", self.data):
+            for mt, m in named("model", self.model):
+                cells.append((dt + mt, {k: v for k, v in (("data", d), ("model", m)) if v is not None}))
+        return cells
+
+
+@dataclass
 class SweepSpec(Config):
     name: str = param(help="name of the sweep: MLflow experiment (by default), folder under storage, study prefix")
     base: dict[str, Any] = param({}, "the RunConfig every trial starts from (data, model, train, evaluation, seed, ...)")
@@ -210,6 +242,12 @@ class SweepSpec(Config):
     seed: int = param(0, "seed of the samplers (each study adds its index)", low=0)
     save_models: bool = param(False, "keep every trial's purified and backdoored model in its folder "
                               "(off: config.yaml and results.json only; the attack models stay in the cache)")
+    grid: Grid | None = param(None, "data sets and models every attack runs on: {data: [sections], model: [sections]}; "
+                              "each cell is its own attack (label <attack>+<data>+<model>) with its own studies; "
+                              "None: base.data and base.model (an attack entry may also carry its own data/model)")
+    gate: GateConfig | None = param(None, "cheap-first evaluation of every defense trial: {ca_min, ca_drop_max}; "
+                                    "a trial whose CA fails it skips RA, QRA and BEC and is recorded as gated "
+                                    "(Optuna: pruned); None: every trial is evaluated fully")
     export_rule: str = param(DEFAULT_RULE, "rule the sweep's own export picks configurations by (see bibau export --help)")
     replay: list[dict[str, Any]] = param([], "fixed runs {attack, defense, config}, filled from a bibau export file")
 
@@ -222,7 +260,7 @@ class SweepSpec(Config):
                 raise ConfigError(f"{p}attacks: at least one attack is required")
             if not self.defenses:
                 raise ConfigError(f"{p}defenses: at least one defense is required")
-        labels = [a["label"] for a in attack_sections(self.attacks, f"{p}attacks")]
+        labels = [a["label"] for a in attack_sections(self.attacks, f"{p}attacks", self.grid)]
         for i, lab in enumerate(labels):
             if lab in labels[:i]:
                 raise ConfigError(f"{p}attacks[{i}]: label {lab!r} is used twice; give each entry its own label")
@@ -269,8 +307,10 @@ class SweepSpec(Config):
         return [o.metric for o in self.objectives]
 
 
-def attack_sections(entries: list[Any], path: str = "attacks") -> list[dict]:
-    """Each attack entry as a mapping with a ``label`` (a bare name is ``{name: NAME}``)."""
+def attack_sections(entries: list[Any], path: str = "attacks", grid: "Grid | None" = None) -> list[dict]:
+    """Each attack entry as a mapping with a ``label`` (a bare name is ``{name: NAME}``), and the
+    ``data``/``model`` sections it runs on beside ``base`` (``overrides``). With a ``grid``, each
+    entry once per data set x model of the grid, labelled ``<attack>+<data>+<model>``."""
     out = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
@@ -281,8 +321,26 @@ def attack_sections(entries: list[Any], path: str = "attacks") -> list[dict]:
         label = entry.pop("label", None) or entry.get("name") or "badnets"
         if not isinstance(label, str) or not _LABEL.match(label):
             raise ConfigError(f"{path}[{i}].label: {label!r}; use letters, digits and _ . + -")
-        out.append({"label": label, "section": entry})
+        own = {}
+        for key in ("data", "model"):
+            if key in entry:
+                if not isinstance(entry[key], Mapping):
+                    raise ConfigError(f"{path}[{i}].{key}: expected a {key} section (a mapping), got {entry[key]!r}")
+                own[key] = dict(entry.pop(key))
+        for extra, overrides in (grid.cells(f"{path}[{i}]") if grid is not None else [("", {})]):
+            cell = dict(overrides)
+            for key, section in own.items():  # the entry's own section over the grid's
+                cell[key] = _section_over(cell[key], section) if key in cell else section
+            out.append({"label": label + extra, "section": entry, "overrides": cell})
     return out
+
+
+def _section_over(base: Mapping, section: Mapping) -> dict:
+    """``section`` over ``base``'s: merged, unless it names another implementation (then alone,
+    so a VGG does not inherit a ResNet's width)."""
+    if "name" in section and section["name"] != base.get("name"):
+        return dict(section)
+    return merge(base, section)
 
 
 @dataclass
@@ -365,8 +423,10 @@ def plan(spec: SweepSpec) -> Plan:
         # a trial uses the CPUs Ray gives it; the count is in its config, so a re-run matches it
         trial_threads = spec.base.get("threads") or max(1, int(spec.resources.cpus))
         attack_threads = spec.base.get("threads") or max(1, int((spec.attack_resources or spec.resources).cpus))
-        for i, a in enumerate(attack_sections(spec.attacks)):
+        for i, a in enumerate(attack_sections(spec.attacks, grid=spec.grid)):
             cfg = merge(base, {"attack": a["section"], "defense": None, "threads": attack_threads})
+            for key, section in a["overrides"].items():  # this cell's data set and model
+                cfg[key] = _section_over(cfg.get(key) or {}, section)
             attacks[a["label"]] = AttackStage(a["label"], _resolve(cfg, f"attacks[{i}] ({a['label']})"))
         index = 0
         for j, d in enumerate(spec.defenses):
@@ -375,6 +435,8 @@ def plan(spec: SweepSpec) -> Plan:
                 # the config must also hold with sampled values: check it with the space's low ends
                 probe = merge(defense, {k: s.endpoints()[0] for k, s in d.space.items()})
                 trial = merge(stage.config, {"threads": trial_threads})
+                if spec.gate is not None:  # the spec's gate wins over one in base.evaluation
+                    trial = merge(trial, {"evaluation": {"gate": to_dict(spec.gate)}})
                 _resolve(merge(trial, {"defense": probe}), f"defenses[{j}] ({d.key}) with attack {label}")
                 resolved = _resolve(merge(trial, {"defense": defense}), f"defenses[{j}] ({d.key}) with attack {label}")
                 studies.append(Study(

@@ -46,6 +46,10 @@ class SweepOutcome:
     attack_stage: dict[str, dict] = field(default_factory=dict)
     resumed: bool = False
     warnings: list[str] = field(default_factory=list)  # attacks whose export rule no trial met
+    attack_timing: dict[str, float] = field(default_factory=dict)  # see stage_timing
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
 
 
 def code_version() -> str:
@@ -62,6 +66,15 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return version
+
+
+def stage_timing(infos: dict[str, dict], wall_s: float) -> dict[str, float]:
+    """The attack stage's wall time against the sum of its tasks' own times: how much running
+    them as parallel Ray tasks saved (1.0: none; a cache hit costs its task little)."""
+    tasks = sum(float(i.get("seconds", 0.0)) for i in infos.values())
+    return {"attack_stage_wall_s": wall_s, "attack_stage_tasks_s": tasks,
+            "attack_stage_parallelism": tasks / wall_s if wall_s > 0 else 0.0,
+            "attack_stage_tasks": float(len(infos)), "attack_stage_cached": float(sum(bool(i.get("cached")) for i in infos.values()))}
 
 
 def needs_clean_reference(cfg: dict) -> bool:
@@ -248,7 +261,12 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                     seen_clean.add(key)
                     jobs.append((f"clean-reference-{key[:6]}", "clean", a.config))
             log(f"attack stage: {len(jobs)} model(s) ({', '.join(j[0] for j in jobs)}), cache {plan.attacks[0].config['cache_dir']}")
+            stage_start = time.perf_counter()
             infos = run_attack_stages(jobs, cpus=res.cpus, gpus=res.gpus, backend=backend, log=log)
+            attack_timing = stage_timing(infos, time.perf_counter() - stage_start)
+            log(f"attack stage: {len(jobs)} task(s) ({res.cpus:g} CPU, {res.gpus:g} GPU each) in "
+                f"{attack_timing['attack_stage_wall_s']:.1f}s wall, {attack_timing['attack_stage_tasks_s']:.1f}s "
+                f"summed over the tasks (x{attack_timing['attack_stage_parallelism']:.2f} in parallel)")
             state = mlflow_ready.result()
             log(f"sweep {sweep_id}: {len(plan.studies)} studies, {summary['budget']} trials, "
                 f"MLflow {uri} experiment {spec.experiment!r} (parent run {state['parent_run_id']})")
@@ -325,11 +343,13 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                                 "tracking_uri": uri})
             if doc["selections"]:
                 export_file = write_export(doc, sweep_dir / "export.yaml")
-            fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule)
+            fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule,
+                                    extra_metrics=attack_timing)
             clock.lap("fronts and export")
             log("time: " + clock.text())
             outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
-                                   export_file, infos, bool(resume), list(tracker.pick_warnings))
+                                   export_file, infos, bool(resume), warnings=list(tracker.pick_warnings),
+                                   attack_timing=attack_timing)
             log(summary_text(outcome, spec))
             return outcome
         finally:
@@ -363,8 +383,13 @@ def _trial_id(result) -> str:
 
 def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     metrics = spec.metrics
-    lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials "
-                 f"({sum(r.status != 'completed' for r in out.records)} failed or diverged) ==="]
+    failed = sum(r.status not in ("completed", "gated") for r in out.records)
+    lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials, {out.count('completed')} evaluated "
+                 f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC), {failed} failed or diverged ==="]
+    t = out.attack_timing
+    if t:
+        lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "
+                     f"cache, {t['attack_stage_wall_s']:.1f}s wall for {t['attack_stage_tasks_s']:.1f}s of tasks")
     for attack, front in out.fronts.items():
         lines.append(f"Pareto front for {attack} ({len(front)} trials):")
         header = f"  {'defense':<14} {'trial':<14} " + " ".join(f"{m:>8}" for m in metrics) + "  params"

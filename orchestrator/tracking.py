@@ -249,6 +249,8 @@ class SweepTracker:
         tags = {"mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
                 "attack": rec.attack, "defense": rec.defense, "study": rec.study, "status": rec.status,
                 "tuned": str(rec.tuned).lower(), "order": str(rec.order), "params_json": json.dumps(rec.params)[:5000]}
+        if rec.status == "gated":  # stopped after CA and ASR: no R-ASR, Q-ASR or BEC was measured
+            tags["gate_reason"] = (rec.error or "")[:5000]
         if run_id is None:
             run_id = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}",
                                             tags=tags).info.run_id
@@ -267,9 +269,10 @@ class SweepTracker:
                     steps.append((f"curve/{stage}/{k}", v, step))
         self._log_batch(run_id, metrics=metrics, params=flatten(rec.config), steps=steps)
         self.client.log_dict(run_id, rec.config, "config.json")
-        if rec.error:
+        if rec.error and rec.status != "gated":
             self.client.log_text(run_id, rec.error, "error.txt")
-        self.client.set_terminated(run_id, "FINISHED" if rec.status == "completed" else "FAILED")
+        # a gated trial did what it was asked (its tag says it stopped early); only failures are FAILED
+        self.client.set_terminated(run_id, "FINISHED" if rec.status in ("completed", "gated") else "FAILED")
         return run_id
 
     def log_growth(self, attack: str, step: int, hypervolume: float, front_size: int) -> None:
@@ -277,7 +280,8 @@ class SweepTracker:
         self._log_batch(run, steps=[("hypervolume", hypervolume, step), ("pareto_size", front_size, step)])
 
     def finish(self, records: list[TrialRecord], objectives: Sequence, *, attack_info: dict[str, dict] | None = None,
-               export_file: Path | None = None, status: str = "FINISHED", rule=None) -> dict[str, list[TrialRecord]]:
+               export_file: Path | None = None, status: str = "FINISHED", rule=None,
+               extra_metrics: dict[str, float] | None = None) -> dict[str, list[TrialRecord]]:
         """Tag the Pareto trials, log each attack's front, plots and hypervolume; with the export
         ``rule``, tag its picks and write the runs' descriptions (warnings in ``pick_warnings``);
         close the runs."""
@@ -317,7 +321,8 @@ class SweepTracker:
             self._log_batch(run, metrics={
                 "pareto_size": len(front), "hypervolume_final": curve[-1][1] if curve else 0.0,
                 "trials_completed": sum(r.status == "completed" for r in recs),
-                "trials_failed": sum(r.status != "completed" for r in recs)})
+                "trials_gated": sum(r.status == "gated" for r in recs),
+                "trials_failed": sum(r.status not in ("completed", "gated") for r in recs)})
             self.client.set_terminated(run, status)
         parent = state["parent_run_id"]
         self.pick_warnings = tag_picks(self.client, views, rule.text, state["attack_runs"], parent, objectives,
@@ -327,7 +332,9 @@ class SweepTracker:
         if export_file is not None and Path(export_file).is_file():
             self.client.log_artifact(parent, str(export_file), "export")
         self._log_batch(parent, metrics={"trials": len(records),
-                                         "trials_failed": sum(r.status != "completed" for r in records)})
+                                         "trials_gated": sum(r.status == "gated" for r in records),
+                                         "trials_failed": sum(r.status not in ("completed", "gated") for r in records),
+                                         **(extra_metrics or {})})
         self.client.set_terminated(parent, status)
         self.save_state(status="finished" if status == "FINISHED" else "failed")
         return fronts
@@ -483,11 +490,13 @@ class TrackingCallback(tune.Callback):
         status = result.get(STATUS_KEY) if error is None else "failed"
         if status == "invalid":
             error = str(result.get("error_message", "invalid configuration"))
-        status = status if status in ("completed", "diverged") else "failed"
+        status = status if status in ("completed", "diverged", "gated") else "failed"
         metrics = {k: float(v) for k, v in result.items()
                    if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if status == "failed":
             metrics = {k: v for k, v in metrics.items() if k not in {o.metric for o in self.objectives}}
+        if status == "gated":
+            error = str(result.get("gate_reason") or "gated: CA failed the sweep's gate")
         if status == "diverged":
             # MLflow gets what the trial measured, not the stand-in values Optuna was spared NaN with
             for o in self.objectives:

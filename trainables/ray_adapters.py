@@ -3,7 +3,8 @@
 ``defense_trainable`` runs one trial of a sweep (attack stage from the cache, defense,
 evaluation) and reports once, with every objective: a trial whose objectives are not finite
 numbers is reported as ``diverged`` with the objectives' worst values, so no NaN ever reaches
-Optuna. An exception propagates: Tune retries the trial (``FailureConfig``) and then records it
+Optuna. A trial the sweep's gate stopped after CA and ASR is reported as ``gated`` with only
+what it measured. An exception propagates: Tune retries the trial (``FailureConfig``) and then records it
 as failed. The final report carries a checkpoint holding ``results.json``, so a trial that is
 restarted after it finished (a restored driver) reports again without recomputing.
 
@@ -99,7 +100,12 @@ def make_report(result: dict, objectives: list[dict]) -> dict:
     report: dict[str, Any] = {k: float(v) for k, v in result.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     bad = [o["metric"] for o in objectives if o["metric"] not in report]
-    if bad:
+    if result.get("evaluation_status") == "gated":
+        # stopped by the sweep's gate after CA and ASR: what it did not measure stays absent, no
+        # stand-in values; the searcher tells Optuna it was pruned (and by how much it missed the gate)
+        report[STATUS_KEY] = "gated"
+        report["gate_reason"] = str(result.get("gate_reason", ""))[:1000]
+    elif bad:
         for o in objectives:
             if o["metric"] in report:
                 report[f"raw_{o['metric']}"] = report[o["metric"]]
@@ -148,7 +154,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
 
     from .config import ConfigError
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         report = make_report(backend.run(config["run"], out_dir, log), config["objectives"])
     except ConfigError as exc:
@@ -157,6 +163,8 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     finally:
         logfile.close()
     report.setdefault("time_trial_s", time.perf_counter() - started)
+    # CPU seconds of this worker (all its threads): the trial's compute, whatever else loads the machine
+    report.setdefault("cpu_trial_s", time.process_time() - cpu_started)
     report = json_safe(report)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "report.json").write_text(json.dumps(report))

@@ -54,6 +54,38 @@ class TrainConfig(Config):
 
 
 @dataclass
+class GateConfig(Config):
+    """Cheap-first evaluation: CA and ASR first; a model that fails one of these rules is not
+    retuned, attacked or probed (RA, QRA, BEC are skipped and its report says ``gated``)."""
+
+    ca_min: float | None = param(None, "lowest clean accuracy worth the full evaluation (fraction in [0, 1]); None: no floor",
+                                 low=0.0, high=1.0)
+    ca_drop_max: float | None = param(None, "largest drop of clean accuracy from the backdoored model worth the full "
+                                      "evaluation (fraction: 0.2 = 20 points); None: no limit", low=0.0, high=1.0)
+
+    def check(self, path: str) -> None:
+        if self.ca_min is None and self.ca_drop_max is None:
+            raise ConfigError(f"{path}: a gate needs ca_min or ca_drop_max (or both); "
+                              "leave the gate out (null) for no gate")
+
+    def margin(self, ca: float, backdoored_ca: float | None) -> tuple[float, str]:
+        """How far ``ca`` is beyond the gate (> 0: it fails; <= 0: it passes, by that much) and why."""
+        worst, reasons = float("-inf"), []
+        if self.ca_min is not None:
+            m = self.ca_min - ca
+            worst = max(worst, m)
+            if m > 0:
+                reasons.append(f"CA {ca:.4f} < ca_min {self.ca_min:g}")
+        if self.ca_drop_max is not None and backdoored_ca is not None:
+            drop = backdoored_ca - ca
+            m = drop - self.ca_drop_max
+            worst = max(worst, m)
+            if m > 0:
+                reasons.append(f"CA drop {drop:.4f} (from {backdoored_ca:.4f} to {ca:.4f}) > ca_drop_max {self.ca_drop_max:g}")
+        return worst, "; ".join(reasons)
+
+
+@dataclass
 class EvalConfig(Config):
     """The evaluation protocol of METHOD.md: CA, ASR, RA (R-ASR), QRA (Q-ASR), BEC."""
 
@@ -78,6 +110,8 @@ class EvalConfig(Config):
     bec_k: float = param(10.0, "BEC: sigmoid slope of the reported value", low=0.0)
     bec_c: float = param(0.5, "BEC: sigmoid centre of the reported value")
     seed: int = param(42, "seed of the evaluation's sampling and fine-tuning", low=0)
+    gate: GateConfig | None = param(None, "cheap-first gate: RA, QRA and BEC run only for a model whose CA passes it; "
+                                    "None: every model is evaluated fully (a sweep spec's gate sets it for its trials)")
 
 
 @dataclass

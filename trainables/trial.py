@@ -12,6 +12,7 @@ separate functions so each can be run, timed and tested alone:
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -289,11 +290,27 @@ def poisoned_batch(stage: AttackStage, size: int, seed: int) -> ImageSet:
 
 def evaluation_stage(cfg: RunConfig, stage: AttackStage, model: Classifier, device: torch.device,
                      log: Log = print) -> dict:
-    """CA and ASR of ``model``, then every other evaluation ``cfg.evaluation.metrics`` names."""
+    """CA and ASR of ``model``, then every other evaluation ``cfg.evaluation.metrics`` names,
+    unless ``cfg.evaluation.gate`` stops the model first (cheap first: RA, QRA and BEC cost
+    more than the defense at CPU scale, and a model that lost its clean accuracy is off any
+    useful front whatever its R-ASR). ``evaluation_status`` says which: ``full`` or ``gated``."""
+    t = time.perf_counter()
     out: dict = {"ca": clean_accuracy(model, stage.dataset.test, device),
                  "asr": attack_success_rate(model, stage.poisoned_test, device)}
+    out["time_eval_ca_asr_s"] = time.perf_counter() - t
     log(f"[eval] CA {out['ca']:.4f}, ASR {out['asr']:.4f}")
     extra = [m for m in cfg.evaluation.metrics if m not in ("ca", "asr")]
+    gate = cfg.evaluation.gate
+    out["evaluation_status"] = "full"
+    if gate is not None:
+        margin, why = gate.margin(out["ca"], stage.metrics.get("backdoored_ca"))
+        if math.isfinite(margin):
+            out["gate_margin"] = margin
+        if margin > 0:
+            out.update(evaluation_status="gated", gate_reason=why, evaluations_skipped=extra)
+            log(f"[eval] gated: {why}; not run: {', '.join(extra) or 'nothing'}")
+            return out
+        log(f"[eval] gate passed (margin {-margin:.4f})" if math.isfinite(margin) else "[eval] gate passed")
     if not extra:
         return out
     from . import evaluation
@@ -357,7 +374,9 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     metrics = evaluation_stage(cfg, stage, final, device, log)
     time_eval = time.perf_counter() - t
 
-    report: dict = {metric: None for metric in REPORTED_METRICS}
+    gated = metrics.get("evaluation_status") == "gated"
+    # a gated trial's report has no key for what was never measured (not even a null R-ASR)
+    report: dict = {metric: None for metric in REPORTED_METRICS if not gated or metric in ("ca", "asr")}
     report.update(metrics)
     report.update({
         **stage.metrics,
@@ -373,6 +392,8 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     if defended is not None:
         report["defense_data_use"] = getattr(cfg.defense, "data_use", None)
         report.update({f"defense_{k}": v for k, v in defended.findings.items()})
+    if device.type == "cuda":  # what trials packed on one GPU (resources.gpus < 1) must fit in together
+        report["cuda_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     report["wall_time_s"] = time.perf_counter() - start
     report["history"] = {"attack": stage.history, "defense": defended.history if defended is not None else []}
 
@@ -385,10 +406,11 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
                             {**_model_meta(cfg, dataset, defended.model), "stage": "defense",
                              "defense": to_dict(cfg.defense), "backdoored_cache_key": stage.cache_key,
                              "data_fingerprint": report["data_fingerprint"], "code_version": report["code_version"],
-                             "metrics": {k: report[k] for k in REPORTED_METRICS}, "history": defended.history},
+                             "metrics": {k: report[k] for k in REPORTED_METRICS if k in report}, "history": defended.history},
                             "purified")
         write_json(out_dir / "results.json", report)
         log(f"[trial] wrote {out_dir}/results.json")
-    log("[trial] " + ", ".join(f"{k} {report[k]:.4f}" for k in REPORTED_METRICS if isinstance(report[k], float))
+    log("[trial] " + ", ".join(f"{k} {report[k]:.4f}" for k in REPORTED_METRICS if isinstance(report.get(k), float))
+        + (" (gated: RA, QRA and BEC not run)" if gated else "")
         + f" ({report['wall_time_s']:.1f}s, cache {'hit' if stage.cache_hit else 'miss'})")
     return report
