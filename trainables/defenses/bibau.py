@@ -36,7 +36,7 @@ from ..runtime import autocast, prepare_batch
 from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, frozen_copy, sgd, train_mode,
                    trainable_copy)
 from .fisher import diagonal_fisher
-from .losses import ewc_penalty, inverse_ewc, kd_loss
+from .losses import ewc_penalty, inverse_ewc, kd_loss, trigger_loss
 from .pgd import EStep
 
 # Which of METHOD's weights each ablation of Table 6 switches off: constraint set A (clean
@@ -167,7 +167,16 @@ class BiBau(Defense):
         cfg, w = self.cfg, self.cfg.weights()
         return EStep(eps=cfg.pgd_eps, step=cfg.pgd_step, steps=cfg.pgd_steps, random_start=cfg.pgd_random_start,
                      target=target if self.targeted else None, alpha=w["alpha"], beta=w["beta"], theta=cfg.theta,
-                     temperature=cfg.kd_temperature, gamma=cfg.kd_gamma, keep_teacher=w.get("mstep_kd", 0.0) > 0)
+                     temperature=cfg.kd_temperature, gamma=cfg.kd_gamma, keep_teacher=w.get("mstep_kd", 0.0) > 0,
+                     trigger=self.trigger_loss)
+
+    # the task's loss on logits: METHOD's cross-entropy; BI-BAU-CLIP's contrastive loss over captions
+    @staticmethod
+    def trigger_loss(logits: torch.Tensor, y: torch.Tensor, target: int | None) -> torch.Tensor:
+        return trigger_loss(logits, y, target)
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
 
     def describe(self) -> list[str]:
         return describe_terms(self.cfg, self.targeted)
@@ -273,9 +282,9 @@ class BiBau(Defense):
         y_adv = y if y_adv is None else y_adv
         with autocast(device):
             logits = f(prepare_batch(torch.cat([x, x_adv]), device)).float()
-        terms = {"ce_clean": F.cross_entropy(logits[:b], y)}
+        terms = {"ce_clean": self.task_loss(logits[:b], y)}
         # a batch of target-class images only has no x' (targeted_on: non_target)
-        terms["ce_adv"] = F.cross_entropy(logits[b:], y_adv) if len(y_adv) else logits.new_zeros(())
+        terms["ce_adv"] = self.task_loss(logits[b:], y_adv) if len(y_adv) else logits.new_zeros(())
         loss = terms["ce_clean"] + terms["ce_adv"]
         if teacher is not None and w.get("mstep_kd", 0.0) > 0:
             terms["kd_clean"] = kd_loss(logits[:b], teacher, y, self.cfg.kd_temperature, gamma=1.0)
