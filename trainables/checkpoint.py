@@ -152,7 +152,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
                               f"{', '.join(TORCH_SUFFIXES)} (weights only)")
     meta = _sidecar(path)
     try:
-        model_cfg = build(ModelConfig, meta["model"], "model")
+        # the file holds every weight: pretrained weights the model once started from are not read
+        model_cfg = build(ModelConfig, {**meta["model"], "weights": None}, "model")
     except ConfigError as exc:
         raise CheckpointError(f"{path.with_suffix('.json')}: {exc}") from None
     model = create_model(model_cfg, int(meta["num_classes"]), int(meta["in_channels"]),
