@@ -160,7 +160,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             raise CheckpointError(f"{path.with_suffix('.json')}: {exc}") from None
         return _load_into(model, state, path, f"clip {meta['clip'].get('arch')}", device), meta
     try:
-        model_cfg = build(ModelConfig, meta["model"], "model")
+        # the file holds every weight: pretrained weights the model once started from are not read
+        model_cfg = build(ModelConfig, {**meta["model"], "weights": None}, "model")
     except ConfigError as exc:
         raise CheckpointError(f"{path.with_suffix('.json')}: {exc}") from None
     model = create_model(model_cfg, int(meta["num_classes"]), int(meta["in_channels"]),

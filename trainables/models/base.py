@@ -92,15 +92,36 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
                 m.bias.uniform_(-bound, bound, generator=generator)
 
 
+OPTIONS = ("width", "depth", "arch", "weights")  # the ModelConfig fields a factory may take
+
+
 @dataclass
 class ModelConfig(Config):
     name: str = param("small_resnet", "registered model", registry=MODELS)
     width: int | None = param(None, "channels of the first stage (small_resnet); None: the model's default", low=1)
     depth: int | None = param(None, "stages (small_resnet) or residual blocks per stage; None: the model's default", low=1)
+    arch: str | None = param(None, "open_clip architecture of a CLIP-based model (clip_vit: bibau-ViT-tiny-8 for CPU, "
+                             "ViT-B-32-quickgelu for OpenAI's ViT-B/32 weights); None: the model's default")
+    weights: str | None = param(None, "local file of pretrained weights the model starts from (clip_vit: a CLIP state "
+                                "dict, .safetensors or weights-only .pt/.pth/.bin); None: random initialisation. "
+                                "Never downloaded, never unpickled")
 
     def check(self, path: str) -> None:
         if self.name in MODELS:
-            _check_options(MODELS.get(self.name), self.name, dict(width=self.width, depth=self.depth), path)
+            factory = MODELS.get(self.name)
+            options = self.options()
+            _check_options(factory, self.name, options, path)
+            check = getattr(factory, "check_options", None)  # a factory's own rules (a weights file that fits)
+            if check is not None:
+                check(options, path or "model")
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in OPTIONS}
+
+    def architecture(self) -> "ModelConfig":
+        """This config without pretrained weights: the same network, randomly initialised (what a
+        saved checkpoint, whose own weights replace them, or a structural check needs)."""
+        return ModelConfig(name=self.name, width=self.width, depth=self.depth, arch=self.arch)
 
 
 def _check_options(factory, name: str, options: dict, path: str) -> None:
@@ -109,7 +130,7 @@ def _check_options(factory, name: str, options: dict, path: str) -> None:
     for key, value in options.items():
         if value is not None and key not in accepted:
             where = f"{path}.{key}" if path else f"model.{key}"
-            allowed = ", ".join(k for k in ("width", "depth") if k in accepted) or "none"
+            allowed = ", ".join(k for k in OPTIONS if k in accepted) or "none"
             raise ConfigError(f"{where}: {name} does not take {key} (got {value!r}); options it takes: {allowed}")
 
 
@@ -121,7 +142,6 @@ def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
     ``generator`` draws the initial weights (the global RNG when None).
     """
     factory = MODELS.get(cfg.name)
-    _check_options(factory, cfg.name, dict(width=cfg.width, depth=cfg.depth), "model")
-    kwargs = {k: v for k, v in dict(width=cfg.width, depth=cfg.depth, mean=mean, std=std,
-                                    generator=generator).items() if v is not None}
+    _check_options(factory, cfg.name, cfg.options(), "model")
+    kwargs = {k: v for k, v in dict(cfg.options(), mean=mean, std=std, generator=generator).items() if v is not None}
     return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
