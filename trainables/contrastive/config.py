@@ -34,6 +34,8 @@ class ContrastiveConfig(ClipConfig):
     pretrain_epochs: int = param(20, "clean contrastive pre-training of a CLIP without weights (epochs over the clean "
                                  "pairs, before the attack's fine-tuning); must be 0 with weights", low=0)
     pretrain_lr: float = param(2e-3, "AdamW peak learning rate of the clean pre-training", low=0.0, low_open=True)
+    pretrain_warmup_epochs: float = param(1.0, "linear warm-up of the pre-training's lr, in epochs (without it a "
+                                          "micro ViT at lr 2e-3 collapsed to one class)", low=0.0)
     lr: float = param(5e-4, "AdamW peak learning rate of the attack's contrastive fine-tuning on the poisoned pairs "
                       "(train.epochs, train.batch_size, train.schedule, train.warmup_epochs)", low=0.0, low_open=True)
     weight_decay: float = param(0.1, "AdamW weight decay of the contrastive training (CLIP's)", low=0.0)

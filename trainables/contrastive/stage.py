@@ -62,7 +62,8 @@ def schedule(cfg, pretrain: bool = False) -> Schedule:
     t, c = cfg.train, cfg.clip
     return Schedule(epochs=c.pretrain_epochs if pretrain else t.epochs, batch_size=t.batch_size,
                     lr=c.pretrain_lr if pretrain else c.lr, weight_decay=c.weight_decay, schedule=t.schedule,
-                    warmup_epochs=t.warmup_epochs, crop_padding=t.crop_padding, hflip=t.hflip)
+                    warmup_epochs=c.pretrain_warmup_epochs if pretrain else t.warmup_epochs,
+                    crop_padding=t.crop_padding, hflip=t.hflip)
 
 
 def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) -> ClipModel:
@@ -74,8 +75,7 @@ def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) ->
     from ..trial import cache_root
 
     payload = {"stage": "clip_pretrain", "clip": to_dict(cfg.clip), "data_fingerprint": dataset.fingerprint(),
-               "train": {k: getattr(cfg.train, k) for k in ("batch_size", "schedule", "warmup_epochs",
-                                                             "crop_padding", "hflip")},
+               "train": {k: getattr(cfg.train, k) for k in ("batch_size", "schedule", "crop_padding", "hflip")},
                "seed": cfg.seed, "device": device.type, "code_version": code_version()}
     for k in ("captions",):  # where the pairs came from is in the data's fingerprint
         payload["clip"].pop(k, None)

@@ -132,13 +132,15 @@ class BiBauTargetedKDConfig(MStepDistillation, BiBauTargetedConfig):
     pass
 
 
-def describe_terms(cfg: BiBauConfig, targeted: bool) -> list[str]:
-    """What the config computes, as METHOD writes it: the terms on, those off, the Fisher, the presets."""
+def describe_terms(cfg: BiBauConfig, targeted: bool, trig: str | None = None,
+                   task: str = "CE(f_θ(x), y) + CE(f_θ(x'), y)") -> list[str]:
+    """What the config computes, as METHOD writes it: the terms on, those off, the Fisher, the presets
+    (``trig`` and ``task``: the task's own L_trig and M-step loss, BI-BAU-CLIP's contrastive ones)."""
     w = cfg.weights()
-    trig = "CE(f_bd(x'), y_t)" if targeted else "-CE(f_bd(x'), y)"
+    trig = trig or ("CE(f_bd(x'), y_t)" if targeted else "-CE(f_bd(x'), y)")
     on = [k for k, v in w.items() if v > 0]
     estep = " + ".join([f"L_trig = {trig}"] + [f"{TERMS[k][1]} ({k} {w[k]:g})" for k in on if TERMS[k][0] == "E"])
-    mstep = " + ".join(["CE(f_θ(x), y) + CE(f_θ(x'), y)"]
+    mstep = " + ".join([task]
                        + [f"{TERMS[k][1]} ({k} {w[k]:g})" for k in on if TERMS[k][0] == "M"])
     lines = [f"preset {cfg.preset}: {PRESET_NAMES[cfg.preset]}",
              f"E-step (PGD, L∞ ε {255 * cfg.pgd_eps:.3g}/255, {cfg.pgd_steps} steps of {255 * cfg.pgd_step:.3g}/255): {estep}",

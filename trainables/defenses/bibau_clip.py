@@ -54,11 +54,12 @@ class BiBauClip(BiBau):
     contrastive = True
 
     def describe(self) -> list[str]:
-        lines = describe_terms(self.cfg, self.targeted)
         trig = "CE(f_bd(x'), target caption) (image-to-text)" if self.targeted else "-L_CLIP(f_bd(x'), true captions)"
-        return [lines[0], f"CLIP extension (METHOD): visual encoder only, text encoder frozen; L_trig = {trig}; "
-                "L_KD relational (KL of row-softmaxed image-text relations); L_out's CE terms are CLIP losses; "
-                "u = 0 (frozen text side): the prior's alignment term is off", *lines[1:]]
+        lines = describe_terms(self.cfg, self.targeted, trig=trig,
+                               task="L_CLIP(f_θ(x), captions) + L_CLIP(f_θ(x'), captions)")
+        return [lines[0], "CLIP extension (METHOD): visual encoder only, text encoder frozen; L_KD relational (KL of "
+                "row-softmaxed image-text relations); u = 0 (frozen text side): the prior's alignment term is off",
+                *lines[1:]]
 
     @staticmethod
     def trigger_loss(logits: torch.Tensor, y: torch.Tensor, target: int | None) -> torch.Tensor:
