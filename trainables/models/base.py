@@ -55,6 +55,16 @@ class Classifier(nn.Module, abc.ABC):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in n]
 
 
+class Probe(nn.Identity):
+    """A named point where layer probes (BEC) read a model's activations: it passes its input, a
+    channel-first (B, C, ...) tensor, through unchanged. Convolutional models need none (their
+    convolutions are probed); a transformer exposes its residual stream through probes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+
+
 def resolve_stats(mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
                   in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std); None means CIFAR-10's (their channel average when not RGB)."""

@@ -14,8 +14,9 @@ encoder of CLIP (ViT-B/32) as the backbone, followed by a linear classification 
   architecture's ``image_size`` (32 px for the tiny ones, 224 for ViT-B-32); grey inputs are
   repeated to three channels.
 - No BatchNorm: the BN-pruning defenses (ANP, EP, RNP, CLP) refuse it in the run config.
-  ``conv_layers()`` is the patch embedding only, so BEC, which probes the last convolutions,
-  refuses it too (``evaluation.metrics`` without ``bec``).
+- BEC probes the residual stream after each transformer block (``probes``: channels = the
+  width, positions = the tokens) where it probes a CNN's convolutions; ``conv_layers()`` is the
+  patch embedding, the only convolution.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 
 from ..config import ConfigError
 from ..registry import MODELS
-from .base import Classifier, init_weights, resolve_stats
+from .base import Classifier, Probe, init_weights, resolve_stats
 from .clip import (DEFAULT_ARCH, TINY_ARCHS, ClipConfig, check_arch, check_clip, clip_image_size, clip_stats,
                    create_clip_visual)
 
@@ -39,6 +40,13 @@ class ClipViT(Classifier):
         self.visual = visual
         self.image_size = tuple(image_size)
         self.head = nn.Linear(embed_dim, num_classes)
+        # the residual stream after each block, channel-first (B, width, tokens), for BEC
+        # (a submodule of each block, reached through the hook's own argument, so that a deep copy
+        # of the model feeds its own probes)
+        for block in visual.transformer.resblocks:
+            block.probe = Probe(visual.transformer.width)
+            block.probe.batch_first = getattr(visual.transformer, "batch_first", True)  # (B, L, D), else (L, B, D)
+            block.register_forward_hook(_feed_probe)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.mean.shape[1] == 3:  # grey input, RGB statistics (a pretrained encoder's)
@@ -54,6 +62,11 @@ class ClipViT(Classifier):
 
     def conv_layers(self) -> list[tuple[str, nn.Conv2d]]:
         return [("visual.conv1", self.visual.conv1)]
+
+
+def _feed_probe(block: nn.Module, inputs, out: torch.Tensor) -> None:
+    batch_first = out if block.probe.batch_first else out.transpose(0, 1)
+    block.probe(batch_first.transpose(1, 2))  # (B, D, L): channels first, tokens as positions
 
 
 def _check(options: dict, path: str) -> None:
