@@ -31,7 +31,7 @@ from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
 from .data.base import Dataset, ImageSet
 from .evaluation.metrics import accuracy, attack_success_rate, clean_accuracy
-from .models.base import Classifier, create_model
+from .models.base import Classifier, create_model, weights_digest
 from .runtime import resolve_device, seed_everything
 from .schema import RunConfig
 
@@ -77,10 +77,13 @@ def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device) -> dict:
     often training was watched: the per-epoch evaluation leaves the weights alone."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("root", "cache_dir", "download")}
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("eval_every", "eval_size")}
-    return {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
-            "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
-            "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
-            "code_version": code_version()}
+    key = {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
+           "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
+           "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
+           "code_version": code_version()}
+    if cfg.model.weights is not None:  # the pretrained file's content, not its path, decides the model
+        key["model_weights_sha256"] = weights_digest(cfg.model)
+    return key
 
 
 # -- stage 1: the attack -------------------------------------------------------------------------

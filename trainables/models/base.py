@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -142,6 +146,25 @@ def _check_options(factory, name: str, options: dict, path: str) -> None:
             where = f"{path}.{key}" if path else f"model.{key}"
             allowed = ", ".join(k for k in OPTIONS if k in accepted) or "none"
             raise ConfigError(f"{where}: {name} does not take {key} (got {value!r}); options it takes: {allowed}")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(cfg: ModelConfig) -> str | None:
+    """sha256 of the pretrained weights file a model starts from (None without one): a cache key
+    records it, so that a file replaced at the same path makes a new model."""
+    if cfg.weights is None:
+        return None
+    path = Path(os.path.expandvars(cfg.weights)).expanduser().resolve()
+    st = path.stat()
+    return _digest(str(path), (st.st_size, st.st_mtime_ns))
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,

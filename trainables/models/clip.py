@@ -251,17 +251,6 @@ def check_clip(arch: str, weights: str | None, path: str = "", visual_only: bool
         _fits(arch, str(p.resolve()), (st.st_size, st.st_mtime_ns), field, visual_only)
 
 
-def weights_digest(weights: str) -> str:
-    """sha256 of a weights file: what a cache key records, so a replaced file is a new model."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(_weights_path(weights, "weights"), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class ClipConfig(Config):
     """An open_clip model: the architecture and where its weights come from."""
