@@ -13,6 +13,7 @@ import trainables  # noqa: F401  (fill the registries)
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import ConfigError, build
 from trainables.models import ModelConfig, create_model
+from trainables.models.base import check_model_files
 from trainables.models.clip import (TINY_ARCHS, ClipConfig, clip_stats, clip_tokenizer, create_clip,
                                     create_clip_visual, open_clip)
 from trainables.models.clip_vit import ClipViT
@@ -81,18 +82,28 @@ class _Payload:
 def test_a_file_that_needs_pickle_is_refused_naming_the_field(clip_model, tmp_path, capsys):
     path = tmp_path / "planted.pt"
     torch.save({**clip_model.state_dict(), "extra": _Payload()}, path)
+    cfg = build(ModelConfig, {"name": "clip_vit", "arch": ARCH, "weights": str(path)}, "model")
     with pytest.raises(ConfigError, match=r"^model\.weights: .*would need pickle.*never unpickled"):
-        build(ModelConfig, {"name": "clip_vit", "arch": ARCH, "weights": str(path)}, "model")
+        check_model_files(cfg)
+    with pytest.raises(ConfigError, match=r"^model\.weights: .*would need pickle"):
+        create_model(cfg, num_classes=3)
     with pytest.raises(ConfigError, match=r"^clip\.weights: .*would need pickle"):
-        build(ClipConfig, {"arch": ARCH, "weights": str(path)}, "clip")
+        build(ClipConfig, {"arch": ARCH, "weights": str(path)}, "clip").check_files("clip")
+    with pytest.raises(ConfigError, match=r"^weights: .*would need pickle"):
+        create_clip(ClipConfig(arch=ARCH, weights=str(path)))
     assert "unpickled!" not in capsys.readouterr().out
     raw = tmp_path / "weights.pkl"
     raw.write_bytes(pickle.dumps(dict(clip_model.state_dict())))
     with pytest.raises(ConfigError, match=r"^clip\.weights: .*suffix '\.pkl'.*pickle files are never loaded"):
-        build(ClipConfig, {"arch": ARCH, "weights": str(raw)}, "clip")
+        build(ClipConfig, {"arch": ARCH, "weights": str(raw)}, "clip").check_files("clip")
 
 
 def test_bad_input_fails_before_any_work_naming_the_field(weights_file, tmp_path):
+    from orchestrator.preflight import check_run
+
+    def checked(data):  # the config build, then the preflight (files), as bibau run and --check do
+        return check_run(build(RunConfig, {**data, "cache_dir": str(tmp_path / "cache")}), device=False)
+
     cases = [
         ({"model": {"name": "clip_vit", "arch": "ViT-Q-99"}}, r"^model\.arch: 'ViT-Q-99' is not an architecture open_clip knows"),
         ({"model": {"name": "clip_vit", "weights": str(tmp_path / "gone.safetensors")}}, r"^model\.weights: .*no such file"),
@@ -105,11 +116,13 @@ def test_bad_input_fails_before_any_work_naming_the_field(weights_file, tmp_path
     ]
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):
-            build(RunConfig, data)
+            checked({"data": {"name": "digits"}, **data})
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match=r"^model\.weights: .*not a readable safetensors file"):
-        build(RunConfig, {"model": {"name": "clip_vit", "weights": str(broken)}})
+        checked({"data": {"name": "digits"}, "model": {"name": "clip_vit", "weights": str(broken)}})
+    lines = checked({"data": {"name": "digits"}, "model": {"name": "clip_vit", "arch": ARCH, "weights": str(weights_file)}})
+    assert any(line.startswith("model.weights ") and "without pickle" in line for line in lines)
 
 
 @pytest.mark.parametrize("defense", ["anp", "ep", "rnp", "clp"])

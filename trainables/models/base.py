@@ -167,6 +167,13 @@ def weights_digest(cfg: ModelConfig) -> str | None:
     return _digest(str(path), (st.st_size, st.st_mtime_ns))
 
 
+def check_model_files(cfg: ModelConfig, path: str = "model") -> str | None:
+    """The files a model config names (pretrained weights) exist and load safely: the preflight's
+    check, run before any work. Returns what was found (None when the model reads no file)."""
+    check = getattr(MODELS.get(cfg.name), "check_files", None)
+    return check(cfg.options(), path) if check is not None else None
+
+
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                  generator: torch.Generator | None = None) -> Classifier:

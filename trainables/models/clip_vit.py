@@ -70,13 +70,22 @@ def _feed_probe(block: nn.Module, inputs, out: torch.Tensor) -> None:
 
 
 def _check(options: dict, path: str) -> None:
+    """What needs no file: the architecture is an open_clip ViT (run by every config build)."""
     arch = options.get("arch") or DEFAULT_ARCH
     vision = check_arch(arch, f"{path}.arch")["vision_cfg"]
     # open_clip builds its own ViT from an int depth; a tuple is a ResNet, a timm/HF name another tower
     if not isinstance(vision.get("layers"), int) or vision.get("timm_model_name") or vision.get("hf_model_name"):
         raise ConfigError(f"{path}.arch: {arch!r} has no open_clip ViT visual tower; allowed: a ViT "
                           f"architecture (ViT-B-32, ViT-B-32-quickgelu, ViT-B-16, {', '.join(TINY_ARCHS)})")
-    check_clip(arch, options.get("weights"), path, visual_only=True)
+
+
+def _check_files(options: dict, path: str) -> str | None:
+    """The weights file (run by the preflight, ``--check``, and before the model is built)."""
+    if options.get("weights") is None:
+        return None
+    arch = options.get("arch") or DEFAULT_ARCH
+    check_clip(arch, options["weights"], path, visual_only=True)
+    return f"{path}.weights {options['weights']}: a {arch} visual tower's weights, loadable without pickle"
 
 
 @MODELS.register("clip_vit")
@@ -85,7 +94,8 @@ def clip_vit(num_classes: int, in_channels: int = 3, arch: str | None = None, we
              generator: torch.Generator | None = None) -> ClipViT:
     """CLIP ViT visual encoder of ``arch`` + linear head; ``weights``: a local CLIP state dict."""
     cfg = ClipConfig(arch=arch or DEFAULT_ARCH, weights=weights)
-    _check(dict(arch=cfg.arch, weights=weights), "model")
+    _check(dict(arch=cfg.arch), "model")
+    _check_files(dict(arch=cfg.arch, weights=weights), "model")
     visual = create_clip_visual(cfg, "cpu", generator)
     if weights is not None:
         mean, std = clip_stats(cfg.arch)
@@ -98,3 +108,4 @@ def clip_vit(num_classes: int, in_channels: int = 3, arch: str | None = None, we
 
 
 clip_vit.check_options = _check  # type: ignore[attr-defined]
+clip_vit.check_files = _check_files  # type: ignore[attr-defined]
