@@ -263,3 +263,22 @@ def test_badnets_implants_a_backdoor_in_clip_vit_on_cifar10(cifar10_archive, tmp
     clean_non_target = dataset.test.subset((dataset.test.y != cfg.attack.target).nonzero().flatten())
     as_target = (predict(stage.model, clean_non_target, cpu) == cfg.attack.target).float().mean().item()
     assert as_target <= 0.25, f"{as_target:.3f} of the clean non-target images go to the target"
+
+
+def test_the_table3_benchmark_swaps_clip_vit_into_the_resnet_tables_trials(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import clip_vit_cifar10 as table3
+
+    configs = table3.trial_configs(table3.parse(["--set", "data.train_size=5000"]))
+    assert set(configs) == {(a, d) for a in table3.ATTACKS for d in table3.DEFENSES}
+    for (attack, defense), cfg in configs.items():
+        assert (cfg.model.name, cfg.model.arch, cfg.attack.name) == ("clip_vit", ARCH, attack)
+        assert cfg.data.train_size == 5000 and cfg.train.warmup_epochs == 1
+        assert (cfg.defense is None) == (defense == "none")
+    assert configs[("blended", "none")].attack.image.endswith("noise-32.png")  # the ResNet table's trigger
+    with pytest.raises(SystemExit):
+        table3.parse(["--defenses", "anp"])
+    assert "unknown ['anp']" in capsys.readouterr().err
