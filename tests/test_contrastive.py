@@ -23,6 +23,12 @@ from trainables.data.captions import PairSet, file_pairs, list_pairs, templated_
 from trainables.registry import ATTACKS
 from trainables.schema import RunConfig
 
+
+def check_trial(cfg):
+    from orchestrator.preflight import check_run
+
+    return check_run(cfg, device=False)
+
 CPU = torch.device("cpu")
 CLASSES = ["cat", "dog", "ship"]
 ARCH = "bibau-ViT-micro-8"
@@ -111,8 +117,12 @@ def test_unknown_arch_and_pickle_weights_fail_naming_the_field(tmp_path):
         build(RunConfig, {"clip": {"arch": "ViT-Nope"}})
     weights = tmp_path / "w.pt"
     torch.save({"visual.proj": torch.zeros(1), "extra": Picklable()}, weights)  # loading it needs pickle
-    with pytest.raises(ConfigError, match=r"clip\.weights: .*pickle"):
-        build(RunConfig, {"clip": {"arch": ARCH, "weights": str(weights), "pretrain_epochs": 0}})
+    cfg = build(RunConfig, {"data": {"name": "digits"}, "cache_dir": str(tmp_path / "cache"),
+                            "clip": {"arch": ARCH, "weights": str(weights), "pretrain_epochs": 0}})
+    with pytest.raises(ConfigError, match=r"clip\.weights: .*pickle"):  # the preflight's check, before any work
+        check_trial(cfg)
+    with pytest.raises(ConfigError, match=r"clip\.weights: .*no such file"):
+        check_trial(cfg.replace(clip={"weights": str(tmp_path / "nope.safetensors")}))
     with pytest.raises(ConfigError, match=r"clip\.pretrain_epochs"):
         build(RunConfig, {"clip": {"arch": ARCH, "pretrain_epochs": 0}})
     with pytest.raises(ConfigError, match=r"clip\.prompts: 'a photo'"):

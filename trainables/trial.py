@@ -31,7 +31,7 @@ from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
 from .data.base import Dataset, ImageSet
 from .evaluation.metrics import accuracy, attack_success_rate, clean_accuracy
-from .models.base import Classifier, create_model
+from .models.base import Classifier, create_model, weights_digest
 from .runtime import resolve_device, seed_everything
 from .schema import RunConfig
 
@@ -85,6 +85,10 @@ def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device) -> dict:
            "code_version": code_version()}
     if cfg.clip is not None:  # the contrastive setting: the CLIP and its pairs make the model
         key["clip"] = to_dict(cfg.clip)
+        if cfg.clip.weights is not None:
+            key["clip_weights_sha256"] = weights_digest(cfg.clip)
+    if cfg.model.weights is not None:  # the pretrained file's content, not its path, decides the model
+        key["model_weights_sha256"] = weights_digest(cfg.model)
     return key
 
 

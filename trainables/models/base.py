@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,6 +57,16 @@ class Classifier(nn.Module, abc.ABC):
         last ``n`` of them.
         """
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in n]
+
+
+class Probe(nn.Identity):
+    """A named point where layer probes (BEC) read a model's activations: it passes its input, a
+    channel-first (B, C, ...) tensor, through unchanged. Convolutional models need none (their
+    convolutions are probed); a transformer exposes its residual stream through probes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
 
 
 def resolve_stats(mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
@@ -132,6 +146,32 @@ def _check_options(factory, name: str, options: dict, path: str) -> None:
             where = f"{path}.{key}" if path else f"model.{key}"
             allowed = ", ".join(k for k in OPTIONS if k in accepted) or "none"
             raise ConfigError(f"{where}: {name} does not take {key} (got {value!r}); options it takes: {allowed}")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(cfg: ModelConfig) -> str | None:
+    """sha256 of the pretrained weights file a model starts from (None without one): a cache key
+    records it, so that a file replaced at the same path makes a new model."""
+    if cfg.weights is None:
+        return None
+    path = Path(os.path.expandvars(cfg.weights)).expanduser().resolve()
+    st = path.stat()
+    return _digest(str(path), (st.st_size, st.st_mtime_ns))
+
+
+def check_model_files(cfg: ModelConfig, path: str = "model") -> str | None:
+    """The files a model config names (pretrained weights) exist and load safely: the preflight's
+    check, run before any work. Returns what was found (None when the model reads no file)."""
+    check = getattr(MODELS.get(cfg.name), "check_files", None)
+    return check(cfg.options(), path) if check is not None else None
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,

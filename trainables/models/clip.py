@@ -3,8 +3,10 @@
 Stable public API (the classifier ``clip_vit`` and the contrastive side build on it):
 
 - ``ClipConfig``: ``arch`` (an architecture open_clip knows) and ``weights`` (a local file or
-  None), validated before any work: an unknown name, a missing file, a file that would need
-  pickle, or weights that do not fit the architecture fail with a ``ConfigError`` naming the field.
+  None). Building it checks the name; ``cfg.check_files(path)`` (for the preflight, as the
+  project checks files there) checks the file: a missing file, one that would need pickle, or
+  weights that do not fit the architecture fail with a ``ConfigError`` naming the field.
+  ``create_clip`` runs the same checks before it builds anything.
 - ``create_clip(cfg, device, generator=None) -> open_clip.CLIP``: both towers, the weights loaded.
 - ``create_clip_visual(cfg, device, generator=None) -> nn.Module``: the visual tower alone
   (images normalised and at ``clip_image_size(arch)`` in, the ``embed_dim`` embedding out).
@@ -251,17 +253,6 @@ def check_clip(arch: str, weights: str | None, path: str = "", visual_only: bool
         _fits(arch, str(p.resolve()), (st.st_size, st.st_mtime_ns), field, visual_only)
 
 
-def weights_digest(weights: str) -> str:
-    """sha256 of a weights file: what a cache key records, so a replaced file is a new model."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(_weights_path(weights, "weights"), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class ClipConfig(Config):
     """An open_clip model: the architecture and where its weights come from."""
@@ -271,7 +262,11 @@ class ClipConfig(Config):
     weights: str | None = param(None, "local weights file (.safetensors, or a .pt/.pth/.bin that torch.load(weights_only=True) "
                                 "reads) of the whole CLIP; None: random initialisation. Never downloaded, never unpickled")
 
-    def check(self, path: str) -> None:
+    def check(self, path: str) -> None:  # what needs no file; the weights file: check_files (the preflight's)
+        check_arch(self.arch, _field(path, "arch"))
+
+    def check_files(self, path: str = "") -> None:
+        """The weights file exists, loads without pickle and fits ``arch`` (cheap: mapped, not read)."""
         check_clip(self.arch, self.weights, path)
 
 

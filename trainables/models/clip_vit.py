@@ -14,8 +14,9 @@ encoder of CLIP (ViT-B/32) as the backbone, followed by a linear classification 
   architecture's ``image_size`` (32 px for the tiny ones, 224 for ViT-B-32); grey inputs are
   repeated to three channels.
 - No BatchNorm: the BN-pruning defenses (ANP, EP, RNP, CLP) refuse it in the run config.
-  ``conv_layers()`` is the patch embedding only, so BEC, which probes the last convolutions,
-  refuses it too (``evaluation.metrics`` without ``bec``).
+- BEC probes the residual stream after each transformer block (``probes``: channels = the
+  width, positions = the tokens) where it probes a CNN's convolutions; ``conv_layers()`` is the
+  patch embedding, the only convolution.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch.nn import functional as F
 
 from ..config import ConfigError
 from ..registry import MODELS
-from .base import Classifier, init_weights, resolve_stats
+from .base import Classifier, Probe, init_weights, resolve_stats
 from .clip import (DEFAULT_ARCH, TINY_ARCHS, ClipConfig, check_arch, check_clip, clip_image_size, clip_stats,
                    create_clip_visual)
 
@@ -39,6 +40,13 @@ class ClipViT(Classifier):
         self.visual = visual
         self.image_size = tuple(image_size)
         self.head = nn.Linear(embed_dim, num_classes)
+        # the residual stream after each block, channel-first (B, width, tokens), for BEC
+        # (a submodule of each block, reached through the hook's own argument, so that a deep copy
+        # of the model feeds its own probes)
+        for block in visual.transformer.resblocks:
+            block.probe = Probe(visual.transformer.width)
+            block.probe.batch_first = getattr(visual.transformer, "batch_first", True)  # (B, L, D), else (L, B, D)
+            block.register_forward_hook(_feed_probe)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.mean.shape[1] == 3:  # grey input, RGB statistics (a pretrained encoder's)
@@ -56,14 +64,28 @@ class ClipViT(Classifier):
         return [("visual.conv1", self.visual.conv1)]
 
 
+def _feed_probe(block: nn.Module, inputs, out: torch.Tensor) -> None:
+    batch_first = out if block.probe.batch_first else out.transpose(0, 1)
+    block.probe(batch_first.transpose(1, 2))  # (B, D, L): channels first, tokens as positions
+
+
 def _check(options: dict, path: str) -> None:
+    """What needs no file: the architecture is an open_clip ViT (run by every config build)."""
     arch = options.get("arch") or DEFAULT_ARCH
     vision = check_arch(arch, f"{path}.arch")["vision_cfg"]
     # open_clip builds its own ViT from an int depth; a tuple is a ResNet, a timm/HF name another tower
     if not isinstance(vision.get("layers"), int) or vision.get("timm_model_name") or vision.get("hf_model_name"):
         raise ConfigError(f"{path}.arch: {arch!r} has no open_clip ViT visual tower; allowed: a ViT "
                           f"architecture (ViT-B-32, ViT-B-32-quickgelu, ViT-B-16, {', '.join(TINY_ARCHS)})")
-    check_clip(arch, options.get("weights"), path, visual_only=True)
+
+
+def _check_files(options: dict, path: str) -> str | None:
+    """The weights file (run by the preflight, ``--check``, and before the model is built)."""
+    if options.get("weights") is None:
+        return None
+    arch = options.get("arch") or DEFAULT_ARCH
+    check_clip(arch, options["weights"], path, visual_only=True)
+    return f"{path}.weights {options['weights']}: a {arch} visual tower's weights, loadable without pickle"
 
 
 @MODELS.register("clip_vit")
@@ -72,7 +94,8 @@ def clip_vit(num_classes: int, in_channels: int = 3, arch: str | None = None, we
              generator: torch.Generator | None = None) -> ClipViT:
     """CLIP ViT visual encoder of ``arch`` + linear head; ``weights``: a local CLIP state dict."""
     cfg = ClipConfig(arch=arch or DEFAULT_ARCH, weights=weights)
-    _check(dict(arch=cfg.arch, weights=weights), "model")
+    _check(dict(arch=cfg.arch), "model")
+    _check_files(dict(arch=cfg.arch, weights=weights), "model")
     visual = create_clip_visual(cfg, "cpu", generator)
     if weights is not None:
         mean, std = clip_stats(cfg.arch)
@@ -85,3 +108,4 @@ def clip_vit(num_classes: int, in_channels: int = 3, arch: str | None = None, we
 
 
 clip_vit.check_options = _check  # type: ignore[attr-defined]
+clip_vit.check_files = _check_files  # type: ignore[attr-defined]
