@@ -134,10 +134,14 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
         if found:
             lines.append(found)
     clip = getattr(cfg, "clip", None)
-    if clip is not None and clip.weights is not None and ("clip", clip.weights) not in seen:
-        clip.check_files("clip")  # the contrastive setting's CLIP weights: present, pickle-free, fitting clip.arch
-        seen[("clip", clip.weights)] = True
-        lines.append(f"clip.weights {clip.weights}: loads without pickle and fits {clip.arch}")
+    if clip is not None and ("clip", clip.weights, clip.captions) not in seen:
+        # the contrastive setting's files: CLIP weights present, pickle-free, fitting clip.arch; every captioned image
+        clip.check_files("clip")
+        seen[("clip", clip.weights, clip.captions)] = True
+        if clip.weights is not None:
+            lines.append(f"clip.weights {clip.weights}: loads without pickle and fits {clip.arch}")
+        if clip.from_files():
+            lines.append(f"clip.captions {clip.captions}: every image present")
     for section, name in ((cfg.attack, "attack"), (cfg.defense, "defense")):
         for field, value in _image_fields(section, name):
             if ("image", value) not in seen:

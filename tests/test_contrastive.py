@@ -100,16 +100,22 @@ def test_tsv_and_folder_pairs_decode_to_uint8(tmp_path):
 def test_caption_file_with_missing_images_fails_naming_the_field(tmp_path):
     write_images(tmp_path, ["a.png"])
     (tmp_path / "pairs.csv").write_text("image,caption\na.png,a kite\nmissing.png,a dog\n")
+    def run(captions):  # the preflight (bibau run, bibau sweep and --check) checks the files before any work
+        return check_trial(build(RunConfig, {"data": {"name": "digits"}, "cache_dir": str(tmp_path / "cache"),
+                                             "clip": {"arch": ARCH, "captions": captions}}))
+
     with pytest.raises(ConfigError, match=r"clip\.captions: 1 of 2 images .* missing.*missing\.png"):
-        build(RunConfig, {"clip": {"arch": ARCH, "captions": str(tmp_path / "pairs.csv")}})
+        run(str(tmp_path / "pairs.csv"))
     (tmp_path / "bad.tsv").write_text("path_to\tcap\nx\ty\n")
     with pytest.raises(ConfigError, match=r"clip\.captions: .* columns"):
-        build(RunConfig, {"clip": {"arch": ARCH, "captions": str(tmp_path / "bad.tsv")}})
+        run(str(tmp_path / "bad.tsv"))
     folder = tmp_path / "folder"
     write_images(folder, ["a.png", "b.png"])
     (folder / "a.txt").write_text("a kite")
     with pytest.raises(ConfigError, match=r"clip\.captions: 1 images .* no caption file"):
-        build(RunConfig, {"clip": {"arch": ARCH, "captions": str(folder)}})
+        run(str(folder))
+    (folder / "b.txt").write_text("a ship")
+    assert any("every image present" in line for line in run(str(folder)))
 
 
 def test_unknown_arch_and_pickle_weights_fail_naming_the_field(tmp_path):

@@ -51,8 +51,13 @@ class ContrastiveConfig(ClipConfig):
         if self.weights is None and not self.pretrain_epochs:
             raise ConfigError(f"{where}pretrain_epochs: 0 without weights would attack a random CLIP; allowed: >= 1, "
                               "or give clip.weights")
-        if self.captions != TEMPLATES:
-            list_pairs(self.captions, f"{where}captions")  # every image present, before any work
+
+    def check_files(self, path: str = "clip") -> None:
+        """The preflight's checks (before any work, as for data and weights files): the weights file
+        (``models/clip.py``) and every image of a caption file or folder present."""
+        super().check_files(path)
+        if self.from_files():
+            list_pairs(self.captions, f"{path}.captions" if path else "captions")
 
     def from_files(self) -> bool:
         return self.captions != TEMPLATES
