@@ -69,6 +69,17 @@ def resolved_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def trial_dataset(cfg: RunConfig) -> Dataset:
+    """The data set a trial's stages take: ``data``, with its training split as image-caption pairs
+    in the contrastive setting (a ``clip`` section)."""
+    dataset = load_dataset(cfg.data)
+    if cfg.clip is not None:
+        from .contrastive.stage import pair_dataset
+
+        dataset = pair_dataset(cfg, dataset)
+    return dataset
+
+
 def cache_root(cfg: RunConfig) -> Path:
     return Path(cfg.cache_dir or DEFAULT_CACHE).expanduser()
 
@@ -369,11 +380,7 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         f"on {device}{' (smoke test)' if smoke_test else ''}")
 
     t = time.perf_counter()
-    dataset = load_dataset(cfg.data)
-    if cfg.clip is not None:  # the contrastive setting: the training split becomes image-caption pairs
-        from .contrastive.stage import pair_dataset
-
-        dataset = pair_dataset(cfg, dataset)
+    dataset = trial_dataset(cfg)
     time_data = time.perf_counter() - t
     log(f"[data] {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images "
         f"{tuple(dataset.image_shape)} ({time_data:.1f}s)")
