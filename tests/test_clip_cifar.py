@@ -30,9 +30,9 @@ def stage(cifar10_archive, tmp_path_factory):
         "seed": 0, "device": "cpu", "threads": 1, "cache_dir": str(tmp_path_factory.mktemp("clip-cache")),
         "data": {"name": "cifar10", "root": str(cifar10_archive), "train_size": 2000, "test_size": 500,
                  "clean_fraction": 0.1},
-        "train": {"epochs": 2, "batch_size": 128, "eval_every": 0, "crop_padding": 2, "warmup_epochs": 1.0},
+        "train": {"epochs": 4, "batch_size": 128, "eval_every": 0, "crop_padding": 2, "warmup_epochs": 0.5},
         "attack": {"name": "badnets", "target": 0, "poison_rate": 0.1},
-        "clip": {"arch": "bibau-ViT-micro-8", "pretrain_epochs": 6, "pretrain_lr": 2e-3, "lr": 5e-4},
+        "clip": {"arch": "bibau-ViT-micro-8", "pretrain_epochs": 6, "pretrain_lr": 2e-3, "lr": 2e-3},
     })
     dataset = pair_dataset(cfg, load_dataset(cfg.data))
     clean = clean_clip(cfg, dataset, CPU, log=lambda line: None)  # cached: the attack stage loads it again
@@ -56,7 +56,7 @@ def test_badnets_on_pairs_implants_the_backdoor(stage):
 
 
 def test_bibau_clip_lowers_the_asr_with_the_text_tower_frozen(stage):
-    cfg = build(DefenseConfig, {"name": "bibau_clip_u", "epochs": 3, "batch_size": 64, "pgd_steps": 3,
+    cfg = build(DefenseConfig, {"name": "bibau_clip_u", "epochs": 3, "batch_size": 64, "pgd_steps": 3, "lr": 0.005,
                                 "pgd_step": 8 / 255, "crop_padding": 2, "hflip": True, "fisher_samples": 64},
                 "defense", registry=DEFENSES)
     ctx = DefenseContext(device=CPU, num_classes=10, seed=0, hflip=True, log=lambda line: None)
