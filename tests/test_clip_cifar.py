@@ -30,7 +30,7 @@ def stage(cifar10_archive, tmp_path_factory):
         "seed": 0, "device": "cpu", "threads": 1, "cache_dir": str(tmp_path_factory.mktemp("clip-cache")),
         "data": {"name": "cifar10", "root": str(cifar10_archive), "train_size": 2000, "test_size": 500,
                  "clean_fraction": 0.1},
-        "train": {"epochs": 4, "batch_size": 128, "eval_every": 0, "crop_padding": 0, "warmup_epochs": 0.5},
+        "train": {"epochs": 4, "batch_size": 128, "eval_every": 0, "crop_padding": 2, "warmup_epochs": 0.5},
         "attack": {"name": "badnets", "target": 0, "poison_rate": 0.1},
         "clip": {"arch": "bibau-ViT-micro-8", "pretrain_epochs": 6, "pretrain_lr": 2e-3, "lr": 2e-3},
     })
