@@ -47,8 +47,9 @@ from trainables.registry import ATTACKS as ATTACK_REGISTRY  # noqa: E402
 from trainables.registry import DEFENSES as REGISTERED  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 
-ATTACKS = tuple(name for name in ATTACK_REGISTRY.names() if name != "clean")
-DEFENSES = ("none", *REGISTERED.names())  # every registered defense; "none": the backdoored model
+# every registered attack and defense of the classifier setting (clip_figure3.py: the contrastive one)
+ATTACKS = tuple(name for name in ATTACK_REGISTRY.names() if name != "clean" and ATTACK_REGISTRY.get(name).serves(False))
+DEFENSES = ("none", *(n for n in REGISTERED.names() if not REGISTERED.get(n).contrastive))  # "none": the backdoored model
 BIBAU = ("bibau_u", "bibau_t", "bibau_u_kd", "bibau_t_kd")
 PAPER_METHOD = ("bibau_u", "bibau_t")  # the registered defaults run METHOD.md; the _kd ones are the extension
 SYNTHESIS, PRUNING = ("nc", "btidbf_u"), ("anp", "ep", "rnp", "clp")  # the paper's §5.8 families

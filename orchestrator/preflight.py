@@ -1,7 +1,7 @@
 """Checks that need no training, run by ``--check`` and at the start of every sweep and run:
 folders writable (storage, model cache, data cache, ``--out``), the MLflow tracking URI
 reachable, every data set present (or its download allowed), every trigger file a readable
-image. Each failure is a :class:`ConfigError` naming the field; nothing is created (a folder is
+image, a model's pretrained weights file present, loadable without pickle and fitting it. Each failure is a :class:`ConfigError` naming the field; nothing is created (a folder is
 probed with a temporary file in its nearest existing ancestor) and nothing is written to MLflow.
 """
 from __future__ import annotations
@@ -107,6 +107,7 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
               seen: dict | None = None) -> list[str]:
     """Every check of one trial config (a ``RunConfig``); returns what was found, one line each."""
     from trainables.data.load import locate_dataset
+    from trainables.models.base import check_model_files
     from trainables.runtime import resolve_device
     from trainables.trial import cache_root
 
@@ -126,6 +127,21 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
         where = locate_dataset(cfg.data)
         seen[data_key] = True
         lines.append(f"data {cfg.data.name}: {where}")
+    model_key = ("model", json.dumps(to_dict(cfg.model), sort_keys=True))
+    if model_key not in seen:
+        found = check_model_files(cfg.model, "model")
+        seen[model_key] = True
+        if found:
+            lines.append(found)
+    clip = getattr(cfg, "clip", None)
+    if clip is not None and ("clip", clip.weights, clip.captions) not in seen:
+        # the contrastive setting's files: CLIP weights present, pickle-free, fitting clip.arch; every captioned image
+        clip.check_files("clip")
+        seen[("clip", clip.weights, clip.captions)] = True
+        if clip.weights is not None:
+            lines.append(f"clip.weights {clip.weights}: loads without pickle and fits {clip.arch}")
+        if clip.from_files():
+            lines.append(f"clip.captions {clip.captions}: every image present")
     for section, name in ((cfg.attack, "attack"), (cfg.defense, "defense")):
         for field, value in _image_fields(section, name):
             if ("image", value) not in seen:

@@ -157,7 +157,8 @@ def test_defaults_are_the_references():
 def test_smoke_test_shrinks_every_defense(name):
     from trainables.trial import smoke_config
 
-    cfg = smoke_config(build(RunConfig, {"defense": {"name": name}}))
+    clip = {"clip": {"arch": "bibau-ViT-micro-8"}} if DEFENSES.get(name).contrastive else {}  # the CLIP setting's
+    cfg = smoke_config(build(RunConfig, {"defense": {"name": name}, **clip}))
     assert cfg.defense.name == name and cfg.defense.data_use == DEFENSES.get(name).declared_data_use()
     for key in ("epochs", "search_epochs", "rounds", "pretrain_epochs", "invert_epochs", "unlearn_epochs",
                 "recover_epochs"):

@@ -34,7 +34,7 @@ def test_unknown_key_names_the_field_and_lists_allowed_keys(tmp_path):
 
 def test_unknown_name_lists_the_known_ones(tmp_path):
     fails(tmp_path, {"attack": {"name": "badnet"}},
-          match=r"^attack\.name: unknown attack 'badnet'; known: adaptive_blend, adaptive_patch, badnets, blended, clean, ")
+          match=r"^attack\.name: unknown attack 'badnet'; known: adaptive_blend, adaptive_patch, badclip, badnets, blended, clean, ")
     fails(tmp_path, {"model": {"name": "resnet1"}}, match=r"^model\.name: unknown model 'resnet1'; known: .*small_resnet")
     fails(tmp_path, {"data": {"name": "mnist"}}, match=r"^data\.name: unknown dataset 'mnist'; known: .*digits")
 

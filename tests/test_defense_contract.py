@@ -37,15 +37,32 @@ def small_config(name: str, **extra) -> DefenseConfig:
     return build(DefenseConfig, data, "defense", registry=DEFENSES)
 
 
-def tiny_model(seed=0):
+def contrastive(name) -> bool:
+    return bool(name) and DEFENSES.get(name).contrastive
+
+
+def tiny_model(seed=0, name=None):
+    """A tiny classifier, or for a defense of the contrastive setting a micro CLIP (random weights)."""
+    if contrastive(name):
+        from trainables.contrastive.config import ContrastiveConfig
+        from trainables.contrastive.model import build_model
+
+        return build_model(ContrastiveConfig(arch="bibau-ViT-micro-8"), [f"c{i}" for i in range(CLASSES)],
+                           (0.5,) * 3, (0.25,) * 3, CPU, generator=torch.Generator().manual_seed(seed))
     return create_model(ModelConfig(name="small_resnet", width=4, depth=2), CLASSES,
                         generator=torch.Generator().manual_seed(seed))
 
 
-def random_set(n, seed):
+def random_set(n, seed, name=None):
+    """Random images; image-caption pairs (captions from class-name templates) for a contrastive defense."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
-    return ImageSet(x, torch.arange(n) % CLASSES)
+    images = ImageSet(x, torch.arange(n) % CLASSES)
+    if contrastive(name):
+        from trainables.data.captions import templated_pairs
+
+        return templated_pairs(images, [f"c{i}" for i in range(CLASSES)], ["a photo of a {class}.", "a {class}."], g)
+    return images
 
 
 def poisoned_set():
@@ -90,12 +107,12 @@ def test_declared_data_use_lands_in_the_config(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_purify_returns_a_purified_copy_and_leaves_the_input_alone(name):
-    model = tiny_model()
+    model = tiny_model(name=name)
     model.train()
     before = snapshot(model)
     lines: list[str] = []
     defense = build_defense(small_config(name))
-    result = defense.purify(model, random_set(40, seed=1), context(name, log=lines.append))
+    result = defense.purify(model, random_set(40, seed=1, name=name), context(name, log=lines.append))
 
     purified = result.model
     assert purified is not model and type(purified) is type(model)
@@ -110,11 +127,15 @@ def test_purify_returns_a_purified_copy_and_leaves_the_input_alone(name):
     assert not purified.training
     with torch.no_grad():
         assert torch.isfinite(purified(torch.rand(2, 3, 16, 16))).all()
+    if contrastive(name) and name.startswith("bibau"):  # METHOD's CLIP extension: the text encoder stays frozen
+        visual = {k for k in before if k.startswith("clip.visual.")}
+        assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("clip.") and k not in visual)
+        assert any(not torch.equal(after[k], before[k]) for k in visual)
 
     assert result.history and all(row["seconds"] >= 0 for row in result.history)
     assert result.seconds >= sum(row["seconds"] for row in result.history) * 0.99
     assert all(isinstance(v, float) and not math.isnan(v) for v in result.findings.values())
-    if name in ("bibau_t", "bibau_u", "bibau_t_kd", "bibau_u_kd", "ft", "ibu"):  # one history row per epoch
+    if name in ("bibau_t", "bibau_u", "bibau_t_kd", "bibau_u_kd", "ft", "ibu") or contrastive(name):  # a row per epoch
         assert [row["epoch"] for row in result.history] == [1, 2]
         assert all(row["lr"] > 0 for row in result.history)
         assert any("epoch 2/2" in line for line in lines)
@@ -125,11 +146,11 @@ def test_purify_returns_a_purified_copy_and_leaves_the_input_alone(name):
 
 @pytest.mark.parametrize("name", SEEDED)
 def test_same_seed_same_weights(name):
-    clean = random_set(32, seed=2)
+    clean = random_set(32, seed=2, name=name)
 
     def run(seed):
         defense = build_defense(small_config(name))
-        return defense.purify(tiny_model(), clean, context(name, seed=seed)).model.state_dict()
+        return defense.purify(tiny_model(name=name), clean, context(name, seed=seed)).model.state_dict()
 
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -147,9 +168,9 @@ def test_seedless_defenses_are_deterministic(name):
 
 @pytest.mark.parametrize("name", SEEDED)
 def test_config_seed_overrides_the_trials(name):
-    clean = random_set(32, seed=2)
+    clean = random_set(32, seed=2, name=name)
     run = lambda ctx_seed: build_defense(small_config(name, seed=5)).purify(  # noqa: E731
-        tiny_model(), clean, context(name, seed=ctx_seed)).model.state_dict()
+        tiny_model(name=name), clean, context(name, seed=ctx_seed)).model.state_dict()
     a, b = run(0), run(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -158,9 +179,9 @@ def test_config_seed_overrides_the_trials(name):
 def test_targeted_defense_without_target_raises(name):
     defense = build_defense(small_config(name))
     with pytest.raises(ValueError, match="target"):
-        defense.purify(tiny_model(), random_set(16, seed=1), context(name, target=None))
+        defense.purify(tiny_model(name=name), random_set(16, seed=1, name=name), context(name, target=None))
     with pytest.raises(ValueError, match="0..3"):
-        defense.purify(tiny_model(), random_set(16, seed=1), context(name, target=CLASSES))
+        defense.purify(tiny_model(name=name), random_set(16, seed=1, name=name), context(name, target=CLASSES))
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if DEFENSES.get(n).uses_poisoned_data])
@@ -172,9 +193,9 @@ def test_reference_without_poisoned_data_raises(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if not DEFENSES.get(n).uses_poisoned_data])
 def test_real_defenses_ignore_poisoned_data(name):
-    clean = random_set(32, seed=3)
+    clean = random_set(32, seed=3, name=name)
     run = lambda **kw: build_defense(small_config(name)).purify(  # noqa: E731
-        tiny_model(), clean, context(name, **kw)).model.state_dict()
+        tiny_model(name=name), clean, context(name, **kw)).model.state_dict()
     a, b = run(), run(poisoned=poisoned_set())
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -194,7 +215,8 @@ def test_build_defense_accepts_a_base_config_and_rejects_unknown_names():
         build_defense(DefenseConfig(name="nope"))  # dataclasses do not validate; the registry does
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if "bn_stats" in DEFENSES.get(n).Config.__dataclass_fields__])
+@pytest.mark.parametrize("name", [n for n in NAMES if "bn_stats" in DEFENSES.get(n).Config.__dataclass_fields__
+                                  and not contrastive(n)])  # a CLIP's ViT has no BatchNorm
 def test_frozen_batchnorm_keeps_the_running_statistics(name):
     model = tiny_model()
     stats = {k: v for k, v in snapshot(model).items() if "running_" in k}

@@ -13,6 +13,9 @@ from trainables.registry import MODELS
 
 NAMES = MODELS.names()
 CLASSES = 7
+# models without block convolutions (a ViT's only convolution is its patch embedding)
+TRANSFORMERS = {"clip_vit"}
+CONV_NETS = [n for n in NAMES if n not in TRANSFORMERS]
 
 
 def make(name, seed=0, **kw):
@@ -25,7 +28,7 @@ def batch(seed=0, size=32, channels=3, n=2):
 
 
 def test_registered_models():
-    assert {"small_resnet", "resnet18", "preact_resnet18", "vgg19_bn"} <= set(NAMES)
+    assert {"small_resnet", "resnet18", "preact_resnet18", "vgg19_bn", "clip_vit"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,7 +126,7 @@ def test_eval_mode_is_deterministic_and_state_dict_round_trips(name):
         assert torch.equal(again(x), first)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CONV_NETS)
 def test_conv_layers_are_the_block_convolutions_in_forward_order(name):
     model = make(name).eval()
     convs = model.conv_layers()
@@ -143,6 +146,7 @@ def test_conv_layer_counts():
     assert len(make("resnet18").conv_layers()) == 17
     assert len(make("preact_resnet18").conv_layers()) == 17
     assert len(make("vgg19_bn").conv_layers()) == 16
+    assert [n for n, _ in make("clip_vit").conv_layers()] == ["visual.conv1"]  # the patch embedding
 
 
 def test_small_resnet_width_and_depth():

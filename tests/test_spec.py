@@ -76,7 +76,7 @@ def test_a_valid_spec_plans_one_study_per_attack_and_defense(tmp_path):
      "defenses[0].space.epochs", "either fixed or searched"),
     (lambda d: d["defenses"][0].update(sampler="random"), "defenses[0].sampler", "'tpe', 'nsga2'"),
     (lambda d: d["defenses"][0].update(trials=0), "defenses[0].trials", "out of range"),
-    (lambda d: d["defenses"][1].update(name="nope"), "defenses[1].name", "known: anp, bibau_t"),
+    (lambda d: d["defenses"][1].update(name="nope"), "defenses[1].name", "known: anp, bibau_clip_t, bibau_clip_u, bibau_t"),
     (lambda d: d["defenses"][1]["fixed"].update(lrr=1), "defenses[1].fixed.lrr", "unknown key"),
     (lambda d: d["defenses"].append({"name": "ft"}), "defenses[2]", "label 'ft' is used twice"),
     (lambda d: d["attacks"].append("trojannn"), "attacks[2] (trojannn): attack.name", "known: adaptive_blend"),

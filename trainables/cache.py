@@ -13,7 +13,7 @@ PACKAGE = "bibau-sweep"
 _ROOT = Path(__file__).resolve().parent
 # the sources whose change changes what a trained attack-stage model is (trial.py: how the
 # attack stage seeds, splits and poisons)
-TRAINING_SOURCES = ("data", "models", "attacks", "train.py", "runtime.py", "trial.py")
+TRAINING_SOURCES = ("data", "models", "attacks", "contrastive", "train.py", "runtime.py", "trial.py")
 
 
 def _canonical(obj: Any) -> Any:

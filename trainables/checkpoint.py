@@ -151,17 +151,30 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise CheckpointError(f"{path}: unknown model file type {suffix!r}; allowed: .safetensors, "
                               f"{', '.join(TORCH_SUFFIXES)} (weights only)")
     meta = _sidecar(path)
+    if meta.get("clip") is not None:  # a CLIP of the contrastive setting (trainables/contrastive)
+        from .contrastive.model import rebuild
+
+        try:
+            model = rebuild(meta)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path.with_suffix('.json')}: {exc}") from None
+        return _load_into(model, state, path, f"clip {meta['clip'].get('arch')}", device), meta
     try:
-        model_cfg = build(ModelConfig, meta["model"], "model")
+        # the file holds every weight: pretrained weights the model once started from are not read
+        model_cfg = build(ModelConfig, {**meta["model"], "weights": None}, "model")
     except ConfigError as exc:
         raise CheckpointError(f"{path.with_suffix('.json')}: {exc}") from None
     model = create_model(model_cfg, int(meta["num_classes"]), int(meta["in_channels"]),
                          tuple(meta["mean"]) if meta["mean"] is not None else None,
                          tuple(meta["std"]) if meta["std"] is not None else None,
                          generator=torch.Generator())  # the weights are overwritten: leave the global RNG alone
+    return _load_into(model, state, path, model_cfg.name, device), meta
+
+
+def _load_into(model: torch.nn.Module, state: dict, path: Path, what: str, device) -> Classifier:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: the weights do not fit {model_cfg.name} as the sidecar describes it: {exc}") from None
+        raise CheckpointError(f"{path}: the weights do not fit {what} as the sidecar describes it: {exc}") from None
     device = torch.device(device) if isinstance(device, str) else device
-    return prepare_model(model, device).eval(), meta
+    return prepare_model(model, device).eval()

@@ -59,14 +59,13 @@ class TrialBackend:
     def attack_stage(self, cfg: dict, log: Callable[[str], None]) -> dict:
         """Train the attack's backdoored model (or find it in the cache); what the driver logs."""
         from .config import build
-        from .data import load_dataset
         from .runtime import resolve_device
         from .schema import RunConfig
-        from .trial import attack_stage
+        from .trial import attack_stage, trial_dataset
 
         run_cfg = build(RunConfig, cfg)
         _use_threads(run_cfg)
-        stage = attack_stage(run_cfg, load_dataset(run_cfg.data), resolve_device(run_cfg.device), log)
+        stage = attack_stage(run_cfg, trial_dataset(run_cfg), resolve_device(run_cfg.device), log)
         info = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, (int, float))}
         return {**info, "num_classes": stage.dataset.num_classes,  # the chance level of CA, for the figures
                 "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
@@ -76,10 +75,9 @@ class TrialBackend:
     def clean_reference(self, cfg: dict, log: Callable[[str], None]) -> dict:
         """Train the clean reference model (or find it in the cache) before the trials need it."""
         from .config import build
-        from .data import load_dataset
         from .runtime import resolve_device
         from .schema import RunConfig
-        from .trial import clean_reference
+        from .trial import clean_reference, trial_dataset
 
         run_cfg = build(RunConfig, cfg)
         _use_threads(run_cfg)
@@ -89,7 +87,7 @@ class TrialBackend:
             lines.append(msg)
             log(msg)
 
-        clean_reference(run_cfg, load_dataset(run_cfg.data), keep, resolve_device(run_cfg.device))
+        clean_reference(run_cfg, trial_dataset(run_cfg), keep, resolve_device(run_cfg.device))
         return {"cached": any("cache hit" in line for line in lines)}  # for the driver's message only
 
 

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 
 from .attacks.base import AttackConfig
-from .config import Config, ConfigError, param
+from .config import Config, ConfigError, param, to_dict
+from .contrastive.config import ContrastiveConfig
 from .data.base import DataConfig
 from .defenses.base import DefenseConfig
 from .models.base import ModelConfig
@@ -126,11 +127,17 @@ class RunConfig(Config):
     attack: AttackConfig = param(factory=AttackConfig, help="the backdoor attack ('clean': none)", registry=ATTACKS)
     defense: DefenseConfig | None = param(None, "the defense; null: none", registry=DEFENSES)
     evaluation: EvalConfig = param(factory=EvalConfig, help="evaluation protocol")
+    clip: ContrastiveConfig | None = param(None, "the contrastive setting: a CLIP trained on image-caption pairs, "
+                                           "attacked and purified as such, evaluated zero-shot on data's test split; "
+                                           "null: the classifier setting")
     cache_dir: str | None = param(None, "cache of trained attack-stage models, keyed by content hash; None: ~/.cache/bibau/models")
     threads: int | None = param(None, "CPU threads torch uses in this trial (results on the CPU depend on it); "
                                 "None: $OMP_NUM_THREADS, else the cores this process may use; a number once resolved", low=1)
 
     def resolve(self) -> None:
+        if self.clip is not None and self.evaluation.metrics == EvalConfig().metrics:
+            # BEC probes convolutional layers a CLIP's ViT has not; QRA stays one setting away
+            self.evaluation.metrics = list(CONTRASTIVE_METRICS)
         if self.threads is None:  # a number in the resolved config, so a re-run uses the same count
             self.threads = available_cpus()
         # A defense fine-tunes a model trained with train's augmentation: cropping the clean split when
@@ -140,7 +147,8 @@ class RunConfig(Config):
                 setattr(self.defense, name, getattr(self.train, name))
 
     def check(self, path: str) -> None:
-        if self.defense is not None and hasattr(self.defense, "check_model"):
+        check_setting(self, path)
+        if self.defense is not None and hasattr(self.defense, "check_model") and self.clip is None:
             self.defense.check_model(self.model, f"{path + '.' if path else ''}model")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"{path + '.' if path else ''}device: {self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
@@ -148,3 +156,40 @@ class RunConfig(Config):
         shape = self.data.image_shape()
         if shape is not None:
             self.attack.check_image(shape, f"{path}.attack" if path else "attack")
+
+
+CONTRASTIVE_METRICS = ("ca", "asr", "ra")
+# train fields the contrastive setting does not read (its optimiser is AdamW with clip.lr, clip.weight_decay)
+CONTRASTIVE_UNUSED_TRAIN = ("lr", "momentum", "weight_decay", "nesterov", "milestones", "gamma", "label_smoothing")
+
+
+def check_setting(self: RunConfig, path: str) -> None:
+    """The attack, the defense and the evaluations must serve the run's setting (classifier, or
+    contrastive with a ``clip`` section); sections the setting does not read must stay unset."""
+    def where(key: str) -> str:
+        return f"{path}.{key}" if path else key
+
+    contrastive = self.clip is not None
+    setting = "contrastive setting (a clip section)" if contrastive else "classifier setting (no clip section)"
+    if self.defense is not None and self.defense.name in DEFENSES:
+        serves = lambda n: bool(getattr(DEFENSES.get(n), "contrastive", False)) == contrastive  # noqa: E731
+        if not serves(self.defense.name):
+            raise ConfigError(f"{where('defense.name')}: {self.defense.name!r} does not serve the {setting}; allowed: "
+                              f"{', '.join(n for n in DEFENSES if serves(n))}")
+    if self.attack.name in ATTACKS and not ATTACKS.get(self.attack.name).serves(contrastive):
+        raise ConfigError(f"{where('attack.name')}: {self.attack.name!r} does not serve the {setting}; allowed: "
+                          f"{', '.join(n for n in ATTACKS if ATTACKS.get(n).serves(contrastive))}")
+    if not contrastive:
+        return
+    if to_dict(self.model) != to_dict(ModelConfig()):
+        raise ConfigError(f"{where('model')}: {to_dict(self.model)} is not used in the contrastive setting (the CLIP is "
+                          "clip.arch and clip.weights); remove the model section")
+    default = TrainConfig()
+    for key in CONTRASTIVE_UNUSED_TRAIN:
+        if getattr(self.train, key) != getattr(default, key):
+            raise ConfigError(f"{where('train.' + key)}: {getattr(self.train, key)!r} is not used in the contrastive "
+                              "setting (AdamW with clip.lr and clip.weight_decay); remove it")
+    if "bec" in self.evaluation.metrics:
+        raise ConfigError(f"{where('evaluation.metrics')}: 'bec' probes convolutional layers and is not defined for a "
+                          f"CLIP here; allowed: {', '.join(m for m in EVALUATIONS if m != 'bec')}")
+

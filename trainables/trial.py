@@ -32,7 +32,7 @@ from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
 from .data.base import Dataset, ImageSet
 from .evaluation.metrics import accuracy, attack_success_rate, clean_accuracy
-from .models.base import Classifier, create_model
+from .models.base import Classifier, create_model, weights_digest
 from .runtime import resolve_device, seed_everything
 from .schema import RunConfig
 
@@ -60,12 +60,25 @@ def smoke_config(cfg: RunConfig) -> RunConfig:
     }
     if cfg.defense is not None and hasattr(cfg.defense, "smoke"):
         changes["defense"] = cfg.defense.smoke()
+    if cfg.clip is not None:
+        changes["clip"] = cfg.clip.smoke()
     return cfg.replace(**changes)  # type: ignore[return-value]
 
 
 def resolved_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (what ``config.yaml`` holds and ``--print-config`` shows)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def trial_dataset(cfg: RunConfig) -> Dataset:
+    """The data set a trial's stages take: ``data``, with its training split as image-caption pairs
+    in the contrastive setting (a ``clip`` section)."""
+    dataset = load_dataset(cfg.data)
+    if cfg.clip is not None:
+        from .contrastive.stage import pair_dataset
+
+        dataset = pair_dataset(cfg, dataset)
+    return dataset
 
 
 def cache_root(cfg: RunConfig) -> Path:
@@ -78,10 +91,17 @@ def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device) -> dict:
     often training was watched: the per-epoch evaluation leaves the weights alone."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("root", "cache_dir", "download")}
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("eval_every", "eval_size")}
-    return {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
-            "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
-            "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
-            "code_version": code_version()}
+    key = {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
+           "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
+           "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
+           "code_version": code_version()}
+    if cfg.clip is not None:  # the contrastive setting: the CLIP and its pairs make the model
+        key["clip"] = to_dict(cfg.clip)
+        if cfg.clip.weights is not None:
+            key["clip_weights_sha256"] = weights_digest(cfg.clip)
+    if cfg.model.weights is not None:  # the pretrained file's content, not its path, decides the model
+        key["model_weights_sha256"] = weights_digest(cfg.model)
+    return key
 
 
 # -- stage 1: the attack -------------------------------------------------------------------------
@@ -122,6 +142,10 @@ class AttackStage:
 
 
 def _model_meta(cfg: RunConfig, dataset: Dataset, model: Classifier) -> dict:
+    if cfg.clip is not None:
+        from .contrastive.stage import model_meta
+
+        return model_meta(cfg, dataset, model)
     return {"model": to_dict(cfg.model), "num_classes": dataset.num_classes, "in_channels": dataset.image_shape[0],
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
             "image_shape": list(dataset.image_shape), "classes": dataset.classes}
@@ -188,10 +212,15 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
             log(f"[attack] cache entry {entry} was poisoned at other indices; training again")
             cached, attack = None, build_attack(cfg.attack, dataset)  # drop the loaded state
     if cached is None:
-        log(f"[attack] cache miss ({key}): training {cfg.model.name} under {cfg.attack.name} "
+        log(f"[attack] cache miss ({key}): training {cfg.model.name if cfg.clip is None else cfg.clip.arch} under {cfg.attack.name} "
             f"on {len(dataset.train)} images for {cfg.train.epochs} epochs on {device}")
-        model = create_model(cfg.model, dataset.num_classes, dataset.image_shape[0], dataset.mean, dataset.std,
-                             generator=seeded_generator(cfg.seed, "model_init"))
+        if cfg.clip is not None:  # the contrastive setting: the attack fine-tunes a clean pre-trained CLIP
+            from .contrastive.stage import clean_clip
+
+            model = clean_clip(cfg, dataset, device, log)
+        else:
+            model = create_model(cfg.model, dataset.num_classes, dataset.image_shape[0], dataset.mean, dataset.std,
+                                 generator=seeded_generator(cfg.seed, "model_init"))
         attack.prepare(dataset.train, model, device, seeded_generator(cfg.seed, "attack_prepare"))
         poisoned_train, index = attack.poison_trainset(dataset.train, seeded_generator(cfg.seed, "poison"),
                                                        exclude=clean_index)
@@ -208,9 +237,15 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
         extra = attack.extra_test_sets(dataset.test)
         # train_model skips crop and flip itself for an attack that augments on its own; an
         # on-the-fly attack leaves the defender's clean split (protected) unpoisoned
-        history = train_model(model, poisoned_train, cfg.train, device, generator=seeded_generator(cfg.seed, "train"),
-                              attack=attack, hflip_allowed=dataset.hflip, protected=clean_index,
-                              eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
+        if cfg.clip is not None:
+            from .contrastive.stage import fit
+
+            history = fit(model, poisoned_train, cfg, device, generator=seeded_generator(cfg.seed, "train"),
+                          eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
+        else:
+            history = train_model(model, poisoned_train, cfg.train, device, generator=seeded_generator(cfg.seed, "train"),
+                                  attack=attack, hflip_allowed=dataset.hflip, protected=clean_index,
+                                  eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
                    "backdoored_asr": attack_success_rate(model, poisoned_test, device),
                    **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
@@ -358,11 +393,11 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(resolved_yaml(cfg))
     defense_name = cfg.defense.name if cfg.defense is not None else None
-    log(f"[trial] {cfg.data.name} / {cfg.model.name} / attack {cfg.attack.name} / defense {defense_name or 'none'} "
+    log(f"[trial] {cfg.data.name} / {cfg.model.name if cfg.clip is None else 'clip ' + cfg.clip.arch} / attack {cfg.attack.name} / defense {defense_name or 'none'} "
         f"on {device}{' (smoke test)' if smoke_test else ''}")
 
     t = time.perf_counter()
-    dataset = load_dataset(cfg.data)
+    dataset = trial_dataset(cfg)
     time_data = time.perf_counter() - t
     log(f"[data] {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images "
         f"{tuple(dataset.image_shape)} ({time_data:.1f}s)")
@@ -380,7 +415,8 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     report.update(metrics)
     report.update({
         **stage.metrics,
-        "attack": cfg.attack.name, "defense": defense_name, "dataset": dataset.name, "model": cfg.model.name,
+        "attack": cfg.attack.name, "defense": defense_name, "dataset": dataset.name,
+        "model": cfg.model.name if cfg.clip is None else f"clip:{cfg.clip.arch}",
         "seed": cfg.seed, "device": str(device), "smoke_test": smoke_test,
         "n_train": len(dataset.train), "n_test": len(dataset.test), "n_clean": len(stage.clean_index),
         "n_poisoned": len(stage.poison_index), "n_cover": len(stage.attack.cover_index), "n_poisoned_test": len(stage.poisoned_test),

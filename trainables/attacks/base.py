@@ -80,6 +80,17 @@ class Attack(abc.ABC):
     build_time: bool = True  # poisons the training set when it is built; False: clean, or on the fly
     standard_augmentation: bool = True  # False: the trainer skips crop/flip (the attack augments itself)
     adopts_state: bool = False  # load_state adopts saved tensors (drawn from the run's seed or data) instead of comparing
+    contrastive_only: bool = False  # an attack on a CLIP's training (BadCLIP): the contrastive setting only
+
+    @classmethod
+    def serves(cls, contrastive: bool) -> bool:
+        """Whether the attack serves the contrastive setting (a run with a ``clip`` section) or the
+        classifier one. On image-caption pairs a poisoned image is paired with a target caption when
+        the training set is built (``ImageSet.poisoned_copy``), so an attack that poisons batches on
+        the fly (its own ``training_batch``) serves classifiers only."""
+        if not contrastive:
+            return not cls.contrastive_only
+        return cls.training_batch is Attack.training_batch
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int):
         if cfg.target >= num_classes:
@@ -174,7 +185,8 @@ class Attack(abc.ABC):
             c = chunk.to(dev)
             x[c] = to_uint8(self.cover_images(to_float(x[c]), generator))
         self.cover_index = cover
-        return ImageSet(x, y), index
+        # image-caption pairs: the poisoned rows also get a target caption (dirty-label attacks)
+        return train.poisoned_copy(x, y, index, None if self.clean_label else self.target, generator), index
 
     def poisoned_samples(self, train: ImageSet, poisoned_train: ImageSet, index: torch.Tensor) -> ImageSet:
         """The poisoned training samples with their true labels (what the IBU reference unlearns).

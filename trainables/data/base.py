@@ -35,6 +35,13 @@ class ImageSet:
     def to(self, device: torch.device | str) -> "ImageSet":
         return ImageSet(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True))
 
+    def poisoned_copy(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, target: int | None,
+                      generator: torch.Generator) -> "ImageSet":
+        """This set with images ``x`` and labels ``y`` after an attack poisoned the rows at ``index``
+        toward ``target`` (None: clean-label). Image-caption pairs (``captions.PairSet``) also pair
+        those rows with a target caption; plain images need nothing more."""
+        return ImageSet(x, y)
+
     def fingerprint(self) -> str:
         """A content hash of images and labels (identifies the exact data a model saw)."""
         h = hashlib.sha256()

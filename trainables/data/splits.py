@@ -25,6 +25,10 @@ def stratified_subset(labels: torch.Tensor, n: int, generator: torch.Generator) 
     """
     labels = labels.detach().cpu().long()
     total = len(labels)
+    if total and int(labels.min()) < 0:  # unlabelled samples (image-caption pairs from files): uniform
+        if not 0 <= n <= total:
+            raise ValueError(f"cannot draw {n} samples from {total}")
+        return torch.randperm(total, generator=generator)[:n].sort().values
     if not 0 <= n <= total:
         raise ValueError(f"cannot draw {n} samples from {total}")
     if n == total:

@@ -1,8 +1,8 @@
-"""Defenses: a Defense subclass per method, registered in DEFENSES (BI-BAU, FT, the IBU reference, and the
-baselines NC, BTI-DBF(U), ANP, EP, RNP, CLP)."""
+"""Defenses: a Defense subclass per method, registered in DEFENSES (BI-BAU, FT, the IBU reference, the
+baselines NC, BTI-DBF(U), ANP, EP, RNP, CLP; for a CLIP: CleanCLIP and BI-BAU-CLIP)."""
 from ..config import build
 from ..registry import DEFENSES
-from . import anp, bibau, btidbf, clp, ep, finetune, nc, rnp  # noqa: F401  (fill the registry)
+from . import anp, bibau, bibau_clip, btidbf, cleanclip, clp, ep, finetune, nc, rnp  # noqa: F401  (fill the registry)
 from .base import Defense, DefenseConfig, DefenseContext, DefenseResult
 
 

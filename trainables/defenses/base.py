@@ -118,6 +118,8 @@ class Defense(abc.ABC):
     needs_target: bool = False  # targeted variants assume the target class is known
     uses_poisoned_data: bool = False  # only the IBU reference
     data_use: str | None = None  # one of DATA_USES; None: the clean split (and the poisoned samples for IBU)
+    # purifies a CLIP of the contrastive setting (a ClipModel and a PairSet of clean pairs) instead of a classifier
+    contrastive: bool = False
 
     @classmethod
     def declared_data_use(cls) -> str:

@@ -36,7 +36,7 @@ from ..runtime import autocast, prepare_batch
 from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, frozen_copy, sgd, train_mode,
                    trainable_copy)
 from .fisher import diagonal_fisher
-from .losses import ewc_penalty, inverse_ewc, kd_loss
+from .losses import ewc_penalty, inverse_ewc, kd_loss, trigger_loss
 from .pgd import EStep
 
 # Which of METHOD's weights each ablation of Table 6 switches off: constraint set A (clean
@@ -132,13 +132,15 @@ class BiBauTargetedKDConfig(MStepDistillation, BiBauTargetedConfig):
     pass
 
 
-def describe_terms(cfg: BiBauConfig, targeted: bool) -> list[str]:
-    """What the config computes, as METHOD writes it: the terms on, those off, the Fisher, the presets."""
+def describe_terms(cfg: BiBauConfig, targeted: bool, trig: str | None = None,
+                   task: str = "CE(f_θ(x), y) + CE(f_θ(x'), y)") -> list[str]:
+    """What the config computes, as METHOD writes it: the terms on, those off, the Fisher, the presets
+    (``trig`` and ``task``: the task's own L_trig and M-step loss, BI-BAU-CLIP's contrastive ones)."""
     w = cfg.weights()
-    trig = "CE(f_bd(x'), y_t)" if targeted else "-CE(f_bd(x'), y)"
+    trig = trig or ("CE(f_bd(x'), y_t)" if targeted else "-CE(f_bd(x'), y)")
     on = [k for k, v in w.items() if v > 0]
     estep = " + ".join([f"L_trig = {trig}"] + [f"{TERMS[k][1]} ({k} {w[k]:g})" for k in on if TERMS[k][0] == "E"])
-    mstep = " + ".join(["CE(f_θ(x), y) + CE(f_θ(x'), y)"]
+    mstep = " + ".join([task]
                        + [f"{TERMS[k][1]} ({k} {w[k]:g})" for k in on if TERMS[k][0] == "M"])
     lines = [f"preset {cfg.preset}: {PRESET_NAMES[cfg.preset]}",
              f"E-step (PGD, L∞ ε {255 * cfg.pgd_eps:.3g}/255, {cfg.pgd_steps} steps of {255 * cfg.pgd_step:.3g}/255): {estep}",
@@ -167,7 +169,16 @@ class BiBau(Defense):
         cfg, w = self.cfg, self.cfg.weights()
         return EStep(eps=cfg.pgd_eps, step=cfg.pgd_step, steps=cfg.pgd_steps, random_start=cfg.pgd_random_start,
                      target=target if self.targeted else None, alpha=w["alpha"], beta=w["beta"], theta=cfg.theta,
-                     temperature=cfg.kd_temperature, gamma=cfg.kd_gamma, keep_teacher=w.get("mstep_kd", 0.0) > 0)
+                     temperature=cfg.kd_temperature, gamma=cfg.kd_gamma, keep_teacher=w.get("mstep_kd", 0.0) > 0,
+                     trigger=self.trigger_loss)
+
+    # the task's loss on logits: METHOD's cross-entropy; BI-BAU-CLIP's contrastive loss over captions
+    @staticmethod
+    def trigger_loss(logits: torch.Tensor, y: torch.Tensor, target: int | None) -> torch.Tensor:
+        return trigger_loss(logits, y, target)
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
 
     def describe(self) -> list[str]:
         return describe_terms(self.cfg, self.targeted)
@@ -273,9 +284,9 @@ class BiBau(Defense):
         y_adv = y if y_adv is None else y_adv
         with autocast(device):
             logits = f(prepare_batch(torch.cat([x, x_adv]), device)).float()
-        terms = {"ce_clean": F.cross_entropy(logits[:b], y)}
+        terms = {"ce_clean": self.task_loss(logits[:b], y)}
         # a batch of target-class images only has no x' (targeted_on: non_target)
-        terms["ce_adv"] = F.cross_entropy(logits[b:], y_adv) if len(y_adv) else logits.new_zeros(())
+        terms["ce_adv"] = self.task_loss(logits[b:], y_adv) if len(y_adv) else logits.new_zeros(())
         loss = terms["ce_clean"] + terms["ce_adv"]
         if teacher is not None and w.get("mstep_kd", 0.0) > 0:
             terms["kd_clean"] = kd_loss(logits[:b], teacher, y, self.cfg.kd_temperature, gamma=1.0)

@@ -52,7 +52,7 @@ def require_batchnorm(model: nn.Module, defense: str) -> list[BNUnit]:
 
 @functools.lru_cache(maxsize=32)
 def _has_batchnorm(model_key: tuple) -> bool:
-    cfg = ModelConfig(**dict(model_key))
+    cfg = ModelConfig(**dict(model_key)).architecture()  # the structure decides; pretrained weights are not read
     return bool(batchnorm_units(create_model(cfg, num_classes=2, generator=torch.Generator().manual_seed(0))))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,8 @@ class EStep:
     temperature: float = 2.0
     gamma: float = 0.5
     keep_teacher: bool = False  # return f_bd(x) as stats["teacher"] (the M-step's distillation reuses it)
+    # L_trig on f_bd's logits of x', (logits, y, target) -> loss; BI-BAU-CLIP passes its contrastive form
+    trigger: Callable[..., torch.Tensor] = trigger_loss
 
     def craft(self, f_bd: Classifier, f_theta: Classifier, x: torch.Tensor, y: torch.Tensor,
               device: torch.device, generator: torch.Generator | None = None,
@@ -68,7 +71,7 @@ class EStep:
                 logits_bd = f_bd(x_adv)
                 h_adv = f_theta.features(x_adv) if use_theta else None
                 logits_theta = f_theta.head(h_adv) if self.alpha > 0 else None
-            terms = {"l_trig": trigger_loss(logits_bd, y, self.target)}
+            terms = {"l_trig": self.trigger(logits_bd, y, self.target)}
             loss = terms["l_trig"]
             if self.alpha > 0:
                 terms["l_kd"] = kd_loss(logits_theta, teacher, y, self.temperature, self.gamma)

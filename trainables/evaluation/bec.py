@@ -3,7 +3,9 @@
 Layers: the last ``bec_layers`` convolutions with a kernel larger than 1x1, in the order a
 forward pass runs them. The rule needs no per-model list: it skips 1x1 (shortcut, projection)
 convolutions, as the reference hooks only the block convolutions, and execution order is the
-depth order even where modules are declared in another order.
+depth order even where modules are declared in another order. A model that declares probes
+(``models.base.Probe``: a ViT's residual stream after each block, channel-first) is probed
+there instead, the same way (channels ranked by TAC, CKA over the kept channels x tokens).
 
 Per layer: channels ranked by trigger-activated change (TAC) on the backdoored model over
 clean/triggered test pairs, top ``bec_top_fraction`` kept; linear CKA between the backdoored
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..attacks.base import to_float, to_uint8
+from ..models.base import Probe
 from ..registry import EVALUATIONS
 from ..runtime import autocast, prepare_batch
 from .base import EvalContext, Evaluation, frozen
@@ -54,12 +57,15 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def conv_layers(model: nn.Module, image_shape: tuple[int, int, int], count: int) -> list[str]:
-    """Names of the last ``count`` ``nn.Conv2d`` modules with a kernel larger than 1x1, in
-    forward execution order (all of them when the model has fewer)."""
+    """Names of the last ``count`` ``nn.Conv2d`` modules with a kernel larger than 1x1 (or, in
+    a model that has them, ``Probe`` modules), in forward execution order (all of them when the
+    model has fewer)."""
     ran: list[str] = []
     names = {m: n for n, m in model.named_modules()}
+    probes = [m for m in names if isinstance(m, Probe)]
+    watched = probes or [m for m in names if isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1]
     hooks = [m.register_forward_hook(lambda mod, inp, out: ran.append(names[mod]) if names[mod] not in ran else None)
-             for m in names if isinstance(m, nn.Conv2d) and math.prod(m.kernel_size) > 1]
+             for m in watched]
     try:
         with frozen(model):
             model(torch.zeros(2, *image_shape, device=_device_of(model)))

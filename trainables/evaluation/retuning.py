@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..attacks.base import Attack, to_float, to_uint8
 from ..data.base import ImageSet
+from ..data.captions import PairSet
 from ..data.batches import random_crop, random_flip
 from ..models.base import Classifier
 from .. import train as training  # the module, not its names: train.py imports evaluation.metrics
@@ -57,13 +58,16 @@ def retuning_set(train: ImageSet, attack: Attack, size: int, poison_count: int,
         raise ValueError(f"evaluation.ra_poison_count: only {len(chosen)} training images can carry the trigger, "
                          f"{poison_count} asked for")
     index = torch.cat([benign, chosen]).to(train.x.device)
-    x, y = train.x[index].clone(), train.y[index].clone()
+    picked = train.subset(index)
+    x, y = picked.x.clone(), picked.y.clone()
     mask = torch.zeros(size, dtype=torch.bool)
     mask[size - poison_count:] = True
     if poison_count:
         x[-poison_count:] = to_uint8(attack.poison_images(to_float(x[-poison_count:]), generator, train=True))
         y[-poison_count:] = attack.target
-    return ImageSet(x, y), mask
+    # image-caption pairs (a CLIP's RA): the poisoned images are paired with target captions
+    target = None if attack.clean_label else attack.target
+    return picked.poisoned_copy(x, y, mask.nonzero().flatten(), target, generator), mask
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, crop_padding: int = 0, hflip: bool = False,
@@ -130,6 +134,12 @@ def retuned(ctx: EvalContext, which: str = "model") -> Classifier:
         source = ctx.model if which == "model" else ctx.clean_model()
         data, mask = retuning_data(ctx)
         c = ctx.cfg
+        if isinstance(data, PairSet):  # a CLIP: the same retuning with its contrastive loss
+            from ..contrastive.train import retune_clip
+
+            return retune_clip(source, data, mask, ctx.device, epochs=c.ra_epochs, lr=c.ra_lr,
+                               batch_size=c.ra_batch_size, generator=ctx.generator(f"ra-train-{which}"),
+                               hflip=ctx.dataset.hflip)
         return retune(source, data, mask, ctx.device, epochs=c.ra_epochs, lr=c.ra_lr,
                       batch_size=c.ra_batch_size, generator=ctx.generator(f"ra-train-{which}"),
                       hflip=ctx.dataset.hflip)

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import abc
+import functools
+import hashlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +76,16 @@ class Classifier(nn.Module, abc.ABC):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in n]
 
 
+class Probe(nn.Identity):
+    """A named point where layer probes (BEC) read a model's activations: it passes its input, a
+    channel-first (B, C, ...) tensor, through unchanged. Convolutional models need none (their
+    convolutions are probed); a transformer exposes its residual stream through probes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+
+
 def resolve_stats(mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
                   in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std); None means CIFAR-10's (their channel average when not RGB)."""
@@ -109,15 +123,36 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None) -> 
                 m.bias.uniform_(-bound, bound, generator=generator)
 
 
+OPTIONS = ("width", "depth", "arch", "weights")  # the ModelConfig fields a factory may take
+
+
 @dataclass
 class ModelConfig(Config):
     name: str = param("small_resnet", "registered model", registry=MODELS)
     width: int | None = param(None, "channels of the first stage (small_resnet); None: the model's default", low=1)
     depth: int | None = param(None, "stages (small_resnet) or residual blocks per stage; None: the model's default", low=1)
+    arch: str | None = param(None, "open_clip architecture of a CLIP-based model (clip_vit: bibau-ViT-tiny-8 for CPU, "
+                             "ViT-B-32-quickgelu for OpenAI's ViT-B/32 weights); None: the model's default")
+    weights: str | None = param(None, "local file of pretrained weights the model starts from (clip_vit: a CLIP state "
+                                "dict, .safetensors or weights-only .pt/.pth/.bin); None: random initialisation. "
+                                "Never downloaded, never unpickled")
 
     def check(self, path: str) -> None:
         if self.name in MODELS:
-            _check_options(MODELS.get(self.name), self.name, dict(width=self.width, depth=self.depth), path)
+            factory = MODELS.get(self.name)
+            options = self.options()
+            _check_options(factory, self.name, options, path)
+            check = getattr(factory, "check_options", None)  # a factory's own rules (a weights file that fits)
+            if check is not None:
+                check(options, path or "model")
+
+    def options(self) -> dict:
+        return {k: getattr(self, k) for k in OPTIONS}
+
+    def architecture(self) -> "ModelConfig":
+        """This config without pretrained weights: the same network, randomly initialised (what a
+        saved checkpoint, whose own weights replace them, or a structural check needs)."""
+        return ModelConfig(name=self.name, width=self.width, depth=self.depth, arch=self.arch)
 
 
 def _check_options(factory, name: str, options: dict, path: str) -> None:
@@ -126,8 +161,34 @@ def _check_options(factory, name: str, options: dict, path: str) -> None:
     for key, value in options.items():
         if value is not None and key not in accepted:
             where = f"{path}.{key}" if path else f"model.{key}"
-            allowed = ", ".join(k for k in ("width", "depth") if k in accepted) or "none"
+            allowed = ", ".join(k for k in OPTIONS if k in accepted) or "none"
             raise ConfigError(f"{where}: {name} does not take {key} (got {value!r}); options it takes: {allowed}")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(cfg: ModelConfig) -> str | None:
+    """sha256 of the pretrained weights file a model starts from (None without one): a cache key
+    records it, so that a file replaced at the same path makes a new model."""
+    if cfg.weights is None:
+        return None
+    path = Path(os.path.expandvars(cfg.weights)).expanduser().resolve()
+    st = path.stat()
+    return _digest(str(path), (st.st_size, st.st_mtime_ns))
+
+
+def check_model_files(cfg: ModelConfig, path: str = "model") -> str | None:
+    """The files a model config names (pretrained weights) exist and load safely: the preflight's
+    check, run before any work. Returns what was found (None when the model reads no file)."""
+    check = getattr(MODELS.get(cfg.name), "check_files", None)
+    return check(cfg.options(), path) if check is not None else None
 
 
 def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
@@ -138,7 +199,6 @@ def create_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3,
     ``generator`` draws the initial weights (the global RNG when None).
     """
     factory = MODELS.get(cfg.name)
-    _check_options(factory, cfg.name, dict(width=cfg.width, depth=cfg.depth), "model")
-    kwargs = {k: v for k, v in dict(width=cfg.width, depth=cfg.depth, mean=mean, std=std,
-                                    generator=generator).items() if v is not None}
+    _check_options(factory, cfg.name, cfg.options(), "model")
+    kwargs = {k: v for k, v in dict(cfg.options(), mean=mean, std=std, generator=generator).items() if v is not None}
     return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
