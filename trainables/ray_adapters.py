@@ -148,6 +148,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     from .config import ConfigError
 
     started = time.perf_counter()
+    started_at = time.time()  # wall clock: the trial's MLflow run starts and ends when the trial did
     try:
         report = make_report(backend.run(config["run"], out_dir, log), config["objectives"])
     except ConfigError as exc:
@@ -156,6 +157,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     finally:
         logfile.close()
     report.setdefault("time_trial_s", time.perf_counter() - started)
+    report.update(trial_start_ts=started_at, trial_end_ts=time.time())
     report = json_safe(report)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "report.json").write_text(json.dumps(report))
