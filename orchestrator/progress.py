@@ -50,11 +50,10 @@ class RunProgress:
         m = _EPOCH.match(line)
         if m:
             k, n = int(m["k"]), int(m["n"])
-            key = f"{self.stage}{m['head'].strip()}"
+            key = " ".join(x for x in (self.stage, m["head"].strip().strip("[]")) if x)
             if self.bar is None or self.bar_key != key or k <= self.bar.n or self.bar.total != n:
                 self._close()
-                self.bar = tqdm(total=n, desc=key.strip() or "epochs", unit="epoch", leave=False,
-                                dynamic_ncols=True)
+                self.bar = tqdm(total=n, desc=key or "epochs", unit="epoch", leave=False, dynamic_ncols=True)
                 self.bar_key = key
             self.bar.update(k - self.bar.n)
             self.bar.set_postfix_str(m["rest"][:60])
@@ -72,11 +71,13 @@ class RunProgress:
 
     def _stage_of(self, line: str) -> None:
         if line.startswith("[attack] cache miss"):
-            self.stage = "training: "
+            self.stage = "training" if self.stage != "clean reference" else "clean reference training"
         elif line.startswith("[defense]") and not line.startswith("[defense] done"):
-            self.stage = "defense: "
+            self.stage = "defense"
+        elif line.startswith("[eval] clean reference"):
+            self.stage = "clean reference"
         elif line.startswith(("[eval]", "[qra]", "[bec]")):
-            self.stage = "eval: " if not line.startswith("[eval] clean reference") else "clean reference: "
+            self.stage = "eval"
 
     def _close(self) -> None:
         if self.bar is not None:
