@@ -161,3 +161,82 @@ def test_mlflow_and_optuna_layout_of_a_sweep(tmp_path, local_ray):
     text = "\n".join(lines)
     assert "Number of trials" not in text and "tensorboard" not in text.lower()
     assert (out.folder / "sweep.log").is_file() and "[sweep] 4/4 done" in (out.folder / "sweep.log").read_text()
+
+
+class FakeTrial:
+    """What TrackingCallback reads of a Tune trial (Tune calls it the same way; no Ray started here)."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config = trial_id, config
+        self.status, self.last_result, self.error_file = "RUNNING", None, None
+
+
+def test_trial_runs_open_when_tune_starts_them_and_close_when_they_end(tmp_path):
+    """The callback's side of the layout, driven as Tune drives it: the run exists (RUNNING) from the
+    trial's start, the Optuna trial gets its id before the result is told, and the run ends at the
+    trial's own end time with the artifacts of its folder."""
+    import json
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.search import StudySearcher
+    from orchestrator.tracking import SweepTracker, TrackingCallback
+    from trainables.ray_adapters import make_report
+
+    data = {**spec_dict(tmp_path / "store", trials=2), "attacks": ["badnets"]}
+    spec, plan = load_spec(write_spec(tmp_path, data))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = StudySearcher(plan.studies, spec.objectives, storage_url=url, prefix="s1", trials_dir=tmp_path / "trials")
+    tracker = SweepTracker(spec.tracking_uri, spec.experiment, "s1", tmp_path / "state.json",
+                           artifact_root=tmp_path / "artifacts")
+    tracker.start(name="s", attacks=["badnets"], spec={"name": "s"}, code_version="v", summary={})
+    lines: list[str] = []
+    import orchestrator.tracking as tracking
+
+    tracking.CONSOLE = lines.append
+    try:
+        callback = TrackingCallback(tracker, spec.objectives, total=4, optuna_url=url)
+        callback.setup()
+        trials = [FakeTrial(f"t{i}", searcher.suggest(f"t{i}")) for i in range(3)]  # bibau_u, ft, ibu
+        assert [t.config["study"] for t in trials] == ["badnets/bibau_u", "badnets/ft", "badnets/ibu"]
+        for t in trials:
+            callback.on_trial_start(0, trials, t)
+        client = MlflowClient(spec.tracking_uri)
+        running = callback.unfinished["t0"]
+        assert client.get_run(running).info.status == "RUNNING"
+        assert client.get_run(running).data.params["hp.theta"] == str(trials[0].config["params"]["theta"])
+        ot = optuna.load_study(study_name="s1/badnets/bibau_u", storage=url)
+        assert ot.trials[0].user_attrs["mlflow_run_id"] == running  # set while it could still be
+        # the trial runs (its folder as the trainable leaves it), then ends
+        t0 = trials[0]
+        out = Path(t0.config["out_dir"])
+        out.mkdir(parents=True)
+        (out / "trial.log").write_text("[trial] started\n[trial] done\n")
+        (out / "results.json").write_text(json.dumps({"ca": 0.8}))
+        begin = time.time()
+        time.sleep(0.3)
+        t0.last_result = {**make_report({"ca": 0.8, "r_asr": 0.1, "q_asr": 0.2}, searcher.objectives),
+                          "trial_start_ts": begin, "trial_end_ts": time.time(), "time_trial_s": 0.3}
+        searcher.on_trial_complete("t0", t0.last_result)  # Tune tells the searcher first, then the callbacks
+        callback.on_trial_complete(0, trials, t0)
+        t0.status = "TERMINATED"
+        trials[1].error_file = None
+        callback.on_trial_error(0, trials, trials[1])
+        trials[1].status = "ERROR"
+        callback.drain()
+    finally:
+        tracking.CONSOLE = None
+    run = client.get_run(running)
+    assert run.info.status == "FINISHED" and run.info.end_time == int(t0.last_result["trial_end_ts"] * 1000)
+    assert run.info.start_time <= int(begin * 1000) and run.info.end_time - run.info.start_time >= 300
+    assert "trial_start_ts" not in run.data.metrics and run.data.metrics["ca"] == 0.8
+    files = {a.path for a in client.list_artifacts(running)}
+    assert {"config.yaml", "config.json", "results.json", "trial.log"} <= files
+    failed = client.get_run(callback.records["t1"].run_id)
+    assert failed.info.status == "FAILED" and failed.info.run_id == callback.records["t1"].run_id
+    assert lines[0].startswith("[sweep] 1/4 done, 2 running, failed 0, ETA ") and "badnets/bibau_u t0: completed" in lines[0]
+    assert lines[1].startswith("[sweep] 2/4 done, 1 running, failed 1, ETA ") and "t1: failed" in lines[1]
+    # the one still running stays RUNNING in MLflow until it ends
+    assert client.get_run(callback.unfinished["t2"]).info.status == "RUNNING"
