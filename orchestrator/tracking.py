@@ -610,6 +610,10 @@ class TrackingCallback(tune.Callback):
     def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
         return {**self.__dict__, "_pool": None, "pending": {}, "_optuna_storage": None}
 
+    def __setstate__(self, state: dict) -> None:  # a sweep started by an older version lacks the newer fields
+        self.__dict__.update({"total": None, "optuna_url": None, "started": {}, "failed": set(), "finished_here": 0,
+                              "t0": time.time(), "_optuna_storage": None, **state})
+
     def setup(self, **info) -> None:
         self.unfinished = self.tracker.unfinished_trial_runs()
         self.records = {r.trial_id: r for r in self.tracker.records() if r.trial_id not in self.unfinished}
