@@ -53,7 +53,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / (
         f"{cfg.attack.name}-{cfg.defense.name if cfg.defense else 'none'}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_run(cfg, out=out, out_field="--out" if args.out else "--out (default runs/)")  # before any training
-    report = run_trial(cfg, out, log=_log, smoke_test=args.smoke_test)
+    from .progress import RunProgress
+
+    progress = RunProgress()  # bars per stage on a terminal, the plain lines elsewhere
+    try:
+        report = run_trial(cfg, out, log=progress, smoke_test=args.smoke_test)
+    finally:
+        progress.close()
     _log(f"results: {out / 'results.json'} (CA {report['ca']:.4f}, ASR {report['asr']:.4f}, "
          f"{report['wall_time_s']:.1f}s)")
     return 0
@@ -73,11 +79,8 @@ def add_run(subparsers) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.fields:
-        from trainables.config import describe
-        from trainables.schema import RunConfig
-
-        for key, type_name, default, text in describe(RunConfig):
+    if args.fields is not None:
+        for key, type_name, default, text in field_rows(args.fields):
             print(f"{key} ({type_name}, default {default!r}): {text}")
         return 0
     from trainables.defenses import build_defense
@@ -91,10 +94,56 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def field_rows(selections: list[str]) -> list[tuple[str, str, object, str]]:
+    """(key, type, default, help with the allowed range) of every run config field; a ``SECTION=NAME``
+    selection (``defense=bibau_u``, ``attack=wanet``) lists that implementation's own fields in
+    place of its polymorphic section's base fields."""
+    import dataclasses
+
+    from trainables.config import describe
+    from trainables.registry import did_you_mean
+    from trainables.schema import RunConfig
+
+    polymorphic = {f.name: f.metadata["registry"] for f in dataclasses.fields(RunConfig)
+                   if f.metadata.get("registry") is not None}
+    chosen: dict[str, str] = {}
+    for item in selections:
+        if not item:
+            continue
+        section, _, name = item.partition("=")
+        if section not in polymorphic or not name:
+            raise ConfigError(f"--fields {item}: expected SECTION=NAME with SECTION one of "
+                              f"{', '.join(sorted(polymorphic))}{';' + did_you_mean(section, sorted(polymorphic)) if section not in polymorphic else ''}")
+        reg = polymorphic[section]
+        if name not in reg:
+            from trainables.registry import UnknownNameError
+
+            raise ConfigError(f"--fields {item}: {UnknownNameError(reg.kind, name, reg.names(), reg.plugin_errors.get(name, ''))}")
+        chosen[section] = name
+    rows = []
+    for row in describe(RunConfig):
+        section = row[0].split(".", 1)[0]
+        if section in chosen:
+            impl = polymorphic[section].get(chosen[section])
+            rows += [(key, t, chosen[section] if key == f"{section}.name" else default, text)
+                     for key, t, default, text in describe(getattr(impl, "Config"), section)]
+        else:
+            rows.append(row)
+    missing = [s for s in polymorphic if s not in chosen]
+    if missing:
+        rows.append(("# " + ", ".join(missing), "polymorphic", None,
+                     "their fields depend on the name; list them with " + " ".join(
+                         f"--fields {s}=NAME ({polymorphic[s].kind}s: {', '.join(polymorphic[s].names())})"
+                         for s in missing)))
+    return rows
+
+
 def add_config(subparsers) -> None:
     p = subparsers.add_parser("config", help="print the resolved run config (defaults < YAML < --set)")
     add_config_options(p)
-    p.add_argument("--fields", action="store_true", help="list every field with its type, default and meaning")
+    p.add_argument("--fields", nargs="?", const="", action="append", metavar="SECTION=NAME",
+                   help="list every field with its type, default, allowed range and meaning, then exit; "
+                   "--fields defense=bibau_u (or attack=wanet) lists that implementation's fields (repeatable)")
     p.set_defaults(func=cmd_config)
 
 
@@ -121,9 +170,38 @@ def add_report(subparsers) -> None:  # tables and figures from what sweeps recor
 SUBCOMMANDS = [add_run, add_config, add_sweep, add_export, add_report]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped subcommand or choice."""
+
+    def error(self, message: str):
+        import re
+
+        from trainables.registry import did_you_mean
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            guess = did_you_mean(m.group(1), [c.strip().strip("'") for c in m.group(2).split(",")])
+            message += f";{guess}" if guess else ""
+        super().error(message)
+
+
+class _Version(argparse.Action):
+    """``--version``, computed only when asked (it hashes the training sources)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from trainables.cache import code_version, package_version
+
+        print(f"bibau {package_version()} (training code {code_version()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bibau", description="Backdoor removal sweeps: attacks, defenses "
-                                     "(BI-BAU and baselines), evaluation by CA, ASR, R-ASR, Q-ASR and BEC.")
+    parser = Parser(prog="bibau", description="Backdoor removal sweeps: attacks, defenses "
+                    "(BI-BAU and baselines), evaluation by CA, ASR, R-ASR, Q-ASR and BEC.")
+    parser.add_argument("--version", action=_Version, help="print the version (and the training code's hash) and exit")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)

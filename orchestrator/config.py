@@ -54,6 +54,11 @@ def load_run_config(path: str | None, overrides: Sequence[str] = (), smoke_test:
         data = load_yaml(path)
         if data.get("kind") == EXPORT_KIND:
             data = select_from_export(data, path, attack, defense)
+        elif isinstance(data, dict) and {"base", "attacks", "defenses"} & set(data):
+            found = ", ".join(sorted({"base", "attacks", "defenses"} & set(data)))
+            raise ConfigError(f"{path}: this is a sweep spec (it has {found}), not a run config; run it with "
+                              f"'bibau sweep {path}' (--smoke-test for a quick check), or run one of its "
+                              "trials from the export a sweep writes: 'bibau run EXPORT.yaml --attack NAME'")
         elif attack is not None or defense is not None:
             raise ConfigError(f"{path}: --attack/--defense choose a selection of an export file; this is a run "
                               "config (use --set attack.name=... instead)")

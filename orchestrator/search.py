@@ -19,8 +19,9 @@ its output folder), so a restored experiment needs nothing from the driver's mem
 from __future__ import annotations
 
 import logging
-import math
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,41 @@ log = logging.getLogger(__name__)
 
 STATUS_KEY = "trial_status"  # what ray_adapters reports: completed | diverged | gated | invalid
 GATE_CONSTRAINT = "gate"  # the Optuna constraint a gated trial violates (> 0) and a passing one meets
+TUNE_TRIAL_ATTR = "tune_trial_id"  # Optuna user attrs linking a trial to Tune and MLflow
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+
+
+def fit_to_space(space, value: Any) -> Any:
+    """``value`` as a point of ``space`` (a :class:`~orchestrator.spec.ParamSpace`): numbers clipped to
+    the bounds and snapped to the step, ints rounded; None when it cannot be one (a categorical
+    value not among the choices, a non-number for a numeric space)."""
+    if space.type == "categorical":
+        return value if value in (space.choices or []) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    v = min(max(float(value), float(space.low)), float(space.high))
+    if space.step:
+        v = float(space.low) + round((v - float(space.low)) / float(space.step)) * float(space.step)
+        v = min(v, float(space.high))
+    return int(round(v)) if space.type == "int" else v
+
+
+def default_params(study) -> dict:
+    """The searched parameters at the values the study's defense runs with when nothing is sampled
+    (its defaults and the spec's fixed settings), fitted to the space; a parameter whose value
+    cannot be a point of its space is left to the sampler (and logged)."""
+    defense = study.config.get("defense") or {}
+    out = {}
+    for key, space in study.space.items():
+        value = fit_to_space(space, defense.get(key))
+        if value is None:
+            log.info("%s: default %s=%r is not in its search space; the sampler picks it", study.key, key,
+                     defense.get(key))
+            continue
+        if value != defense.get(key):
+            log.info("%s: default %s=%r clipped to %r to fit its search space", study.key, key, defense.get(key), value)
+        out[key] = value
+    return out
 
 
 def make_sampler(study: Study):
@@ -97,9 +133,18 @@ class StudySearcher(Searcher):
 
         storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
         # space= given explicitly, metric/mode as lists here only: the study stays multi-objective
-        return OptunaSearch(space={k: s.distribution() for k, s in study.space.items()},
-                            metric=list(self.metrics), mode=list(self.modes), sampler=make_sampler(study),
-                            storage=storage, study_name=f"{self.prefix}/{study.key}")
+        sub = OptunaSearch(space={k: s.distribution() for k, s in study.space.items()},
+                           metric=list(self.metrics), mode=list(self.modes), sampler=make_sampler(study),
+                           storage=storage, study_name=f"{self.prefix}/{study.key}")
+        ot_study = sub._ot_study
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ot_study.set_metric_names(list(self.metrics))  # the dashboard shows ca, r_asr, ... not values_0
+        if not ot_study.get_trials(deepcopy=False):  # a fresh study (a resumed one has its first trial already)
+            first = default_params(study)
+            if first:  # the front then always holds the defense as it runs without a search
+                ot_study.enqueue_trial(first, user_attrs={"origin": "defaults"}, skip_if_exists=True)
+        return sub
 
     # -- Searcher interface ------------------------------------------------------------------------
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -123,6 +168,8 @@ class StudySearcher(Searcher):
             params = self.optuna[key].suggest(trial_id) if study.tuned else {}
             if params is None:  # an Optuna searcher that cannot suggest right now
                 continue
+            if study.tuned:  # what the sweep's tracking finds the trial by, to give it its MLflow run id
+                self.optuna[key]._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
             self.cursor = (self.cursor + step + 1) % n
             self.owner[trial_id] = key
             self.launched[key] += 1

@@ -20,6 +20,7 @@ import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ from trainables.config import ConfigError, to_dict
 
 from .export import build_export, parse_rule, write_export
 from .pareto import TrialRecord
+from .progress import quiet_frameworks
 from .spec import Plan, SweepSpec
 
 
@@ -247,6 +249,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         pool = ThreadPoolExecutor(max_workers=1)
         mlflow_ready = pool.submit(_start_tracking, tracker, spec, plan, version, summary, fingerprint)
         started_ray = False
+        quiet = ExitStack()
         try:
             started_ray = _ray_init(address, num_cpus, num_gpus)
             clock.lap("ray start")
@@ -285,6 +288,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             clock.lap("attack stage")
 
             # -- defense stage -------------------------------------------------------------------------
+            if verbose == 0:  # Tune's tables and hints, Optuna's INFO lines: to <sweep>/sweep.log
+                quiet.enter_context(quiet_frameworks(sweep_dir / "sweep.log", log))
             tune_dir = sweep_dir / "tune"
             trainable = tune.with_parameters(defense_trainable, backend=backend)
             trainable = tune.with_resources(trainable, {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus})
@@ -295,7 +300,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                     stale.unlink()
                 tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable)
             elif studies:
-                searcher = StudySearcher(studies, spec.objectives, storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
+                optuna_url = f"sqlite:///{sweep_dir / 'optuna.db'}"
+                searcher = StudySearcher(studies, spec.objectives, storage_url=optuna_url,
                                          prefix=sweep_id, trials_dir=sweep_dir / "trials")
                 tuner = tune.Tuner(
                     trainable,
@@ -307,13 +313,16 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                         name=tune_dir.name, storage_path=str(sweep_dir), verbose=verbose,
                         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                        callbacks=[SigningCallback(sweep_id), TrackingCallback(tracker, spec.objectives)]))
+                        callbacks=[SigningCallback(sweep_id),
+                                   TrackingCallback(tracker, spec.objectives, total=sum(s.trials for s in studies),
+                                                    optuna_url=optuna_url)]))
             else:
                 tuner = None
             configs: dict[str, dict] = {}
             if tuner is not None:
                 signer.sign(state_files(tune_dir), tune_dir)  # tuner.pkl, written by the constructor
                 results = tuner.fit()
+                quiet.close()
                 signer.sign(state_files(tune_dir), tune_dir)  # the final snapshot, synced to the storage
                 clock.lap("defense stage")
                 fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
@@ -330,6 +339,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                 # logged by a driver that died before Tune saved them: not part of this experiment
                 for r in orphans:
                     tracker.client.set_tag(r.run_id, "status", "orphaned")
+                    if tracker.client.get_run(r.run_id).info.status == "RUNNING":  # opened when it started
+                        tracker.client.set_terminated(r.run_id, "KILLED")
                     r.status = "orphaned"
                 log(f"{len(orphans)} MLflow trial run(s) of the previous driver were lost by Tune; tagged status=orphaned")
             export_file = None
@@ -353,6 +364,7 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             log(summary_text(outcome, spec))
             return outcome
         finally:
+            quiet.close()
             pool.shutdown(wait=True)
             if started_ray:
                 import ray
@@ -398,7 +410,8 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
             params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items())
             lines.append(f"  {r.defense:<14} {r.trial_id:<14} "
                          + " ".join(f"{r.metrics.get(m, float('nan')):8.4f}" for m in metrics) + f"  {params}")
-    lines.append(f"results:   {out.folder}  (trial logs: trials/<trial id>/trial.log)")
+    lines.append(f"results:   {out.folder}  (trial logs: trials/<trial id>/trial.log; Ray and Optuna: sweep.log)")
+    lines.append(f"Optuna:    optuna-dashboard sqlite:///{out.folder / 'optuna.db'}  (each trial's mlflow_run_id as a user attr)")
     if out.tracking_uri.startswith("sqlite:"):
         lines.append(f"MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri}  (experiment {out.experiment!r})")
     else:

@@ -3,12 +3,18 @@
 One experiment per spec; per sweep a parent run, under it a run per attack, and under each
 attack run a child run per trial. Runs are created by the driver: the parent and attack runs
 before Ray starts, a trial's run when Tune reports the trial finished (:class:`TrackingCallback`).
-Each trial run holds the resolved config (params and ``config.json``), every metric of the
-report, per-epoch curves, the time per stage, and tags ``attack``, ``defense``, ``status`` and,
-once the sweep ends, ``pareto`` and, on the export rule's picks, ``picked`` (``results.py``). Each
-attack run holds the Pareto front (CSV, the figures of ``figures.py``: the first objective against
-each other one, PNG and PDF) and the hypervolume as it grows with the trials; its description is
-its Pareto table and pick.
+A trial's run is created when Tune starts the trial (so it shows as running, with its real
+start time) and finished with the trial's own end time. It holds the resolved config (every
+field as a param, the searched values again as ``hp.<name>``, ``config.yaml`` runnable by
+``bibau run``, ``config.json``), every metric of the report, per-epoch curves, the time per
+stage, ``results.json`` and ``trial.log``, the purified model when the spec saves models, and
+tags ``attack``, ``defense``, ``status``, the git commit and, once the sweep ends, ``pareto``
+and, on the export rule's picks, ``picked`` (``results.py``).
+The experiment is tagged as model development (MLflow 3 opens it in its training view, not
+the GenAI one). Each tuned trial's Optuna trial gets the run id as user attr ``mlflow_run_id``,
+so optuna-dashboard on ``<sweep>/optuna.db`` is a second view of the same trials. Each attack run holds the Pareto front (CSV, the figures of ``figures.py``: the first objective
+against each other one, PNG and PDF) and the hypervolume as it grows with the trials; its
+description is its Pareto table and pick.
 
 Run ids live in the sweep's ``state.json`` and trial runs are keyed by Tune's trial id, so a
 resumed sweep reuses its runs instead of duplicating them.
@@ -40,6 +46,33 @@ _TUNE_KEYS = {
     "experiment_id", "experiment_tag",
 }
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+# what the trial reports about itself that is no metric: its wall-clock start and end (epoch seconds)
+_TIME_KEYS = {"trial_start_ts", "trial_end_ts"}
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3: which UI an experiment opens in
+EXPERIMENT_KIND = "custom_model_development"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+HP_PREFIX = "hp."  # the searched values, apart from the hundred-odd fixed params
+
+
+def git_commit() -> str | None:
+    """The full commit of the checkout this code runs from (None outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+CONSOLE: "Any" = None  # set by the sweep while it sends Tune's and Optuna's chatter to its log file
+
+
+def echo(message: str) -> None:
+    """A line for the user's terminal (the sweep's progress, MLflow trouble)."""
+    (CONSOLE or print)(message)
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -97,8 +130,8 @@ class RetryingClient:
                 except Exception as exc:
                     if not transient(exc) or time.monotonic() + delay > deadline:
                         raise
-                    print(f"MLflow: {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                          f"retrying in {delay:.1f}s", flush=True)
+                    echo(f"MLflow: {name} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                         f"retrying in {delay:.1f}s")
                     time.sleep(delay)
                     delay = min(delay * 2, 30.0)
 
@@ -151,10 +184,13 @@ class SweepTracker:
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = Path(self.artifact_root, self.experiment).as_uri() if self.artifact_root else None
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(self.experiment, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:
             exp = self.client.get_experiment_by_name(self.experiment)  # another sweep created it just now
             if exp is None:
@@ -166,9 +202,11 @@ class SweepTracker:
         state = self.state()
         exp_id = state.get("experiment_id") or self.experiment_id()
         parent = state.get("parent_run_id")
+        commit = git_commit()
         if parent is None:
             run = self.client.create_run(exp_id, run_name=f"sweep-{self.sweep_id}", tags={
-                "role": "sweep", "sweep_id": self.sweep_id, "sweep": name, "code_version": code_version})
+                "role": "sweep", "sweep_id": self.sweep_id, "sweep": name, "code_version": code_version,
+                **({GIT_COMMIT_TAG: commit} if commit else {})})
             parent = run.info.run_id
             params = {k: str(v)[:_MAX_PARAM] for k, v in summary.items()}
             self._log_batch(parent, params=params)
@@ -184,7 +222,8 @@ class SweepTracker:
             else:
                 self.client.update_run(runs[label], status="RUNNING")
         return self.save_state(sweep_id=self.sweep_id, name=name, experiment=self.experiment, experiment_id=exp_id,
-                               tracking_uri=self.uri, parent_run_id=parent, attack_runs=runs, status="running")
+                               tracking_uri=self.uri, parent_run_id=parent, attack_runs=runs, status="running",
+                               git_commit=commit)
 
     def log_attack_stage(self, label: str, info: dict) -> None:
         run = self.state()["attack_runs"][label]
@@ -241,23 +280,45 @@ class SweepTracker:
     def records(self) -> list[TrialRecord]:
         return [record_from_run(r) for r in self.trial_runs().values()]
 
-    def log_trial(self, rec: TrialRecord, report: dict, history: list, run_id: str | None = None) -> str:
-        """One child run under the attack's run, created and finished in one go; ``run_id``
-        completes a run a dead driver left unfinished (same params, so re-logging them is allowed)."""
+    def _trial_tags(self, rec: TrialRecord, parent: str) -> dict[str, str]:
+        commit = self.state().get("git_commit")
+        return {"mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
+                "attack": rec.attack, "defense": rec.defense, "study": rec.study, "status": rec.status,
+                "tuned": str(rec.tuned).lower(), "order": str(rec.order), "params_json": json.dumps(rec.params)[:5000],
+                **({GIT_COMMIT_TAG: commit} if commit else {}),
+                # stopped after CA and ASR: no R-ASR, Q-ASR or BEC was measured
+                **({"gate_reason": (rec.error or "")[:5000]} if rec.status == "gated" else {})}
+
+    @staticmethod
+    def _trial_params(rec: TrialRecord) -> dict[str, Any]:
+        return {**flatten(rec.config), **{f"{HP_PREFIX}{k}": v for k, v in rec.params.items()}}
+
+    def open_trial(self, rec: TrialRecord, start_ms: int | None = None) -> str:
+        """The run of a trial Tune has just started: RUNNING, its tags and params, its start time."""
         state = self.state()
         parent = state["attack_runs"][rec.attack]
-        tags = {"mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
-                "attack": rec.attack, "defense": rec.defense, "study": rec.study, "status": rec.status,
-                "tuned": str(rec.tuned).lower(), "order": str(rec.order), "params_json": json.dumps(rec.params)[:5000]}
-        if rec.status == "gated":  # stopped after CA and ASR: no R-ASR, Q-ASR or BEC was measured
-            tags["gate_reason"] = (rec.error or "")[:5000]
+        run_id = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}",
+                                        start_time=start_ms or _ms(), tags=self._trial_tags(rec, parent)).info.run_id
+        self._log_batch(run_id, params=self._trial_params(rec))
+        return run_id
+
+    def log_trial(self, rec: TrialRecord, report: dict, history: list, run_id: str | None = None,
+                  files: dict[str, Path] | None = None, start_ms: int | None = None, end_ms: int | None = None) -> str:
+        """The trial's child run under the attack's run, completed: ``run_id`` is the run opened when the
+        trial started (or one a dead driver left unfinished; same params, so re-logging them is
+        allowed), else one is created now with ``start_ms``. ``files``: artifact path -> local file
+        (``results.json``, ``trial.log``, ``model/...``); the config is always logged from ``rec``."""
+        state = self.state()
+        parent = state["attack_runs"][rec.attack]
+        tags = self._trial_tags(rec, parent)
         if run_id is None:
             run_id = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}",
-                                            tags=tags).info.run_id
+                                            start_time=start_ms or _ms(), tags=tags).info.run_id
         else:
             self._log_batch(run_id, tags=tags)
         metrics = {k: v for k, v in report.items()
-                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                   if k not in _TUNE_KEYS and k not in _TIME_KEYS and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
         steps = []
         for i, entry in enumerate(history or []):
             if not isinstance(entry, dict):
@@ -267,12 +328,20 @@ class SweepTracker:
             for k, v in entry.items():
                 if k not in ("epoch", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     steps.append((f"curve/{stage}/{k}", v, step))
-        self._log_batch(run_id, metrics=metrics, params=flatten(rec.config), steps=steps)
+        self._log_batch(run_id, metrics=metrics, params=self._trial_params(rec), steps=steps)
         self.client.log_dict(run_id, rec.config, "config.json")
+        self.client.log_text(run_id, runnable_yaml(rec), "config.yaml")
+        files = dict(files or {})
+        if "results.json" not in files:  # a backend that wrote none: what the trial reported
+            self.client.log_dict(run_id, {**metrics, "status": rec.status}, "results.json")
+        for name, path in sorted(files.items()):
+            folder = str(Path(name).parent)
+            self.client.log_artifact(run_id, str(path), None if folder == "." else folder)
         if rec.error and rec.status != "gated":
             self.client.log_text(run_id, rec.error, "error.txt")
         # a gated trial did what it was asked (its tag says it stopped early); only failures are FAILED
-        self.client.set_terminated(run_id, "FINISHED" if rec.status in ("completed", "gated") else "FAILED")
+        self.client.set_terminated(run_id, "FINISHED" if rec.status in ("completed", "gated") else "FAILED",
+                                   end_time=end_ms)
         return run_id
 
     def log_growth(self, attack: str, step: int, hypervolume: float, front_size: int) -> None:
@@ -385,6 +454,28 @@ def open_sweep(uri: str, experiment: str, sweep_id: str | None = None,
     return SweepTracker(uri, experiment, sid, None, state=state), spec
 
 
+def runnable_yaml(rec: TrialRecord) -> str:
+    """The trial's resolved run config as YAML, with a header saying where it came from and how to
+    re-run it (``bibau run config.yaml``)."""
+    import yaml
+
+    head = (f"# trial {rec.trial_id} of study {rec.study} (status {rec.status})\n"
+            "# re-run: bibau run config.yaml --out DIR\n")
+    return head + yaml.safe_dump(rec.config, sort_keys=False)
+
+
+def trial_files(out_dir: str | Path | None, save_models: bool = True) -> dict[str, Path]:
+    """The files of a trial's folder that go to its MLflow run: ``results.json``, ``trial.log`` and,
+    when the trial saved them, the purified model (``model/purified.safetensors`` + ``.json``)."""
+    if not out_dir:
+        return {}
+    d = Path(out_dir)
+    names = {"results.json": d / "results.json", "trial.log": d / "trial.log"}
+    if save_models:
+        names.update({f"model/purified{ext}": d / f"purified{ext}" for ext in (".safetensors", ".json")})
+    return {k: p for k, p in names.items() if p.is_file()}
+
+
 def _history(result: dict) -> list:
     try:
         history = json.loads(result.get("history_json") or "[]")
@@ -422,6 +513,31 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+def progress_line(done: int, total: int | None, running: int, failed: int, elapsed_s: float,
+                  finished_here: int) -> str:
+    """``[sweep] 7/24 done, 2 running, failed 1, ETA 3m10s``: the ETA assumes the trials left take
+    as long as those finished since this driver started (parallel slots included)."""
+    left = (total - done) if total else None
+    if left is not None and left > 0 and finished_here > 0:
+        eta = _duration(elapsed_s / finished_here * left)
+    else:
+        eta = "0s" if left == 0 else "?"
+    return f"[sweep] {done}/{total if total else '?'} done, {running} running, failed {failed}, ETA {eta}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _record(trial_id: str, cfg: dict, status: str, metrics: dict, error: str | None, order: int) -> TrialRecord:
+    return TrialRecord(trial_id=trial_id, study=cfg["study"], attack=cfg["attack"], defense=cfg["defense"],
+                       status=status, metrics=metrics, params=dict(cfg.get("params", {})), config=cfg["run"],
+                       tuned=bool(cfg.get("tuned", True)), order=order, error=error)
+
+
 class TrackingCallback(tune.Callback):
     """Logs each finished or failed trial to MLflow from the driver, and the attack's
     hypervolume as it grows. A trial already logged (a resumed sweep) is not logged again; a
@@ -431,20 +547,34 @@ class TrackingCallback(tune.Callback):
     for MLflow; ``on_experiment_end`` waits for it. What a crash loses there, Tune still has,
     and :meth:`reconcile` logs it on ``--resume``."""
 
-    def __init__(self, tracker: SweepTracker, objectives: Sequence):
+    def __init__(self, tracker: SweepTracker, objectives: Sequence, *, total: int | None = None,
+                 optuna_url: str | None = None):
         self.tracker = tracker
         self.objectives = list(objectives)
+        self.total = total  # the sweep's trial budget, for the progress line
+        self.optuna_url = optuna_url  # the studies' storage: each trial gets its MLflow run id there
         self.records: dict[str, TrialRecord] = {}
-        self.unfinished: dict[str, str] = {}
+        self.unfinished: dict[str, str] = {}  # trial id -> run opened at its start (or left by a dead driver)
+        self.started: dict[str, float] = {}  # trial id -> when Tune started it (epoch seconds)
         self.pending: dict[str, tuple] = {}  # trials whose logging failed; retried by flush_pending()
+        self.failed: set[str] = set()
+        self.finished_here = 0
+        self.t0 = time.time()
         self._pool: ThreadPoolExecutor | None = None
+        self._optuna_storage = None
 
     def __getstate__(self) -> dict:  # Tune pickles its callbacks with the experiment
-        return {**self.__dict__, "_pool": None, "pending": {}}
+        return {**self.__dict__, "_pool": None, "pending": {}, "_optuna_storage": None}
+
+    def __setstate__(self, state: dict) -> None:  # a sweep started by an older version lacks the newer fields
+        self.__dict__.update({"total": None, "optuna_url": None, "started": {}, "failed": set(), "finished_here": 0,
+                              "t0": time.time(), "_optuna_storage": None, **state})
 
     def setup(self, **info) -> None:
         self.unfinished = self.tracker.unfinished_trial_runs()
         self.records = {r.trial_id: r for r in self.tracker.records() if r.trial_id not in self.unfinished}
+        self.failed = {tid for tid, r in self.records.items() if r.status != "completed"}
+        self.finished_here, self.t0 = 0, time.time()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
 
     def get_state(self) -> dict | None:
@@ -455,15 +585,51 @@ class TrackingCallback(tune.Callback):
             try:
                 self.log(*args)
             except Exception as exc:  # a logging bug must not take the sweep down; reconcile retries
-                print(f"MLflow: logging trial {args[0]} failed: {type(exc).__name__}: {exc}", flush=True)
+                echo(f"MLflow: logging trial {args[0]} failed: {type(exc).__name__}: {exc}")
 
         if self._pool is None:
             run()
         else:
             self._pool.submit(run)
 
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        """Open the trial's run now (its real start time, RUNNING in the UI) and hand its id to the
+        trial's Optuna trial while that can still be updated. Synchronous: Tune tells Optuna the
+        trial's result only after this returns."""
+        cfg = dict(trial.config or {})
+        tid = trial.trial_id
+        self.started.setdefault(tid, time.time())
+        if "study" not in cfg or tid in self.records:
+            return
+        try:
+            if tid not in self.unfinished:
+                rec = _record(tid, cfg, "running", {}, None, len(self.records) + 1)
+                self.unfinished[tid] = self.tracker.open_trial(rec, int(self.started[tid] * 1000))
+            if cfg.get("tuned"):
+                self._link_optuna(cfg["study"], tid, self.unfinished[tid])
+        except Exception as exc:  # the run is then created when the trial ends
+            echo(f"MLflow: could not open the run of trial {tid} ({type(exc).__name__}: {exc})")
+
+    def _link_optuna(self, study: str, trial_id: str, run_id: str) -> None:
+        if not self.optuna_url:
+            return
+        import optuna
+
+        from .search import MLFLOW_RUN_ATTR, TUNE_TRIAL_ATTR
+
+        if self._optuna_storage is None:
+            self._optuna_storage = optuna.storages.RDBStorage(self.optuna_url)
+        storage = self._optuna_storage
+        study_id = storage.get_study_id_from_name(f"{self.tracker.sweep_id}/{study}")
+        for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get(TUNE_TRIAL_ATTR) == trial_id:
+                storage.set_trial_user_attr(t._trial_id, MLFLOW_RUN_ATTR, run_id)
+                return
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._submit(trial.trial_id, dict(trial.config), dict(trial.last_result or {}), None)
+        result = dict(trial.last_result or {})
+        self._progress(trials, trial, result, None)
+        self._submit(trial.trial_id, dict(trial.config), result, None)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         text = None
@@ -472,7 +638,24 @@ class TrackingCallback(tune.Callback):
                 text = Path(trial.error_file).read_text()[-8000:]
         except Exception:  # the error file is a nicety; the status is what matters
             text = None
-        self._submit(trial.trial_id, dict(trial.config), {}, text or "trial raised (see the Tune trial folder)")
+        error = text or "trial raised (see the Tune trial folder)"
+        self._progress(trials, trial, {}, error)
+        self._submit(trial.trial_id, dict(trial.config), {"trial_end_ts": time.time()}, error)
+
+    def _progress(self, trials: list, trial, result: dict, error: str | None) -> None:
+        """``k/N done, r running, failed f, ETA`` and the trial's objectives, one line per finished trial."""
+        if "study" not in (trial.config or {}):
+            return
+        status = "failed" if error is not None else str(result.get(STATUS_KEY, "failed"))
+        if status != "completed":
+            self.failed.add(trial.trial_id)
+        self.finished_here += 1
+        done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial)
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)
+        echo(progress_line(done, self.total, running, len(self.failed), time.time() - self.t0, self.finished_here)
+             + f" | {trial.config['study']} {trial.trial_id}: {status}"
+             + "".join(f", {o.metric}={result[o.metric]:.4f}" for o in self.objectives
+                       if status == "completed" and isinstance(result.get(o.metric), (int, float))))
 
     def on_experiment_end(self, trials: list, **info) -> None:
         self.drain()
@@ -492,7 +675,8 @@ class TrackingCallback(tune.Callback):
             error = str(result.get("error_message", "invalid configuration"))
         status = status if status in ("completed", "diverged", "gated") else "failed"
         metrics = {k: float(v) for k, v in result.items()
-                   if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                   if k not in _TUNE_KEYS and k not in _TIME_KEYS and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
         if status == "failed":
             metrics = {k: v for k, v in metrics.items() if k not in {o.metric for o in self.objectives}}
         if status == "gated":
@@ -504,16 +688,18 @@ class TrackingCallback(tune.Callback):
                 if f"raw_{o.metric}" in metrics:
                     metrics[o.metric] = metrics.pop(f"raw_{o.metric}")
             error = error or f"diverged: objectives {result.get('diverged_objectives', '?')} were not finite"
-        rec = TrialRecord(trial_id=trial_id, study=cfg["study"], attack=cfg["attack"], defense=cfg["defense"],
-                          status=status, metrics=metrics, params=dict(cfg.get("params", {})), config=cfg["run"],
-                          tuned=bool(cfg.get("tuned", True)), order=len(self.records) + 1, error=error)
+        rec = _record(trial_id, cfg, status, metrics, error, len(self.records) + 1)
+        start = result.get("trial_start_ts") or self.started.get(trial_id)
+        end = result.get("trial_end_ts")
         try:
-            rec.run_id = self.tracker.log_trial(rec, metrics, _history(result),
-                                                run_id=self.unfinished.get(trial_id))
+            rec.run_id = self.tracker.log_trial(rec, metrics, _history(result), run_id=self.unfinished.get(trial_id),
+                                                files=trial_files(cfg.get("out_dir")),
+                                                start_ms=int(start * 1000) if start else None,
+                                                end_ms=int(end * 1000) if end else None)
         except Exception as exc:  # MLflow trouble must not kill the sweep: the trial stays pending
             self.pending[trial_id] = (trial_id, cfg, result, error)
-            print(f"MLflow: could not log trial {trial_id} ({type(exc).__name__}: {exc}); it is kept and "
-                  "logged again at the end of the sweep", flush=True)
+            echo(f"MLflow: could not log trial {trial_id} ({type(exc).__name__}: {exc}); it is kept and "
+                 "logged again at the end of the sweep")
             return None
         self.unfinished.pop(trial_id, None)
         self.pending.pop(trial_id, None)
@@ -525,9 +711,7 @@ class TrackingCallback(tune.Callback):
         try:
             self.tracker.log_growth(rec.attack, len(recs), curve[-1][1], len(front_of(recs, metric_names, modes)))
         except Exception as exc:
-            print(f"MLflow: could not log the hypervolume of {rec.attack}: {exc}", flush=True)
-        print(f"[sweep] {rec.study} trial {trial_id}: {status}"
-              + "".join(f", {m}={rec.metrics[m]:.4f}" for m in metric_names if m in rec.metrics), flush=True)
+            echo(f"MLflow: could not log the hypervolume of {rec.attack}: {exc}")
         return rec
 
     def reconcile(self, results) -> int:

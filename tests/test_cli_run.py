@@ -109,7 +109,8 @@ def test_bad_config_exits_2_naming_the_field_before_any_work(workdir, config_fil
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(bad), "--out", str(out)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert f"attack.name: unknown attack 'badnet'; known: {', '.join(ATTACKS.names())}" in proc.stderr
+    assert (f"attack.name: unknown attack 'badnet'; did you mean 'badnets'? known: {', '.join(ATTACKS.names())}"
+            in proc.stderr)
     assert "known: adaptive_blend, adaptive_patch, badclip, badnets, blended, clean" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
 

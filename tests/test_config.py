@@ -28,14 +28,16 @@ def fails(tmp_path, data, overrides=(), match=""):
 def test_unknown_key_names_the_field_and_lists_allowed_keys(tmp_path):
     message = fails(tmp_path, {"train": {"epochz": 3}}, match=r"^train\.epochz: unknown key")
     assert "epochs" in message and "batch_size" in message
-    fails(tmp_path, {"traning": {"epochs": 3}}, match=r"^traning: unknown key")
+    fails(tmp_path, {"traning": {"epochs": 3}}, match=r"^traning: unknown key; did you mean 'train'\? allowed keys")
     fails(tmp_path, {"attack": {"name": "blended", "size": 3}}, match=r"^attack\.size: unknown key.*alpha_train")
 
 
 def test_unknown_name_lists_the_known_ones(tmp_path):
     fails(tmp_path, {"attack": {"name": "badnet"}},
-          match=r"^attack\.name: unknown attack 'badnet'; known: adaptive_blend, adaptive_patch, badclip, badnets, blended, clean, ")
-    fails(tmp_path, {"model": {"name": "resnet1"}}, match=r"^model\.name: unknown model 'resnet1'; known: .*small_resnet")
+          match=r"^attack\.name: unknown attack 'badnet'; did you mean 'badnets'\? known: adaptive_blend, adaptive_patch, "
+          r"badclip, badnets, blended, clean, ")
+    fails(tmp_path, {"model": {"name": "resnet1"}},
+          match=r"^model\.name: unknown model 'resnet1'; did you mean 'resnet18'\? known: .*small_resnet")
     fails(tmp_path, {"data": {"name": "mnist"}}, match=r"^data\.name: unknown dataset 'mnist'; known: .*digits")
 
 

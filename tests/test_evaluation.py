@@ -366,7 +366,10 @@ def test_evaluate_runs_requirements_first_once_and_reproducibly(world):
     ctx.log = lines.append
     before = params(purified)
     out = evaluate(ctx, ["qra", "ca"])
-    assert [line.split(":")[0] for line in lines if line.startswith("[eval]")] == ["[eval] ra", "[eval] qra", "[eval] ca"]
+    done = [line for line in lines if line.startswith("[eval]") and not line.endswith(": running")]
+    assert [line.split(":")[0] for line in done] == ["[eval] ra", "[eval] qra", "[eval] ca"]
+    started = [line for line in lines if line.endswith(": running")]  # each announced before it runs
+    assert started == ["[eval] ra: running", "[eval] qra: running", "[eval] ca: running"]
     assert len(built) == 1  # RA on the clean model and QRA's reference share one build
     expected = {"r_asr", "ra_ca", "ra_clean_asr", "ra_clean_ca", "q_asr", "q_asr_clean_model",
                 "qra_clean_target_rate", "ca"}

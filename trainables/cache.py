@@ -58,10 +58,35 @@ def package_version() -> str:
         return "0+unknown"
 
 
+# entry point groups whose plugins change what an attack-stage model is (registry.py)
+PLUGIN_GROUPS = ("bibau.datasets", "bibau.models", "bibau.attacks")
+
+
+def plugin_sources() -> list[tuple[str, bytes]]:
+    """(entry point, source) of every installed plugin that can change a trained attack-stage model:
+    the entry point's own module file, found without importing it."""
+    import importlib.util
+    from importlib.metadata import entry_points
+
+    out = []
+    for group in PLUGIN_GROUPS:
+        for ep in sorted(entry_points(group=group), key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            label = f"{group}:{ep.name}={ep.value} ({dist.name} {dist.version})" if dist else f"{group}:{ep.name}={ep.value}"
+            try:
+                spec = importlib.util.find_spec(ep.module)
+                source = Path(spec.origin).read_bytes() if spec and spec.origin and Path(spec.origin).is_file() else b""
+            except (ImportError, ValueError, OSError):
+                source = b""
+            out.append((label, source))
+    return out
+
+
 @functools.cache
 def code_version() -> str:
     """``<package version>+<hash of the training sources>``: a cache entry is reused only by
-    the code that would have produced it."""
+    the code that would have produced it. Installed data set, model and attack plugins add
+    ``+plugins<hash>`` (their entry points, versions and module sources)."""
     h = hashlib.sha256()
     for entry in TRAINING_SOURCES:
         path = _ROOT / entry
@@ -69,4 +94,11 @@ def code_version() -> str:
         for f in files:
             h.update(f.relative_to(_ROOT).as_posix().encode() + b"\0")
             h.update(f.read_bytes() + b"\0")
-    return f"{package_version()}+{h.hexdigest()[:12]}"
+    version = f"{package_version()}+{h.hexdigest()[:12]}"
+    plugins = plugin_sources()
+    if plugins:  # none installed: the same key as before plugins existed
+        p = hashlib.sha256()
+        for label, source in plugins:
+            p.update(label.encode() + b"\0" + source + b"\0")
+        version += f"+plugins{p.hexdigest()[:8]}"
+    return version

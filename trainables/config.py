@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .registry import Registry, UnknownNameError
+from .registry import Registry, UnknownNameError, did_you_mean
 
 _MISSING = dataclasses.MISSING
 
@@ -101,7 +101,7 @@ def _check_value(value: Any, meta: Mapping, path: str) -> None:
         raise ConfigError(f"{path}: {value!r} is not allowed; allowed: {_describe(meta)}")
     reg = meta.get("registry")
     if reg is not None and isinstance(value, str) and value not in reg:
-        raise ConfigError(f"{path}: {UnknownNameError(reg.kind, value, reg.names())}")
+        raise ConfigError(f"{path}: {UnknownNameError(reg.kind, value, reg.names(), reg.plugin_errors.get(value, ''))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta.get("low"), meta.get("high")
         bad = (lo is not None and (value < lo or (meta.get("low_open") and value == lo))) or (
@@ -202,8 +202,10 @@ def build(cls: type, data: Any, path: str = "", registry: Registry | None = None
     unknown = [k for k in data if k not in fields]
     if unknown:
         hint = getattr(cls, "key_hints", {}).get(unknown[0])
+        guess = "" if hint else did_you_mean(unknown[0], sorted(fields))
         raise ConfigError(
-            f"{_join(path, unknown[0])}: unknown key{f' ({hint})' if hint else ''}; allowed keys: {', '.join(sorted(fields))}"
+            f"{_join(path, unknown[0])}: unknown key{f' ({hint})' if hint else ''};{guess} allowed keys: "
+            f"{', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, f in fields.items():

@@ -153,6 +153,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     from .config import ConfigError
 
     started, cpu_started = time.perf_counter(), time.process_time()
+    started_at = time.time()  # wall clock: the trial's MLflow run starts and ends when the trial did
     try:
         report = make_report(backend.run(config["run"], out_dir, log), config["objectives"])
     except ConfigError as exc:
@@ -163,6 +164,7 @@ def defense_trainable(config: dict, backend: TrialBackend | None = None) -> None
     report.setdefault("time_trial_s", time.perf_counter() - started)
     # CPU seconds of this worker (all its threads): the trial's compute, whatever else loads the machine
     report.setdefault("cpu_trial_s", time.process_time() - cpu_started)
+    report.update(trial_start_ts=started_at, trial_end_ts=time.time())
     report = json_safe(report)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "report.json").write_text(json.dumps(report))

@@ -130,6 +130,7 @@ def evaluate(ctx: EvalContext, names: list[str] | tuple[str, ...]) -> dict[str, 
     ctx.backdoored = prepare_model(ctx.backdoored, ctx.device)
     out: dict[str, float] = {}
     for name in order:
+        ctx.log(f"[eval] {name}: running")  # minutes for ra/qra/bec: say so before, not only after
         start = time.perf_counter()
         metrics = EVALUATIONS.get(name)().evaluate(ctx)
         seconds = time.perf_counter() - start
