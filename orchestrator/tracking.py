@@ -573,7 +573,7 @@ class TrackingCallback(tune.Callback):
     def setup(self, **info) -> None:
         self.unfinished = self.tracker.unfinished_trial_runs()
         self.records = {r.trial_id: r for r in self.tracker.records() if r.trial_id not in self.unfinished}
-        self.failed = {tid for tid, r in self.records.items() if r.status != "completed"}
+        self.failed = {tid for tid, r in self.records.items() if r.status not in ("completed", "gated")}
         self.finished_here, self.t0 = 0, time.time()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
 
@@ -647,7 +647,7 @@ class TrackingCallback(tune.Callback):
         if "study" not in (trial.config or {}):
             return
         status = "failed" if error is not None else str(result.get(STATUS_KEY, "failed"))
-        if status != "completed":
+        if status not in ("completed", "gated"):  # a gated trial stopped by design, it did not fail
             self.failed.add(trial.trial_id)
         self.finished_here += 1
         done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial)
