@@ -18,7 +18,7 @@ from trainables.evaluation.bec import conv_layers, linear_cka, selected_activati
 from trainables.evaluation.metrics import attack_success_rate, predict
 from trainables.evaluation.reactivation import PerturbationGenerator, train_generator
 from trainables.evaluation.retuning import augment, default_poison_count, retune, retuning_set
-from trainables.models.base import Classifier, ModelConfig, create_model
+from trainables.models.base import Classifier, ModelConfig, Probe, create_model
 from trainables.registry import MODELS, UnknownNameError
 from trainables.schema import EvalConfig
 
@@ -157,9 +157,12 @@ def test_layer_rule_on_every_registered_model(name):
     model = create_model(ModelConfig(name=name), num_classes=10)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     wide = [n for n, m in convs.items() if math.prod(m.kernel_size) > 1]
+    probes = [n for n, m in model.named_modules() if isinstance(m, Probe)]
+    if probes:  # a model that declares probes (a ViT's residual stream) is probed there only
+        convs, wide = {n: model.get_submodule(n) for n in probes}, probes
     picked = conv_layers(model, (3, 32, 32), 10)
     assert len(picked) == min(10, len(wide)) and len(set(picked)) == len(picked)
-    assert all(n in convs and math.prod(convs[n].kernel_size) > 1 for n in picked)
+    assert all(n in convs and (n in probes or math.prod(convs[n].kernel_size) > 1) for n in picked)
     # the picked ones are the deepest: the last one run is the last wide conv run
     order = conv_layers(model, (3, 32, 32), 10_000)
     assert picked == order[-len(picked):] and sorted(order) == sorted(wide)

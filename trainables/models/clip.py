@@ -135,7 +135,7 @@ def _read(path: Path, field: str, lazy: bool) -> dict[str, torch.Tensor]:
 
         try:
             with safe_open(str(path), framework="pt") as fh:
-                if lazy:  # shapes only: meta tensors of the stored shapes and dtypes
+                if lazy:  # shapes only (meta tensors): enough to check the names and shapes
                     return {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}
                 return {k: fh.get_tensor(k) for k in fh.keys()}
         except (SafetensorError, OSError, RuntimeError) as exc:
