@@ -107,9 +107,9 @@ def quiet_frameworks(logfile: Path, log: Callable[[str], None] = print) -> Itera
     console = sys.stdout
     with open(logfile, "a", buffering=1) as fh:
         def say(message: str) -> None:
-            if log is print:
-                print(message, file=console, flush=True)
-            else:
+            # stdout is redirected to the file in here: the user's line goes to the real console,
+            # whatever ``log`` prints with
+            with contextlib.redirect_stdout(console):
                 log(message)
             fh.write(message + "\n")
 

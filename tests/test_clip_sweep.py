@@ -28,7 +28,7 @@ def test_clip_sweep_smoke_test_runs_end_to_end(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    out = result.stdout
-    assert "badnets" in out and "bibau_clip_u" in out and "cleanclip" in out
+    out = result.stdout  # the per-trial progress lines: the user's console, not only sweep.log
+    assert "badnets" in out and "bibau_clip_u" in out and "cleanclip" in out, out[-4000:]
     exports = list(storage.rglob("export*.yaml"))
     assert exports, f"no export under {storage}: {out[-2000:]}"
