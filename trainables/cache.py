@@ -6,8 +6,11 @@ import functools
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PACKAGE = "bibau-sweep"
 _ROOT = Path(__file__).resolve().parent
@@ -102,3 +105,23 @@ def code_version() -> str:
             p.update(label.encode() + b"\0" + source + b"\0")
         version += f"+plugins{p.hexdigest()[:8]}"
     return version
+
+
+def write_entry(entry: Path, write: Callable[[Path], None], mode: int | None = None) -> None:
+    """Fill a cache entry through ``write(folder)`` in a private folder, then rename it into
+    place: a concurrent reader sees either no entry or a complete one. An entry another process
+    renamed into place first (it has ``model.json``) wins over a failed rename."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        if entry.exists():  # a stale entry, or one a concurrent trial just wrote
+            shutil.rmtree(entry, ignore_errors=True)
+        os.rename(tmp, entry)
+    except OSError:
+        if not (entry / "model.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

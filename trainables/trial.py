@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +23,7 @@ import yaml
 
 from .attacks import build_attack
 from .attacks.base import Attack
-from .cache import code_version, content_hash
+from .cache import code_version, content_hash, write_entry
 from .checkpoint import DIR_MODE, CheckpointError, load_checkpoint, load_tensors, save_checkpoint, save_tensors, write_json
 from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
@@ -171,24 +168,13 @@ def _load_cached(entry: Path, key: str, attack: Attack, device: torch.device,
 
 def _store(entry: Path, model: Classifier, meta: dict, attack: Attack, poison_index: torch.Tensor,
            key_payload: dict) -> None:
-    """Write the cache entry in a private folder, then rename it into place: a concurrent
-    trial sees either no entry or a complete one."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
-        save_checkpoint(tmp, model, meta, "model")
-        save_tensors(tmp / "attack.safetensors", attack.state_tensors())
-        save_tensors(tmp / "poison.safetensors", {"index": poison_index})
-        write_json(tmp / "key.json", key_payload)
-        os.chmod(tmp, DIR_MODE)
-        if entry.exists():  # a stale entry (unusable above) or one a concurrent trial just wrote
-            shutil.rmtree(entry, ignore_errors=True)
-        os.rename(tmp, entry)
-    except OSError:
-        if not (entry / "model.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def write(folder: Path) -> None:
+        save_checkpoint(folder, model, meta, "model")
+        save_tensors(folder / "attack.safetensors", attack.state_tensors())
+        save_tensors(folder / "poison.safetensors", {"index": poison_index})
+        write_json(folder / "key.json", key_payload)
+
+    write_entry(entry, write, DIR_MODE)
 
 
 def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Log = print) -> AttackStage:

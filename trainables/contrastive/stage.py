@@ -108,22 +108,9 @@ def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) ->
 
 
 def _store(entry: Path, model: ClipModel, meta: dict) -> None:
-    import os
-    import shutil
-    import tempfile
+    from ..cache import write_entry
 
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
-        save_checkpoint(tmp, model, meta, "model")
-        if entry.exists():
-            shutil.rmtree(entry, ignore_errors=True)
-        os.rename(tmp, entry)
-    except OSError:
-        if not (entry / "model.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_entry(entry, lambda folder: save_checkpoint(folder, model, meta, "model"))
 
 
 def fit(model: ClipModel, poisoned: PairSet, cfg, device: torch.device, *, generator: torch.Generator,
