@@ -192,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {device.type} round {r + 1} {kind:10s} {ips:9.1f} img/s, "
                       f"{1000 * cpu / (len(images) * cfg.epochs):.2f} CPU ms/img "
                       f"(epochs {', '.join(f'{s:.2f}' for s in seconds)} s; first is warm-up)")
-        ratio = best["loop"] / best["dataloader"] if best["dataloader"] else float("nan")
-        print(f"{device.type}: loop {best['loop']:.1f} img/s, DataLoader {best['dataloader']:.1f} img/s, "
-              f"ratio {ratio:.2f} (target {'>= 1.0' if device.type == 'cpu' else '>= 3'}); CPU ms/img "
-              f"loop {cpu_ms['loop']:.2f}, DataLoader {cpu_ms['dataloader']:.2f}")
+        # a pipeline left out (--pipelines) has no number: "-", never 0 img/s or a nan ratio
+        measured = {k: v for k, v in best.items() if v > 0}
+        img_s = {k: f"{measured[k]:.0f}" if k in measured else "-" for k in best}
+        ms = {k: f"{cpu_ms[k]:.2f}" if k in measured else "-" for k in best}
+        ratio = f"{best['loop'] / best['dataloader']:.2f}" if len(measured) == 2 else "-"
+        print(f"{device.type}: loop {img_s['loop']} img/s, DataLoader {img_s['dataloader']} img/s, "
+              f"ratio {ratio} (target {'>= 1.0' if device.type == 'cpu' else '>= 3'}); CPU ms/img "
+              f"loop {ms['loop']}, DataLoader {ms['dataloader']}")
         rows.append(f"| {datetime.date.today().isoformat()} | {machine(device)} | {device.type} | {args.model} | "
-                    f"{len(images)} | {args.epochs} | {args.batch_size} | {args.workers} | {best['loop']:.0f} | "
-                    f"{best['dataloader']:.0f} | {ratio:.2f} | {cpu_ms['loop']:.2f} | {cpu_ms['dataloader']:.2f} | `{command}` |")
+                    f"{len(images)} | {args.epochs} | {args.batch_size} | {args.workers} | {img_s['loop']} | "
+                    f"{img_s['dataloader']} | {ratio} | {ms['loop']} | {ms['dataloader']} | `{command}` |")
     if not args.no_record:
         append_rows(SECTION, SECTION_TEXT, TABLE_HEAD[0], rows, Path(args.doc))
         print(f"recorded in {args.doc}")
