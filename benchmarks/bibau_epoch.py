@@ -63,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=120.0, help="seconds BI-BAU may run (at least one epoch runs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the plain-training model")
     p.add_argument("--data", default=None, help="CIFAR-10 source (data.root); default: the usual places")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a BI-BAU(U) setting, e.g. fisher_estimator=batch or fisher_batch_size=256 (repeatable)")
     p.add_argument("--tiny", action="store_true", help="CPU-sized: a tiny small_resnet, 400 images, 2 epochs of 1 PGD step")
     p.add_argument("--doc", default=str(DOC), help="markdown file that gets the row")
     p.add_argument("--no-record", action="store_true", help="print only")
     args = p.parse_args(argv)
 
     import trainables  # noqa: F401  (fill the registries)
-    from trainables.config import build
+    from trainables.config import ConfigError, build, parse_overrides
     from trainables.data import DataConfig, defender_split, load_dataset
     from trainables.defenses.base import DefenseContext
     from trainables.models import ModelConfig, create_model
@@ -78,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     from trainables.schema import TrainConfig
     from trainables.train import train_model
 
+    fixed = {"name": "bibau_u"}
+    if args.tiny:
+        fixed.update(pgd_steps=1, fisher_samples=8, batch_size=16)
+    try:
+        fixed.update(parse_overrides(args.set))
+        cfg = build(DEFENSES.get("bibau_u").Config, fixed, "defense")
+    except ConfigError as exc:
+        p.error(str(exc))
     device = resolve_device(args.device)
     model_name = "small_resnet" if args.tiny else args.model
     images = 400 if args.tiny else args.images
@@ -105,10 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     plain_all = plain_epoch(ds.train)
     print(f"plain training epoch: {plain_dc:.2f} s over D_c, {plain_all:.2f} s over all {len(ds.train)} images", flush=True)
 
-    fixed = {"name": "bibau_u"}
-    if args.tiny:
-        fixed.update(pgd_steps=1, fisher_samples=8, batch_size=16)
-    cfg = build(DEFENSES.get("bibau_u").Config, fixed)
     defense = DEFENSES.get("bibau_u")(cfg)
     epochs: list[tuple[float, float]] = []
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one call to make when a GPU is lent (one H100/H200; estimated 6-7 minutes, each step under its
-# own limit so the whole stays under 8; not yet run on a GPU):
+# The one call to make when a GPU is lent (one H100/H200; about 5.5 min on an H200 on 2026-11-30, each step
+# under its own limit so the whole stays under 8; step 3 needs Ray, MLflow (with cryptography) and Optuna):
 #
 #   benchmarks/gpu_check.sh                 # on the GPU machine, from the repository root
 #   benchmarks/gpu_check.sh --compile       # also the torch.compile'd training loop (+1-2 min)
