@@ -12,9 +12,11 @@ ui=$!
 trap 'kill $ui 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 1; done
 curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "mlflow ui did not start (/tmp/mlflow-ui-$port.log)" >&2; exit 1; }
-query=""
-[ -n "$filter" ] && query="?searchFilter=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$filter")"
+# the runs page in the model-training view: MLflow 3.17's UI opens an experiment in its GenAI view
+# unless the URL asks for workflowType=machine_learning, whatever the experiment's experimentKind tag
+query="?workflowType=machine_learning"
+[ -n "$filter" ] && query="$query&searchFilter=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$filter")"
 mkdir -p "$(dirname "$out")"
 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 \
-  --virtual-time-budget=20000 --screenshot="$out" "http://127.0.0.1:$port/#/experiments/$exp$query" 2>/dev/null
+  --virtual-time-budget=20000 --screenshot="$out" "http://127.0.0.1:$port/#/experiments/$exp/runs$query" 2>/dev/null
 echo "wrote $out"

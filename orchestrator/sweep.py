@@ -413,7 +413,8 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     lines.append(f"results:   {out.folder}  (trial logs: trials/<trial id>/trial.log; Ray and Optuna: sweep.log)")
     lines.append(f"Optuna:    optuna-dashboard sqlite:///{out.folder / 'optuna.db'}  (each trial's mlflow_run_id as a user attr)")
     if out.tracking_uri.startswith("sqlite:"):
-        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri}  (experiment {out.experiment!r})")
+        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri}  (experiment {out.experiment!r}; "
+                     "MLflow 3.17 may open its GenAI view: choose 'Model training' at the top left)")
     else:
         lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
