@@ -1,8 +1,10 @@
 """Sweep efficiency: the same spec and seed with and without the cheap-first gate.
 
 A BI-BAU(U) study on a CIFAR-10 spec reduced to fit a shared CPU (5,000 training images, a
-narrow ResNet, RA and QRA shortened but still about half of a trial's time), run twice in one command:
-without a gate, then with ``gate: {ca_drop_max: D}``. Per side: wall time of the whole
+narrow ResNet, RA and QRA shortened but still about half of a trial's time), run three times in one
+command: without a gate, with ``gate: {ca_drop_max: D}`` checked after the defense, and with the same
+gate also checked during the defense (``during_defense: true`` at its default ``check_from`` and
+``slack``), which stops a collapsing defense early. Per side: wall time of the whole
 ``run_sweep`` (Ray start, trials, MLflow, fronts), the trials' own wall and CPU seconds, how many
 trials were evaluated fully and how many gated, and the hypervolume of the front reached.
 
@@ -46,24 +48,32 @@ The same BI-BAU(U) study (CIFAR-10 reduced to fit: 5,000 training / 1,000 test i
 MLflow, fronts). CPU: the trials' own CPU seconds (a measure the machine's other load does not change).
 HV: hypervolume of the front with CA's reference at the gate's floor (backdoored CA - D), and with CA's
 default reference 0 in brackets. Eval share: RA + QRA seconds over a fully evaluated trial's seconds.
+Gate mode: checked after the defense only, or also during it (`during_defense`, at its default check
+from 25% of the defense's epochs and slack 0.05). One command runs the ungated side once and each gated
+side after it; a row per gated side.
 Done when: gated wall <= 70% of ungated at an HV within 5%; no gated trial carries R-ASR or Q-ASR.
 
-| date | machine | trials per side | D | eval share | ungated: wall s / CPU s / full | gated: wall s / CPU s / full / gated | wall ratio | CPU ratio | HV ungated / gated (ref 0) | HV ratio | gated trials with R-ASR/Q-ASR | load avg (start-end per side) | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| date | machine | trials per side | D | gate mode | eval share | ungated: wall s / CPU s / full | gated: wall s / CPU s / full / gated | wall ratio | CPU ratio | HV ungated / gated (ref 0) | HV ratio | gated trials with R-ASR/Q-ASR | load avg (start-end per side) | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 EPS = {"low": 4 / 255, "high": 32 / 255}
 
 
-def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: float | None = None) -> dict:
-    """The benchmark's sweep spec; ``gate``: the side with ``ca_drop_max`` = gate."""
+MODES = {"after": "after the defense", "during": "during the defense"}
+
+
+def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: float | None = None,
+         during: bool = False) -> dict:
+    """The benchmark's sweep spec; ``gate``: the side with ``ca_drop_max`` = gate, checked during
+    the defense too with ``during``."""
     # 5,000 images and a width-16 ResNet (the issue's suggested size): BadNets implants (ASR 0.92) and
     # the backdoored CA (0.525) leaves room for the collapsed trials the gate exists for; on 2,000
     # images and width 8 (the first recorded row) the attack did not implant (ASR 0.27, CA 0.32)
     data = {"name": "cifar10", "train_size": 600 if smoke else 5000, "test_size": 200 if smoke else 1000,
             "clean_fraction": 0.1}
     out = {
-        "name": "efficiency-gated" if gate is not None else "efficiency",
+        "name": ("efficiency-gated-during" if during else "efficiency-gated") if gate is not None else "efficiency",
         "storage": str(storage),
         "seed": 0,
         "base": {
@@ -103,7 +113,7 @@ def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: flo
         "export_rule": "max ca; r_asr <= 0.2; q_asr <= 0.2; fallback nearest",
     }
     if gate is not None:
-        out["gate"] = {"ca_drop_max": gate}
+        out["gate"] = {"ca_drop_max": gate, **({"during_defense": True} if during else {})}
     return out
 
 
@@ -150,17 +160,19 @@ def side(name: str, spec_dict: dict, tmp: Path) -> dict:
     recs = out.records
     full = [r for r in recs if r.status == "completed"]
     gated = [r for r in recs if r.status == "gated"]
+    stopped = [r for r in gated if "gate_stopped_epoch" in r.metrics]
     trial_s = sum(r.metrics.get("time_trial_s", 0.0) for r in recs)
     cpu_s = sum(r.metrics.get("cpu_trial_s", 0.0) for r in recs)
     share = [(r.metrics.get("time_eval_ra_s", 0.0) + r.metrics.get("time_eval_qra_s", 0.0)) / r.metrics["time_trial_s"]
              for r in full if r.metrics.get("time_trial_s")]
     res = {"name": name, "spec": spec_obj, "out": out, "wall": wall, "trial_s": trial_s, "cpu_s": cpu_s,
-           "full": len(full), "gated": len(gated), "failed": len(recs) - len(full) - len(gated),
+           "full": len(full), "gated": len(gated), "stopped": len(stopped),
+           "failed": len(recs) - len(full) - len(gated),
            "eval_share": sum(share) / len(share) if share else float("nan"),
            "load": f"{load_start}-{load_average()}", "leaks": leaks(out),
            "ca": sorted(round(r.metrics.get("ca", float("nan")), 3) for r in recs)}
     print(f"  {wall:.1f} s wall, {trial_s:.1f} s in trials ({cpu_s:.1f} CPU s); {res['full']} evaluated fully, "
-          f"{res['gated']} gated, {res['failed']} failed; eval share {res['eval_share']:.2f}; CAs {res['ca']}", flush=True)
+          f"{res['gated']} gated ({res['stopped']} during the defense), {res['failed']} failed; eval share {res['eval_share']:.2f}; CAs {res['ca']}", flush=True)
     return res
 
 
@@ -168,6 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=12, help="BI-BAU(U) trials per side")
     ap.add_argument("--gate", type=float, default=0.2, help="ca_drop_max of the gated side (fraction)")
+    ap.add_argument("--mode", choices=("both", "after", "during"), default="both",
+                    help="gated sides: checked after the defense, during it too, or both (default)")
     ap.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script, records nothing")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     ap.add_argument("--calibrate", action="store_true", help="warm the cache and time one ungated trial's stages; "
@@ -214,30 +228,37 @@ def main() -> None:
                   f"QRA {r['time_eval_qra_s']:.1f} s, CA/ASR {r['time_eval_ca_asr_s']:.1f} s (RA + QRA {ev / r['wall_time_s']:.0%} "
                   f"of it); CA {r['ca']:.4f}, R-ASR {r['r_asr']:.4f}, Q-ASR {r['q_asr']:.4f}")
             return
-        start_ray(attempts=6, num_cpus=2)  # one Ray for both sides: neither pays its start
-        sides = [side("ungated", spec(store, args.trials, args.smoke_test, floor), tmp),
-                 side("gated", spec(store, args.trials, args.smoke_test, floor, gate=args.gate), tmp)]
-        u, g = sides
-        for s in sides:
+        start_ray(attempts=6, num_cpus=2)  # one Ray for every side: none pays its start
+        modes = ["after", "during"] if args.mode == "both" else [args.mode]
+        u = side("ungated", spec(store, args.trials, args.smoke_test, floor), tmp)
+        gated = [side(f"gated-{m}", spec(store, args.trials, args.smoke_test, floor, gate=args.gate,
+                                         during=m == "during"), tmp) for m in modes]
+        for s in [u, *gated]:
             s["hv"] = hv(s["out"].records, s["spec"], floor)
             s["hv0"] = hv(s["out"].records, s["spec"], 0.0)
-        wall_ratio, cpu_ratio = g["wall"] / u["wall"], g["cpu_s"] / u["cpu_s"] if u["cpu_s"] else float("nan")
-        hv_ratio = g["hv"] / u["hv"] if u["hv"] > 0 else float("nan")
-        ok = wall_ratio <= 0.70 and abs(hv_ratio - 1) <= 0.05 and not g["leaks"]
-        print(f"\nwall: ungated {u['wall']:.1f} s, gated {g['wall']:.1f} s (x{wall_ratio:.2f}); trials' CPU: "
-              f"{u['cpu_s']:.1f} s / {g['cpu_s']:.1f} s (x{cpu_ratio:.2f}); hypervolume {u['hv']:.4f} / {g['hv']:.4f} "
-              f"(x{hv_ratio:.3f}; with CA's reference 0: {u['hv0']:.4f} / {g['hv0']:.4f}); evaluation share of a full "
-              f"trial {u['eval_share']:.2f}; gated trials carrying R-ASR/Q-ASR: {len(g['leaks'])} {g['leaks']}")
-        print("done-when (wall <= 0.70, HV within 5%, no leak): " + ("met" if ok else "NOT met"))
+        rows = []
+        for mode, g in zip(modes, gated):
+            wall_ratio, cpu_ratio = g["wall"] / u["wall"], g["cpu_s"] / u["cpu_s"] if u["cpu_s"] else float("nan")
+            hv_ratio = g["hv"] / u["hv"] if u["hv"] > 0 else float("nan")
+            ok = wall_ratio <= 0.70 and abs(hv_ratio - 1) <= 0.05 and not g["leaks"]
+            print(f"\ngate {MODES[mode]}: wall: ungated {u['wall']:.1f} s, gated {g['wall']:.1f} s (x{wall_ratio:.2f}); "
+                  f"trials' CPU: {u['cpu_s']:.1f} s / {g['cpu_s']:.1f} s (x{cpu_ratio:.2f}); hypervolume {u['hv']:.4f} / "
+                  f"{g['hv']:.4f} (x{hv_ratio:.3f}; with CA's reference 0: {u['hv0']:.4f} / {g['hv0']:.4f}); evaluation "
+                  f"share of a full trial {u['eval_share']:.2f}; gated trials carrying R-ASR/Q-ASR: {len(g['leaks'])} "
+                  f"{g['leaks']}")
+            print("done-when (wall <= 0.70, HV within 5%, no leak): " + ("met" if ok else "NOT met"))
+            rows.append(f"| {datetime.date.today()} | {machine()} | {args.trials} | {args.gate:g} | {MODES[mode]} | "
+                        f"{u['eval_share']:.2f} | {u['wall']:.0f} / {u['cpu_s']:.0f} / {u['full']} | {g['wall']:.0f} / "
+                        f"{g['cpu_s']:.0f} / {g['full']} / {g['gated']}"
+                        + (f" ({g['stopped']} stopped during the defense)" if mode == "during" else "")
+                        + f" | {wall_ratio:.2f} | {cpu_ratio:.2f} | {u['hv']:.4f} / {g['hv']:.4f} ({u['hv0']:.4f} / "
+                        f"{g['hv0']:.4f}) | {hv_ratio:.3f} | {len(g['leaks'])} | {u['load']}, {g['load']} | `{{cmd}}` |")
         if args.record and not args.smoke_test:
             cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv)
             text = HEADER.format(section=SECTION)
             header = next(line for line in text.splitlines() if line.startswith("| date"))
-            row = (f"| {datetime.date.today()} | {machine()} | {args.trials} | {args.gate:g} | {u['eval_share']:.2f} | "
-                   f"{u['wall']:.0f} / {u['cpu_s']:.0f} / {u['full']} | {g['wall']:.0f} / {g['cpu_s']:.0f} / {g['full']} / "
-                   f"{g['gated']} | {wall_ratio:.2f} | {cpu_ratio:.2f} | {u['hv']:.4f} / {g['hv']:.4f} "
-                   f"({u['hv0']:.4f} / {g['hv0']:.4f}) | {hv_ratio:.3f} | {len(g['leaks'])} | {u['load']}, {g['load']} | `{cmd}` |")
-            append_rows(SECTION, text, header, [row], **({"doc": args.doc} if args.doc else {}))
+            append_rows(SECTION, text, header, [r.replace("{cmd}", cmd) for r in rows],
+                        **({"doc": args.doc} if args.doc else {}))
             print(f"recorded in {args.doc or 'docs/benchmarks.md'}")
 
 

@@ -396,8 +396,11 @@ def _trial_id(result) -> str:
 def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     metrics = spec.metrics
     failed = sum(r.status not in ("completed", "gated") for r in out.records)
+    stopped = sum(r.status == "gated" and "gate_stopped_epoch" in r.metrics for r in out.records)
     lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials, {out.count('completed')} evaluated "
-                 f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC), {failed} failed or diverged ==="]
+                 f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC"
+                 + (f"; {stopped} of them stopped during the defense" if stopped else "")
+                 + f"), {failed} failed or diverged ==="]
     t = out.attack_timing
     if t:
         lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "

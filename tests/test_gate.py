@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.search import STATUS_KEY, StudySearcher
 from orchestrator.spec import load_spec
-from trainables.config import ConfigError, build
+from trainables.config import ConfigError, build, to_dict
 from trainables.schema import GateConfig, RunConfig
 
 from test_sweep import StandIn, mlflow_runs, spec_dict, write_spec
@@ -47,7 +47,7 @@ def test_the_spec_gate_reaches_every_defense_trial_and_no_attack_stage(tmp_path)
     spec, plan = load_spec(write_spec(tmp_path, data))
     assert spec.gate == GateConfig(ca_min=None, ca_drop_max=0.2)
     for s in plan.studies:
-        assert s.config["evaluation"]["gate"] == {"ca_min": None, "ca_drop_max": 0.2}
+        assert s.config["evaluation"]["gate"] == to_dict(GateConfig(ca_drop_max=0.2))
     _, plan = load_spec(write_spec(tmp_path, spec_dict(tmp_path / "store")))
     assert all(s.config["evaluation"]["gate"] is None for s in plan.studies)  # no gate: full evaluation
 
@@ -109,6 +109,81 @@ def test_a_gated_trial_stops_after_ca_and_asr_and_reports_nothing_it_did_not_mea
     # one retuning of the purified model (RA, and QRA's teacher) and one of the clean reference (ra_on_clean)
     assert len(calls) == 2
     assert full["ca"] == gated["ca"]  # the same model: only the gate differed
+
+
+# -- the gate during the defense ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("gate-cache")
+
+
+def stoppable_trial(cache: Path, defense: str, gate: dict) -> RunConfig:
+    extra = {"pgd_steps": 1, "fisher_samples": 64} if defense.startswith("bibau") else {}
+    return build(RunConfig, {
+        "seed": 0, "device": "cpu", "threads": 1, "cache_dir": str(cache),
+        "data": {"name": "digits", "clean_fraction": 0.1, "test_size": 300},
+        "model": {"name": "small_resnet", "width": 4, "depth": 1},
+        "train": {"epochs": 2, "batch_size": 64, "crop_padding": 0, "eval_every": 0},
+        "attack": {"name": "badnets", "target": 0, "poison_rate": 0.1},
+        "defense": {"name": defense, "epochs": 4, "crop_padding": 0, **extra},
+        "evaluation": {"metrics": ["ca", "asr", "ra"], "ra_size": 100, "ra_epochs": 1, "ra_on_clean": False,
+                       "gate": gate},
+    })
+
+
+@pytest.mark.parametrize("defense", ["ft", "ibu", "bibau_u"])
+def test_the_gate_during_the_defense_stops_it_and_the_trial_is_gated(tmp_path, shared_cache, defense):
+    from trainables.trial import run_trial
+
+    lines: list[str] = []
+    gate = {"ca_min": 1.0 - 1e-9, "during_defense": True, "check_from": 0.5, "slack": 0.0, "eval_size": 100}
+    out = run_trial(stoppable_trial(shared_cache, defense, gate), tmp_path / "stopped", log=lines.append)
+    defense_history = out["history"]["defense"]
+    assert out["evaluation_status"] == "gated" and out["gate_stopped_epoch"] == 2, out.get("gate_reason")
+    assert len(defense_history) == 2 and "gate_ca" in defense_history[-1]  # epochs 3 and 4 never ran
+    assert "defense epoch 2/4" in out["gate_reason"] and "on 100 test images" in out["gate_reason"]
+    assert out["gate_margin"] > 0 and out["evaluations_skipped"] == ["ra"]
+    assert not {"r_asr", "q_asr"} & set(out)
+    saved = json.loads((tmp_path / "stopped" / "results.json").read_text())
+    assert saved["evaluation_status"] == "gated" and "r_asr" not in saved
+    assert (tmp_path / "stopped" / "purified.safetensors").exists()  # the model as it was when stopped
+
+    # a gate the model passes: every epoch runs; epochs 2 and 3 are checked, the last is the final gate's
+    passing = {**gate, "ca_min": 0.0}
+    full = run_trial(stoppable_trial(shared_cache, defense, passing), None, log=lines.append)
+    history = full["history"]["defense"]
+    assert full["evaluation_status"] == "full" and isinstance(full["r_asr"], float)
+    assert [("gate_ca" in row) for row in history] == [False, True, True, False]
+    assert "gate_stopped_epoch" not in full
+
+
+def test_slack_keeps_a_model_just_below_the_gate_running(tmp_path, shared_cache):
+    from trainables.trial import run_trial
+
+    # a floor no model meets, by less than the slack: the defense runs to its end, the final gate decides
+    gate = {"ca_min": 1.0 - 1e-9, "during_defense": True, "check_from": 0.0, "slack": 1.0, "eval_size": 100}
+    out = run_trial(stoppable_trial(shared_cache, "ft", gate), None, log=lambda m: None)
+    assert len(out["history"]["defense"]) == 4 and "gate_stopped_epoch" not in out
+    assert out["evaluation_status"] == "gated" and "ca_min" in out["gate_reason"]
+
+
+@pytest.mark.parametrize("gate, field", [
+    ({"ca_min": 0.5, "check_from": 1.5}, "check_from"),
+    ({"ca_min": 0.5, "slack": -0.1}, "slack"),
+    ({"ca_min": 0.5, "eval_size": 0}, "eval_size"),
+    ({"ca_min": 0.5, "during_defense": "sometimes"}, "during_defense"),
+])
+def test_a_bad_in_defense_gate_fails_naming_the_field(gate, field):
+    with pytest.raises(ConfigError, match=rf"gate\.{field}"):
+        build(GateConfig, gate, "gate")
+
+
+@pytest.mark.parametrize("check_from, epochs, first", [(0.25, 20, 5), (0.0, 20, 1), (0.5, 2, 1), (1.0, 4, 4),
+                                                        (0.3, 10, 3)])
+def test_the_first_checked_epoch(check_from, epochs, first):
+    assert GateConfig(ca_min=0.5, check_from=check_from).first_checked_epoch(epochs) == first
 
 
 # -- what Tune, Optuna and MLflow are told -------------------------------------------------------------

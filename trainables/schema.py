@@ -5,6 +5,7 @@ and the resolved form is saved beside every result.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -63,11 +64,25 @@ class GateConfig(Config):
                                  low=0.0, high=1.0)
     ca_drop_max: float | None = param(None, "largest drop of clean accuracy from the backdoored model worth the full "
                                       "evaluation (fraction: 0.2 = 20 points); None: no limit", low=0.0, high=1.0)
+    # the gate can also stop the defense itself: a trial whose model already sits clearly below the
+    # floor half-way through its defense rarely climbs back, and the rest of its defense is wasted
+    during_defense: bool = param(False, "also check the gate after each epoch of the defense (BI-BAU, FT, IBU) and "
+                                 "stop the defense of a model already below it; the trial is then gated with the "
+                                 "CA and ASR of the model as it was when stopped")
+    check_from: float = param(0.25, "during_defense: first epoch checked, as a fraction of the defense's epochs "
+                              "(0.25 of 20: from epoch 5; the last epoch is left to the final gate)", low=0.0, high=1.0)
+    slack: float = param(0.05, "during_defense: how far below the gate (in CA, fraction) a model must be to stop its "
+                         "defense; room for a later recovery and for the subsample's noise", low=0.0, high=1.0)
+    eval_size: int = param(1000, "during_defense: clean test images of each check (a fixed seeded subsample)", low=1)
 
     def check(self, path: str) -> None:
         if self.ca_min is None and self.ca_drop_max is None:
             raise ConfigError(f"{path}: a gate needs ca_min or ca_drop_max (or both); "
                               "leave the gate out (null) for no gate")
+
+    def first_checked_epoch(self, epochs: int) -> int:
+        """The first defense epoch (1-based) ``during_defense`` checks; at least 1."""
+        return max(1, math.ceil(self.check_from * epochs - 1e-9))
 
     def margin(self, ca: float, backdoored_ca: float | None) -> tuple[float, str]:
         """How far ``ca`` is beyond the gate (> 0: it fails; <= 0: it passes, by that much) and why."""

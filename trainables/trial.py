@@ -269,6 +269,42 @@ class DefenseStage:
     history: list[dict]
     seconds: float
     findings: dict = field(default_factory=dict)  # what the defense found, reported as defense_<key>
+    # set when the gate stopped the defense before its last epoch: epoch, epochs, reason, margin
+    stopped: dict | None = None
+
+
+def gate_check(cfg: RunConfig, stage: AttackStage, device: torch.device, log: Log = print):
+    """The ``on_epoch`` hook of the gate's ``during_defense`` check, or None when it is off: from
+    ``check_from`` of the defense's epochs on (the last one left to the final gate), the CA of the
+    model on a fixed subsample of the clean test set; below the gate by more than ``slack``, the
+    defense stops (``DefenseStopped``)."""
+    gate = cfg.evaluation.gate
+    if gate is None or not gate.during_defense:
+        return None
+    from .defenses.base import DefenseStopped
+
+    test = stage.dataset.test
+    if gate.eval_size < len(test):
+        pick = torch.randperm(len(test), generator=seeded_generator(cfg.evaluation.seed, "gate_subsample"))
+        test = test.subset(pick[:gate.eval_size].sort().values)
+    test = test.to(device)
+    backdoored_ca = stage.metrics.get("backdoored_ca")
+
+    def on_epoch(model: Classifier, epoch: int, epochs: int, history: list[dict]) -> None:
+        if epoch < gate.first_checked_epoch(epochs) or epoch >= epochs:
+            return
+        ca = clean_accuracy(model, test, device)
+        margin, why = gate.margin(ca, backdoored_ca)
+        if history:
+            history[-1]["gate_ca"] = ca  # the check's CA, kept with the epoch it measured
+        if margin > gate.slack:
+            reason = (f"stopped after defense epoch {epoch}/{epochs}: {why} on {len(test)} test images, "
+                      f"beyond the gate by {margin:.4f} > slack {gate.slack:g}")
+            log(f"[defense] {reason}")
+            raise DefenseStopped(reason, model, history, epoch, epochs, margin)
+        log(f"[defense] gate check after epoch {epoch}/{epochs}: CA {ca:.4f} (margin {-margin:.4f})")
+
+    return on_epoch
 
 
 def defense_stage(cfg: RunConfig, stage: AttackStage, device: torch.device, log: Log = print) -> DefenseStage | None:
@@ -276,7 +312,7 @@ def defense_stage(cfg: RunConfig, stage: AttackStage, device: torch.device, log:
     if cfg.defense is None:
         return None
     from . import defenses
-    from .defenses.base import DefenseContext
+    from .defenses.base import DefenseContext, DefenseStopped
     from .registry import DEFENSES
 
     start = time.perf_counter()
@@ -288,10 +324,18 @@ def defense_stage(cfg: RunConfig, stage: AttackStage, device: torch.device, log:
                          target=stage.attack.target if defense.needs_target else None,
                          poisoned=stage.poisoned_samples() if defense.uses_poisoned_data else None,
                          poisoned_batch=poisoned_batch(stage, getattr(cfg.defense, "batch_size", 256), cfg.seed)
-                         if data_use == "poisoned_batch" else None, log=log)
+                         if data_use == "poisoned_batch" else None, log=log,
+                         on_epoch=gate_check(cfg, stage, device, log))
     clean = stage.clean_split
     log(f"[defense] {cfg.defense.name} (data: {data_use}) on {len(clean)} clean images")
-    result = defense.purify(stage.model, clean, ctx)
+    try:
+        result = defense.purify(stage.model, clean, ctx)
+    except DefenseStopped as stop:
+        stop.model.eval()
+        seconds = time.perf_counter() - start
+        return DefenseStage(model=stop.model, history=stop.history, seconds=seconds,
+                            stopped={"epoch": stop.epoch, "epochs": stop.epochs, "reason": stop.reason,
+                                     "margin": stop.margin})
     seconds = time.perf_counter() - start
     log(f"[defense] done ({seconds:.1f}s)")
     return DefenseStage(model=result.model, history=result.history, seconds=seconds,
@@ -310,11 +354,13 @@ def poisoned_batch(stage: AttackStage, size: int, seed: int) -> ImageSet:
 
 
 def evaluation_stage(cfg: RunConfig, stage: AttackStage, model: Classifier, device: torch.device,
-                     log: Log = print) -> dict:
+                     log: Log = print, stopped: dict | None = None) -> dict:
     """CA and ASR of ``model``, then every other evaluation ``cfg.evaluation.metrics`` names,
     unless ``cfg.evaluation.gate`` stops the model first (cheap first: RA, QRA and BEC cost
     more than the defense at CPU scale, and a model that lost its clean accuracy is off any
-    useful front whatever its R-ASR). ``evaluation_status`` says which: ``full`` or ``gated``."""
+    useful front whatever its R-ASR). ``evaluation_status`` says which: ``full`` or ``gated``.
+    ``stopped``: the gate already stopped the defense (``DefenseStage.stopped``); the model is
+    gated, with the CA and ASR it had then."""
     t = time.perf_counter()
     out: dict = {"ca": clean_accuracy(model, stage.dataset.test, device),
                  "asr": attack_success_rate(model, stage.poisoned_test, device)}
@@ -323,6 +369,12 @@ def evaluation_stage(cfg: RunConfig, stage: AttackStage, model: Classifier, devi
     extra = [m for m in cfg.evaluation.metrics if m not in ("ca", "asr")]
     gate = cfg.evaluation.gate
     out["evaluation_status"] = "full"
+    if stopped is not None:
+        out.update(evaluation_status="gated", gate_reason=stopped["reason"], gate_margin=stopped["margin"],
+                   gate_stopped_epoch=stopped["epoch"], evaluations_skipped=extra)
+        log(f"[eval] gated during the defense (epoch {stopped['epoch']}/{stopped['epochs']}); "
+            f"not run: {', '.join(extra) or 'nothing'}")
+        return out
     if gate is not None:
         margin, why = gate.margin(out["ca"], stage.metrics.get("backdoored_ca"))
         if math.isfinite(margin):
@@ -392,7 +444,8 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     defended = defense_stage(cfg, stage, device, log)
     final = defended.model if defended is not None else copy.deepcopy(stage.model)  # evaluations may not touch the cached model
     t = time.perf_counter()
-    metrics = evaluation_stage(cfg, stage, final, device, log)
+    metrics = evaluation_stage(cfg, stage, final, device, log,
+                               stopped=defended.stopped if defended is not None else None)
     time_eval = time.perf_counter() - t
 
     gated = metrics.get("evaluation_status") == "gated"

@@ -100,6 +100,26 @@ class DefenseContext:
     # images mixed); only for ``data_use == "poisoned_batch"`` (EP)
     poisoned_batch: ImageSet | None = None
     log: Callable[[str], None] = print
+    # called by the defense after each epoch with (model, epoch, epochs, history); the trial's
+    # gate uses it to stop a defense whose model is already off any useful front (raises DefenseStopped)
+    on_epoch: Callable[[Classifier, int, int, list[dict]], None] | None = None
+
+    def epoch_done(self, model: Classifier, epoch: int, epochs: int, history: list[dict]) -> None:
+        """End of one epoch of a defense's main loop, where ``model`` is the candidate purified model
+        (not a phase that destroys it on purpose, like RNP's unlearning)."""
+        if self.on_epoch is not None:
+            self.on_epoch(model, epoch, epochs, history)
+
+
+class DefenseStopped(Exception):
+    """A defense stopped by the trial before its last epoch (the sweep's gate): carries the model
+    as it was and the epochs run."""
+
+    def __init__(self, reason: str, model: Classifier, history: list[dict], epoch: int, epochs: int,
+                 margin: float = float("nan")):
+        super().__init__(reason)
+        self.reason, self.model, self.history = reason, model, list(history)
+        self.epoch, self.epochs, self.margin = epoch, epochs, margin
 
 
 @dataclass

@@ -262,6 +262,7 @@ class BiBau(Defense):
                 raise FloatingPointError(
                     f"{self.name} diverged: L_out of epoch {epoch}/{cfg.epochs} is {row['loss_out']} (lr {lr:.4g}, "
                     f"λ1 {w['lambda1']:g}, fisher_norm {cfg.fisher_norm}); lower defense.lr or defense.lambda1")
+            ctx.epoch_done(f, epoch, cfg.epochs, history)
         f.eval()
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started)
 

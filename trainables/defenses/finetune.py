@@ -86,6 +86,7 @@ def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]]
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"{name} diverged: the loss of epoch {epoch}/{cfg.epochs} is {row['loss']} "
                                      f"(lr {lr:.4g}); lower defense.lr")
+        ctx.epoch_done(f, epoch, cfg.epochs, history)
     f.eval()
     return f, history
 
