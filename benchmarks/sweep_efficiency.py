@@ -48,9 +48,8 @@ The same BI-BAU(U) study (CIFAR-10 reduced to fit: 5,000 training / 1,000 test i
 MLflow, fronts). CPU: the trials' own CPU seconds (a measure the machine's other load does not change).
 HV: hypervolume of the front with CA's reference at the gate's floor (backdoored CA - D), and with CA's
 default reference 0 in brackets. Eval share: RA + QRA seconds over a fully evaluated trial's seconds.
-Gate mode: checked after the defense only, or also during it (`during_defense`, at its default check
-from 25% of the defense's epochs and slack 0.05). One command runs the ungated side once and each gated
-side after it; a row per gated side.
+Gate mode: checked after the defense only, or also during it (`during_defense`, with the check_from and
+slack it ran with). One command runs the ungated side once and each gated side after it; a row per gated side.
 Done when: gated wall <= 70% of ungated at an HV within 5%; no gated trial carries R-ASR or Q-ASR.
 
 | date | machine | trials per side | D | gate mode | eval share | ungated: wall s / CPU s / full | gated: wall s / CPU s / full / gated | wall ratio | CPU ratio | HV ungated / gated (ref 0) | HV ratio | gated trials with R-ASR/Q-ASR | load avg (start-end per side) | command |
@@ -64,7 +63,7 @@ MODES = {"after": "after the defense", "during": "during the defense"}
 
 
 def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: float | None = None,
-         during: bool = False) -> dict:
+         during: bool = False, during_settings: dict | None = None, sweep_seed: int = 0) -> dict:
     """The benchmark's sweep spec; ``gate``: the side with ``ca_drop_max`` = gate, checked during
     the defense too with ``during``."""
     # 5,000 images and a width-16 ResNet (the issue's suggested size): BadNets implants (ASR 0.92) and
@@ -75,7 +74,7 @@ def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: flo
     out = {
         "name": ("efficiency-gated-during" if during else "efficiency-gated") if gate is not None else "efficiency",
         "storage": str(storage),
-        "seed": 0,
+        "seed": sweep_seed,
         "base": {
             "seed": 0, "device": "cpu",
             # the default model cache: a second run of the benchmark reuses the attack models
@@ -113,7 +112,7 @@ def spec(storage: Path, trials: int, smoke: bool, ca_ref: float = 0.0, gate: flo
         "export_rule": "max ca; r_asr <= 0.2; q_asr <= 0.2; fallback nearest",
     }
     if gate is not None:
-        out["gate"] = {"ca_drop_max": gate, **({"during_defense": True} if during else {})}
+        out["gate"] = {"ca_drop_max": gate, **({"during_defense": True, **(during_settings or {})} if during else {})}
     return out
 
 
@@ -182,6 +181,10 @@ def main() -> None:
     ap.add_argument("--gate", type=float, default=0.2, help="ca_drop_max of the gated side (fraction)")
     ap.add_argument("--mode", choices=("both", "after", "during"), default="both",
                     help="gated sides: checked after the defense, during it too, or both (default)")
+    ap.add_argument("--slack", type=float, default=None, help="the during side's gate.slack (default: the product's)")
+    ap.add_argument("--check-from", type=float, default=None,
+                    help="the during side's gate.check_from (default: the product's)")
+    ap.add_argument("--sweep-seed", type=int, default=0, help="the sweep's seed (TPE); the base model's stays 0")
     ap.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script, records nothing")
     ap.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
     ap.add_argument("--calibrate", action="store_true", help="warm the cache and time one ungated trial's stages; "
@@ -192,6 +195,7 @@ def main() -> None:
 
     from orchestrator.spec import load_spec
     from trainables.ray_adapters import TrialBackend
+    from trainables.schema import GateConfig
 
     import yaml
 
@@ -230,9 +234,11 @@ def main() -> None:
             return
         start_ray(attempts=6, num_cpus=2)  # one Ray for every side: none pays its start
         modes = ["after", "during"] if args.mode == "both" else [args.mode]
-        u = side("ungated", spec(store, args.trials, args.smoke_test, floor), tmp)
+        during = {k: v for k, v in (("slack", args.slack), ("check_from", args.check_from)) if v is not None}
+        u = side("ungated", spec(store, args.trials, args.smoke_test, floor, sweep_seed=args.sweep_seed), tmp)
         gated = [side(f"gated-{m}", spec(store, args.trials, args.smoke_test, floor, gate=args.gate,
-                                         during=m == "during"), tmp) for m in modes]
+                                         during=m == "during", during_settings=during, sweep_seed=args.sweep_seed), tmp)
+                 for m in modes]
         for s in [u, *gated]:
             s["hv"] = hv(s["out"].records, s["spec"], floor)
             s["hv0"] = hv(s["out"].records, s["spec"], 0.0)
@@ -247,7 +253,11 @@ def main() -> None:
                   f"share of a full trial {u['eval_share']:.2f}; gated trials carrying R-ASR/Q-ASR: {len(g['leaks'])} "
                   f"{g['leaks']}")
             print("done-when (wall <= 0.70, HV within 5%, no leak): " + ("met" if ok else "NOT met"))
-            rows.append(f"| {datetime.date.today()} | {machine()} | {args.trials} | {args.gate:g} | {MODES[mode]} | "
+            settings = {"check_from": GateConfig.check_from, "slack": GateConfig.slack, **during}
+            mode_text = MODES[mode] + (" (" + ", ".join(f"{k} {v:g}" for k, v in settings.items()) + ")"
+                                       if mode == "during" else "")
+            mode_text += f", sweep seed {args.sweep_seed}" if args.sweep_seed else ""
+            rows.append(f"| {datetime.date.today()} | {machine()} | {args.trials} | {args.gate:g} | {mode_text} | "
                         f"{u['eval_share']:.2f} | {u['wall']:.0f} / {u['cpu_s']:.0f} / {u['full']} | {g['wall']:.0f} / "
                         f"{g['cpu_s']:.0f} / {g['full']} / {g['gated']}"
                         + (f" ({g['stopped']} stopped during the defense)" if mode == "during" else "")

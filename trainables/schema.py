@@ -69,10 +69,14 @@ class GateConfig(Config):
     during_defense: bool = param(False, "also check the gate after each epoch of the defense (BI-BAU, FT, IBU) and "
                                  "stop the defense of a model already below it; the trial is then gated with the "
                                  "CA and ASR of the model as it was when stopped")
-    check_from: float = param(0.25, "during_defense: first epoch checked, as a fraction of the defense's epochs "
-                              "(0.25 of 20: from epoch 5; the last epoch is left to the final gate)", low=0.0, high=1.0)
-    slack: float = param(0.05, "during_defense: how far below the gate (in CA, fraction) a model must be to stop its "
-                         "defense; room for a later recovery and for the subsample's noise", low=0.0, high=1.0)
+    # CA climbs back as the learning rate anneals: in a 2-epoch BI-BAU(U) study (12 trials) CA rose by
+    # up to 0.146 in the last epoch, and trials that ended above the floor sat 0.005 above ones that
+    # did not after the first (docs/benchmarks.md, "Sweep efficiency"); hence a late check, a wide slack
+    check_from: float = param(0.5, "during_defense: first epoch checked, as a fraction of the defense's epochs "
+                              "(0.5 of 20: from epoch 10; the last epoch is left to the final gate)", low=0.0, high=1.0)
+    slack: float = param(0.15, "during_defense: how far below the gate (in CA, fraction) a model must be to stop its "
+                         "defense: room for the CA it regains while the learning rate anneals, and for the "
+                         "subsample's noise", low=0.0, high=1.0)
     eval_size: int = param(1000, "during_defense: clean test images of each check (a fixed seeded subsample)", low=1)
 
     def check(self, path: str) -> None:
