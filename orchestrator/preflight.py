@@ -109,7 +109,7 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
     from trainables.data.load import locate_dataset
     from trainables.models.base import check_model_files
     from trainables.runtime import resolve_device
-    from trainables.trial import cache_root
+    from trainables.attack_stage import cache_root
 
     seen = {} if seen is None else seen
     lines: list[str] = []

@@ -136,14 +136,19 @@ def test_content_hash_is_canonical_and_sensitive():
 def test_code_version_follows_the_training_sources(tmp_path, monkeypatch):
     from trainables import cache
 
-    for rel in ("data/base.py", "models/resnet.py", "attacks/badnets.py", "train.py", "defenses/bibau.py"):
+    for rel in ("data/base.py", "models/resnet.py", "attacks/badnets.py", "train.py", "defenses/bibau.py",
+                "trial.py", "attack_stage.py"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(f"# {rel}\n")
     monkeypatch.setattr(cache, "_ROOT", tmp_path)
     version = cache.code_version.__wrapped__
     before = version()
     (tmp_path / "defenses/bibau.py").write_text("# a defense does not change the attacked model\n")
+    (tmp_path / "trial.py").write_text("# nor do the defense and evaluation stages of a trial\n")
     assert version() == before
+    (tmp_path / "attack_stage.py").write_text("# how the attack stage splits and poisons does\n")
+    assert version() != before
+    before = version()
     (tmp_path / "attacks/badnets.py").write_text("# a changed trigger does\n")
     changed = version()
     assert changed != before and changed.startswith(cache.package_version() + "+")

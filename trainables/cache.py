@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 PACKAGE = "bibau-sweep"
 _ROOT = Path(__file__).resolve().parent
-# the sources whose change changes what a trained attack-stage model is (trial.py: how the
+# the sources whose change changes what a trained attack-stage model is (attack_stage.py: how the
 # attack stage seeds, splits and poisons)
-TRAINING_SOURCES = ("data", "models", "attacks", "contrastive", "train.py", "runtime.py", "trial.py")
+TRAINING_SOURCES = ("data", "models", "attacks", "contrastive", "train.py", "runtime.py", "attack_stage.py")
 
 
 def _canonical(obj: Any) -> Any:

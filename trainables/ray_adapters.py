@@ -61,7 +61,7 @@ class TrialBackend:
         from .config import build
         from .runtime import resolve_device
         from .schema import RunConfig
-        from .trial import attack_stage, trial_dataset
+        from .attack_stage import attack_stage, trial_dataset
 
         run_cfg = build(RunConfig, cfg)
         _use_threads(run_cfg)
@@ -77,7 +77,7 @@ class TrialBackend:
         from .config import build
         from .runtime import resolve_device
         from .schema import RunConfig
-        from .trial import clean_reference, trial_dataset
+        from .attack_stage import clean_reference, trial_dataset
 
         run_cfg = build(RunConfig, cfg)
         _use_threads(run_cfg)

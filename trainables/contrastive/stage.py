@@ -72,7 +72,7 @@ def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) ->
     if cfg.clip.weights is not None:
         log(f"[clip] {cfg.clip.arch} with the weights of {cfg.clip.weights}")
         return build_model(cfg.clip, dataset.classes, mean, std, device)
-    from ..trial import cache_root
+    from ..attack_stage import cache_root
 
     payload = {"stage": "clip_pretrain", "clip": to_dict(cfg.clip), "data_fingerprint": dataset.fingerprint(),
                "train": {k: getattr(cfg.train, k) for k in ("batch_size", "schedule", "crop_padding", "hflip")},
