@@ -160,7 +160,8 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     ``export_rule``. The objectives come from the spec the sweep logged. A selection no trial
     met the rule for carries a ``warning`` (also printed, and tagged on the parent run); with
     ``strict`` that raises :class:`RuleNotMet` before anything is written. ``tag``: mark the
-    per-attack picks in MLflow (``picked``) and write them as the runs' descriptions.
+    picks in MLflow (``picked``; per attack, or per attack and defense with ``per_defense``) and write
+    them as the runs' descriptions.
     """
     import os
 
@@ -213,7 +214,9 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
             f"run {s['provenance']['run_id']}")
     if tag and attack_runs:
         tag_picks(tracker.client, list(views.values()), parsed.text, attack_runs, state["parent_run_id"], objectives,
-                  experiment_id=state.get("experiment_id"), sweep_id=tracker.sweep_id)
+                  experiment_id=state.get("experiment_id"), sweep_id=tracker.sweep_id,
+                  **({"picks": {s["provenance"]["run_id"]: s["provenance"]["picked_by"] for s in doc["selections"]
+                                if s["provenance"].get("run_id")}, "scope": "attack and defense"} if per_defense else {}))
         log("picked runs tagged in MLflow: filter tags.picked = 'true'")
     for w in warnings:  # last, where nobody misses them
         log(w)

@@ -169,21 +169,26 @@ def sweep_note(views: Sequence[AttackView], rule: str) -> str:
 
 
 def tag_picks(client, views: Sequence[AttackView], rule: str, attack_runs: dict[str, str], parent_run: str,
-              objectives: Sequence, *, experiment_id: str | None = None, sweep_id: str | None = None) -> list[str]:
-    """Tag the picked runs (``picked``, ``picked.rule``, ``picked.by``), clear the tag of runs an
-    earlier export of this sweep picked, write the attack and parent runs' descriptions and the
-    parent's ``export.*`` tags. Returns the warning lines (one per attack whose rule was not met)."""
-    picked = {v.pick.record.run_id: v.pick for v in views if v.pick and v.pick.record.run_id}
+              objectives: Sequence, *, experiment_id: str | None = None, sweep_id: str | None = None,
+              picks: dict[str, str] | None = None, scope: str = "attack") -> list[str]:
+    """Tag the picked runs (``picked``, ``picked.rule``, ``picked.by``, ``picked.scope``), clear the
+    tag of runs an earlier export of this sweep picked, write the attack and parent runs' descriptions
+    and the parent's ``export.*`` tags. ``picks``: run id -> how it was picked (rule | fallback), what
+    an export file holds when it is not one pick per attack (``--per-defense``: ``scope`` "attack and
+    defense"); None: each view's pick. Returns the warning lines (one per attack whose rule was not met)."""
+    picked = picks if picks is not None else {
+        v.pick.record.run_id: v.pick.how for v in views if v.pick and v.pick.record.run_id}
     if experiment_id and sweep_id:
         earlier = client.search_runs([experiment_id], filter_string=f"tags.sweep_id = '{sweep_id}' and "
                                      f"tags.{PICK_TAG} = 'true'", max_results=10000)
         for run in earlier:
             if run.info.run_id not in picked:
                 client.set_tag(run.info.run_id, PICK_TAG, "false")
-    for run_id, pick in picked.items():
+    for run_id, how in picked.items():
         client.set_tag(run_id, PICK_TAG, "true")
         client.set_tag(run_id, "picked.rule", rule)
-        client.set_tag(run_id, "picked.by", pick.how)
+        client.set_tag(run_id, "picked.by", how)
+        client.set_tag(run_id, "picked.scope", scope)
     warnings = []
     for v in views:
         run = attack_runs.get(v.attack)

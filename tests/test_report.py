@@ -259,6 +259,35 @@ def test_export_says_loudly_when_no_trial_meets_the_rule_and_strict_fails(sweep,
     assert client.get_run(out.parent_run_id).data.tags["export.rule_met"] == "true"
 
 
+def test_a_per_defense_export_tags_each_defenses_pick_and_a_later_per_attack_export_untags_them(sweep, capsys):
+    from orchestrator.cli import main
+    from orchestrator.export import read_export
+
+    out = sweep["out"]
+    client = client_of(out)
+    exp = client.get_experiment_by_name("digits-report")
+    target = sweep["tmp"] / "per-defense.yaml"
+
+    def tagged() -> dict[str, dict]:
+        runs = client.search_runs([exp.experiment_id], filter_string="tags.picked = 'true'")
+        return {r.info.run_id: r.data.tags for r in runs}
+
+    assert main(["export", str(sweep["spec"]), "--rule", "max ca", "--per-defense", "-o", str(target)]) == 0
+    doc = read_export(target)
+    assert {(s["attack"], s["defense"]) for s in doc["selections"]} == {
+        (a, d) for a in ("badnets", "blended") for d in ("bibau_u", "ft")}
+    tags = tagged()
+    assert set(tags) == {s["provenance"]["run_id"] for s in doc["selections"]} and len(tags) == 4
+    assert {t["picked.scope"] for t in tags.values()} == {"attack and defense"}
+    # back to one pick per attack: the other defense's picks lose the tag
+    assert main(["export", str(sweep["spec"]), "--rule", "max ca", "-o", str(target)]) == 0
+    capsys.readouterr()
+    doc = read_export(target)
+    tags = tagged()
+    assert set(tags) == {s["provenance"]["run_id"] for s in doc["selections"]} and len(tags) == 2
+    assert {t["picked.scope"] for t in tags.values()} == {"attack"}
+
+
 def test_report_errors_are_one_line(tmp_path, capsys):
     from orchestrator.cli import main
 
