@@ -86,6 +86,26 @@ def test_sig_is_a_horizontal_sinusoid():
     assert torch.allclose(wide[..., ::2, ::2], out[:1], atol=1e-6)
 
 
+def test_ibu_gets_the_sig_trigger_on_non_target_images_under_their_true_labels():
+    data = dataset()
+    attack = make("sig", data, target=1)
+    poisoned, index = attack.poison_trainset(data.train, gen(0))
+    samples = attack.poisoned_samples(data.train, poisoned, index)
+    # the poisoned images are target-class images labelled the target: unlearning them would teach the
+    # backdoor; the oracle's set is the trigger on as many other images, each under its own label
+    assert len(samples) == len(index) and (samples.y != 1).all()
+    originals = data.train.x[torch.isin(torch.arange(len(data.train)), index, invert=True) & (data.train.y != 1)]
+    expected = {tuple(t.flatten().tolist()[:8]) for t in originals}
+    assert not any(tuple(t.flatten().tolist()[:8]) in expected for t in samples.x)  # every image carries the trigger
+    again = attack.poisoned_samples(data.train, poisoned, index)
+    assert torch.equal(again.x, samples.x) and torch.equal(again.y, samples.y)
+    # a dirty-label attack's poisoned samples stay its own, under their true labels
+    blend = make("blended", data, target=1)
+    poisoned, index = blend.poison_trainset(data.train, gen(0))
+    samples = blend.poisoned_samples(data.train, poisoned, index)
+    assert torch.equal(samples.x, poisoned.x[index]) and torch.equal(samples.y, data.train.y[index])
+
+
 def test_sig_poisons_a_fraction_of_the_target_class():
     data = dataset()  # 40 images per class
     index = make("sig", data, target=1).select_poison(data.train.y, gen(0))

@@ -193,7 +193,21 @@ class Attack(abc.ABC):
 
         Build-time attacks: the images ``poison_trainset`` produced at ``index``. On-the-fly
         attacks override this to draw their poisoned images from ``train``.
+
+        Clean-label attacks (SIG): the poisoned samples are target-class images under their true
+        label, the target, so unlearning them would teach the backdoor again (measured: IBU left
+        SIG's ASR at 99.7). What the oracle knows is the trigger: it gets the trigger on as many
+        non-target training images (not poisoned ones; a fixed draw), under their true labels.
         """
+        if self.clean_label:
+            labels = train.y.cpu()
+            free = labels != self.target
+            free[index.cpu()] = False
+            pool = free.nonzero().flatten()
+            gen = torch.Generator().manual_seed(0)
+            pick = pool[torch.randperm(len(pool), generator=gen)[:len(index)]].sort().values.to(train.x.device)
+            x = to_uint8(self.poison_images(to_float(train.x[pick]), gen, train=True)) if len(pick) else train.x[pick]
+            return ImageSet(x, train.y[pick])
         index = index.to(train.x.device)
         return ImageSet(poisoned_train.x[index], train.y[index])
 

@@ -108,7 +108,9 @@ class FineTune(Defense):
 @DEFENSES.register("ibu")
 class IdealisedUnlearning(Defense):
     """IBU: fine-tuning on D_c plus the real poisoned samples with their true labels (paper
-    App. D.3, Eq. 49: clean CE and unlearning CE, weighted). Knows the trigger by construction."""
+    App. D.3, Eq. 49: clean CE and unlearning CE, weighted). Knows the trigger by construction; for a
+    clean-label attack, whose poisoned samples are labelled the target already, the trigger on
+    non-target images (``Attack.poisoned_samples``)."""
 
     Config = IbuConfig
     uses_poisoned_data = True
