@@ -213,10 +213,12 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
         log(f"{s['attack']}: {s['defense']} ({s['provenance']['picked_by']}) {shown}{context}  "
             f"run {s['provenance']['run_id']}")
     if tag and attack_runs:
+        # per defense, the file's picks are not the views' one pick per attack: tag what the file holds
+        picks = {s["provenance"]["run_id"]: s["provenance"]["picked_by"] for s in doc["selections"]
+                 if s["provenance"].get("run_id")} if per_defense else None
         tag_picks(tracker.client, list(views.values()), parsed.text, attack_runs, state["parent_run_id"], objectives,
-                  experiment_id=state.get("experiment_id"), sweep_id=tracker.sweep_id,
-                  **({"picks": {s["provenance"]["run_id"]: s["provenance"]["picked_by"] for s in doc["selections"]
-                                if s["provenance"].get("run_id")}, "scope": "attack and defense"} if per_defense else {}))
+                  experiment_id=state.get("experiment_id"), sweep_id=tracker.sweep_id, picks=picks,
+                  scope="attack and defense" if per_defense else "attack")
         log("picked runs tagged in MLflow: filter tags.picked = 'true'")
     for w in warnings:  # last, where nobody misses them
         log(w)
