@@ -154,3 +154,8 @@ def test_code_version_follows_the_training_sources(tmp_path, monkeypatch):
     assert changed != before and changed.startswith(cache.package_version() + "+")
     (tmp_path / "attacks/new_attack.py").write_text("# so does a new file\n")
     assert version() != changed
+    # the CLIP-only sources change the contrastive key, not the classifiers'
+    (tmp_path / "contrastive").mkdir()
+    classifier, clip = version(contrastive=False), version()
+    (tmp_path / "contrastive/train.py").write_text("# the contrastive loop changed\n")
+    assert version(contrastive=False) == classifier and version() != clip

@@ -223,3 +223,25 @@ def test_badclip_optimises_its_patch_toward_the_target_text():
     assert not any(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="contrastive setting"):
         attack.prepare(data, torch.nn.Linear(2, 2), CPU, torch.Generator())
+
+
+def test_contrastive_optimiser_decays_matrices_only_as_clip_does():
+    """CLIP's recipe: no weight decay on the logit scale, LayerNorm gains and biases (decaying them
+    shrank a from-scratch micro CLIP's logits toward uniform). A step with zero gradients moves
+    only the decayed tensors."""
+    from trainables.contrastive.train import Schedule, make_optimizer
+    from trainables.models.clip import ClipConfig, create_clip
+
+    clip = create_clip(ClipConfig(arch="bibau-ViT-micro-8"), "cpu", torch.Generator().manual_seed(0))
+    params = list(clip.parameters())
+    before = [p.detach().clone() for p in params]
+    for optimizer in ("adamw", "sgd"):
+        opt = make_optimizer(params, Schedule(epochs=1, batch_size=2, lr=0.1, weight_decay=0.5, optimizer=optimizer))
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    named = dict(clip.named_parameters())
+    moved = {n for (n, p), old in zip(named.items(), before) if not torch.equal(p, old)}
+    assert "logit_scale" not in moved and "visual.ln_post.weight" not in moved and "ln_final.bias" not in moved
+    assert "visual.conv1.weight" in moved and "text_projection" in moved
+    assert moved == {n for n, p in named.items() if p.ndim >= 2 and p.abs().sum() > 0}

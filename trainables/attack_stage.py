@@ -55,7 +55,7 @@ def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device) -> dict:
     key = {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
            "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
            "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
-           "code_version": code_version()}
+           "code_version": code_version(contrastive=cfg.clip is not None)}
     if cfg.clip is not None:  # the contrastive setting: the CLIP and its pairs make the model
         key["clip"] = to_dict(cfg.clip)
         if cfg.clip.weights is not None:

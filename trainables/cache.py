@@ -17,6 +17,8 @@ _ROOT = Path(__file__).resolve().parent
 # the sources whose change changes what a trained attack-stage model is (attack_stage.py: how the
 # attack stage seeds, splits and poisons)
 TRAINING_SOURCES = ("data", "models", "attacks", "contrastive", "train.py", "runtime.py", "attack_stage.py")
+# what only the contrastive (CLIP) setting runs: a change there keeps every classifier's cached model
+CONTRASTIVE_SOURCES = ("contrastive",)
 
 
 def _canonical(obj: Any) -> Any:
@@ -86,12 +88,15 @@ def plugin_sources() -> list[tuple[str, bytes]]:
 
 
 @functools.cache
-def code_version() -> str:
+def code_version(contrastive: bool = True) -> str:
     """``<package version>+<hash of the training sources>``: a cache entry is reused only by
-    the code that would have produced it. Installed data set, model and attack plugins add
+    the code that would have produced it. ``contrastive=False`` (a classifier's attack stage)
+    leaves out the sources only CLIP runs use. Installed data set, model and attack plugins add
     ``+plugins<hash>`` (their entry points, versions and module sources)."""
     h = hashlib.sha256()
     for entry in TRAINING_SOURCES:
+        if not contrastive and entry in CONTRASTIVE_SOURCES:
+            continue
         path = _ROOT / entry
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
         for f in files:

@@ -42,13 +42,24 @@ class Schedule:
     eps: float = 1e-6
 
 
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """CLIP's recipe (open_clip's training loop): weight decay on matrices and filters only; gains,
+    biases, embeddings of rank < 2 and the logit scale are not decayed (decaying the scale and the
+    LayerNorm gains of a small CLIP trained from scratch shrinks its logits toward uniform)."""
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
 def make_optimizer(params: list[torch.nn.Parameter], s: Schedule) -> torch.optim.Optimizer:
     if not params:
         raise ValueError("contrastive training: no parameter requires a gradient")
+    groups = decay_groups(params, s.weight_decay)
     if s.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps)
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
     raise ValueError(f"optimizer {s.optimizer!r}; allowed: adamw, sgd")
 
 
