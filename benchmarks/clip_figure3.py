@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml  # noqa: E402
 
 from benchmarks.common import append_rows, load_average, machine  # noqa: E402
-from trainables.config import build, merge  # noqa: E402
+from trainables.config import ConfigError, build, merge, parse_overrides  # noqa: E402
 from trainables.schema import RunConfig  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 
@@ -58,7 +58,8 @@ def config(attack: str, defense: str, args) -> RunConfig:
     data = {"seed": args.seed, "attack": attack_cfg, "defense": defense_cfg, "device": args.device}
     if args.train_size:
         data["data"] = {"train_size": args.train_size}
-    return build(RunConfig, merge(merge(base, data), {"data": {"name": "cifar10"}}))
+    cfg = merge(merge(base, data), {"data": {"name": "cifar10"}})
+    return build(RunConfig, merge(cfg, parse_overrides(args.set)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--train-size", type=int, default=None, help="training pairs (default: the spec's 10,000)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change every row's run config (e.g. train.epochs=40); a reduced run says so in its command")
     ap.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
     ap.add_argument("--json", default=None, help="write every report to this file")
     args = ap.parse_args(argv)
+    try:  # malformed overrides and bad configs fail here, before any work
+        for attack in args.attacks.split(","):
+            for defense in args.defenses.split(","):
+                config(attack, defense, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StopIteration:
+        spec = yaml.safe_load(SPEC.read_text())
+        print(f"error: --attacks {args.attacks} / --defenses {args.defenses}: allowed: attacks "
+              f"{', '.join(a['name'] for a in spec['attacks'])}; defenses none, "
+              f"{', '.join(d['name'] for d in spec['defenses'])} (those of {SPEC.name})", file=sys.stderr)
+        return 2
     command = "python benchmarks/clip_figure3.py " + " ".join(argv if argv is not None else sys.argv[1:])
     reports = []
     for attack in args.attacks.split(","):
