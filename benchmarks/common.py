@@ -90,7 +90,13 @@ def _append_rows(section: str, section_text: str, header: str, rows: list[str], 
     if section not in lines:
         lines = ("\n".join(lines).rstrip("\n") + "\n\n" + section_text.strip("\n") + "\n").splitlines()
     start = lines.index(section)
-    head = next(i for i in range(start, len(lines)) if lines[i] == header)
+    stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    head = next((i for i in range(start, stop) if lines[i] == header), None)
+    if head is None:  # a section written by hand (a reading, no rows yet): its table goes at its end
+        while stop > start + 1 and not lines[stop - 1].strip():
+            stop -= 1
+        lines[stop:stop] = ["", header, "|" + "---|" * (header.count("|") - 1)]
+        head = stop + 1
     end = head + 2  # past the header and its |---| line
     while end < len(lines) and lines[end].startswith("|"):
         end += 1

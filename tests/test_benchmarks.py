@@ -29,6 +29,18 @@ def test_rows_go_to_the_end_of_their_own_table(tmp_path):
     assert [line for line in lines[b:] if line.startswith("| ") and line != HEADER] == ["| 1 | b1 |"]
 
 
+def test_a_section_without_its_table_gets_one_at_its_end(tmp_path):
+    """A section whose reading was written before any row (no header in it) gets its table at its
+    own end, not after a later section's table with the same header."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## A\n\nA reading, no rows yet.\n\n" + section("B"))
+    append_rows("## A", section("A"), HEADER, ["| 1 | a1 |"], doc)
+    lines = doc.read_text().splitlines()
+    a, b = lines.index("## A"), lines.index("## B")
+    assert lines[a:b] == ["## A", "", "A reading, no rows yet.", "", HEADER, "|---|---|", "| 1 | a1 |", ""]
+    assert not [line for line in lines[b:] if line.startswith("| 1")]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--defenses", "bibau_u,nope"], "unknown ['nope']"),
     (["--attacks", "trojannn"], "unknown ['trojannn']"),
