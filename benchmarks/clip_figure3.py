@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(report)
             fixed = next((d.get("fixed", {}) for d in yaml.safe_load(SPEC.read_text())["defenses"]
                           if d["name"] == defense), {})
+            fixed = {**fixed, **parse_overrides(args.set).get("defense", {})} if defense != "none" else {}
             settings = ", ".join(f"{k} {v}" for k, v in fixed.items()) or "-"
             row = (f"| {datetime.date.today()} | {attack} | {defense} | {settings} | {pct(report['ca'])} | "
                    f"{pct(report['asr'])} | {pct(report.get('r_asr'))} | {pct(report.get('ra_clean_asr'))} | "
