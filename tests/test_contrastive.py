@@ -226,9 +226,8 @@ def test_badclip_optimises_its_patch_toward_the_target_text():
 
 
 def test_contrastive_optimiser_decays_matrices_only_as_clip_does():
-    """CLIP's recipe: no weight decay on the logit scale, LayerNorm gains and biases (decaying them
-    shrank a from-scratch micro CLIP's logits toward uniform). A step with zero gradients moves
-    only the decayed tensors."""
+    """CLIP's recipe: no weight decay on the logit scale, LayerNorm gains and biases. A step with
+    zero gradients moves only the decayed tensors."""
     from trainables.contrastive.train import Schedule, make_optimizer
     from trainables.models.clip import ClipConfig, create_clip
 

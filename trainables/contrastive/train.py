@@ -44,8 +44,8 @@ class Schedule:
 
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
     """CLIP's recipe (open_clip's training loop): weight decay on matrices and filters only; gains,
-    biases, embeddings of rank < 2 and the logit scale are not decayed (decaying the scale and the
-    LayerNorm gains of a small CLIP trained from scratch shrinks its logits toward uniform)."""
+    biases, embeddings of rank < 2 and the logit scale are not decayed (decay pulls the log scale
+    toward 0, i.e. the temperature toward 1, and the LayerNorm gains toward 0)."""
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
