@@ -63,7 +63,7 @@ def test_badnets_on_pairs_implants_the_backdoor(stage):
 
 def test_bibau_clip_lowers_the_asr_with_the_text_tower_frozen(stage):
     # the targeted variant: BI-BAU-CLIP(U) needs the CPU scale's CLIP (10,000 pairs, CA 0.52; there it
-    # takes BadNets' ASR 0.84 to 0.13), on this CI-size one (CA 0.15) its untargeted PGD finds no trigger
+    # takes BadNets' ASR 0.84 to 0.13); on this CI-size one (CA 0.15) it raised the ASR (0.88 -> 0.93) as CA fell
     cfg = build(DefenseConfig, {"name": "bibau_clip_t", "epochs": 3, "batch_size": 64, "pgd_steps": 3, "lr": 0.005,
                                 "pgd_step": 8 / 255, "crop_padding": 2, "hflip": False, "fisher_samples": 64},
                 "defense", registry=DEFENSES)
