@@ -36,3 +36,22 @@ def test_r_asr_in_the_multiline_results_json_is_a_leak(tmp_path):
 def test_q_asr_in_tunes_result_lines_or_mlflow_is_a_leak(tmp_path):
     out = _sweep(tmp_path, {"ca": 0.2}, [{"ca": 0.2}, {"q_asr": 0.1}], {"ca": 0.2, "q_asr": 0.1})
     assert leaks(out) == ["t1: MLflow", "t1: results"]
+
+
+def test_both_evaluation_modes_give_a_valid_spec_and_protocol_keeps_ra_qra_defaults(tmp_path):
+    import yaml
+
+    from benchmarks.sweep_efficiency import spec
+    from orchestrator.spec import load_spec
+    from trainables.schema import EvalConfig
+
+    for protocol in (False, True):
+        path = tmp_path / f"p{protocol}.yaml"
+        path.write_text(yaml.safe_dump(spec(tmp_path / "store", 12, False, 0.3, gate=0.2, protocol=protocol)))
+        _, plan = load_spec(str(path))
+        evaluation = plan.studies[0].config["evaluation"]
+        reduced = {"ra_size": 200, "ra_epochs": 5, "qra_epochs": 20, "qra_clean_size": 100, "qra_poison_size": 100,
+                   "qra_hidden": 256}
+        for key, value in reduced.items():
+            expected = getattr(EvalConfig, key) if protocol else value
+            assert evaluation.get(key, getattr(EvalConfig, key)) == expected, (protocol, key)
