@@ -132,3 +132,21 @@ def test_cifar10_small_takes_every_registered_attack_with_its_own_run_file():
                                  ("adaptive_patch", "none"): {"ca": 0.76, "asr": 0.65}})
     assert "adaptive_patch backdoored ASR 65.0 >= 60.0: PASS" in lines
     assert "adaptive_patch backdoored CA 76.0 within 3.0 of BadNets' 80.0: MISS" in lines
+
+
+def test_quickstart_time_reads_the_attack_stage_timing_from_the_sweep_run(tmp_path):
+    import mlflow
+    from benchmarks import quickstart_time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("qs", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp, tags={"role": "sweep"})
+    for key, value in {"attack_stage_wall_s": 40.0, "attack_stage_tasks_s": 70.0, "attack_stage_parallelism": 1.75,
+                       "hypervolume": 0.3}.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    contents = quickstart_time.mlflow_contents(uri, "qs")
+    assert contents["stage"] == {"attack_stage_wall_s": 40.0, "attack_stage_tasks_s": 70.0,
+                                 "attack_stage_parallelism": 1.75}
+    assert contents["roles"]["sweep"] == 1
