@@ -20,6 +20,8 @@ and end is recorded, and the CPU seconds of the trials (``cpu_trial_s``, each wo
 process time) are a measure the machine's other load does not change.
 
     OMP_NUM_THREADS=1 python benchmarks/sweep_efficiency.py --record   # 12 trials per side
+    OMP_NUM_THREADS=1 python benchmarks/sweep_efficiency.py --sweep-seed 2 --record   # another TPE path
+    OMP_NUM_THREADS=1 python benchmarks/sweep_efficiency.py --evaluation protocol --calibrate   # RA, QRA at defaults
     python benchmarks/sweep_efficiency.py --smoke-test                  # tiny; records nothing
 """
 from __future__ import annotations
