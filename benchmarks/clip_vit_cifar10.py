@@ -8,8 +8,8 @@ Each attack's stage is the ResNet table's (`search_spaces/run_<attack>_cifar10.y
 trigger, training) with the model swapped for clip_vit (`MODEL`: open_clip's tiny bibau-ViT-tiny-8,
 trained from scratch, since nothing may download here; the paper fine-tunes OpenAI's pretrained
 ViT-B/32, `search_spaces/cifar10_clip_vit_b32.yaml` on a GPU) and a 1-epoch warm-up. The defenses
-run at the CPU scale of benchmarks/cifar10_small.py (BI-BAU: 5 epochs of 5 PGD steps, ε = 16/255)
-unless --full-scale. `--set` changes every trial's run config (a reduced run says so in its
+run at the CPU scale of benchmarks/cifar10_small.py (BI-BAU: 5 epochs of 5 PGD steps at METHOD's ε 25/255;
+16/255 in the rows before 2026-12-01, as their settings say) unless --full-scale. `--set` changes every trial's run config (a reduced run says so in its
 recorded command). `--record` appends a row per trial, as it ends, to docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ swapped for clip_vit, the tiny open_clip ViT `bibau-ViT-tiny-8` (4 layers, width
 **trained from scratch**, where the paper fine-tunes OpenAI's pretrained ViT-B/32 (no download
 here): its CA is far below the paper's and the rows measure the defenses on a transformer, not
 the paper's numbers. Reduced runs give their `--set` in the command. BI-BAU at the CPU scale of
-`cifar10_small.py` (5 epochs of 5 PGD steps, ε = 16/255). "none" is the backdoored model.
+`cifar10_small.py` (5 epochs of 5 PGD steps at METHOD's ε 25/255; 16/255 before 2026-12-01, as each row's
+settings say). "none" is the backdoored model.
 
 {HEADER}
 |{'---|' * (HEADER.count('|') - 1)}

@@ -41,7 +41,8 @@ from trainables.attacks.base import AttackConfig
 from trainables.config import build
 from trainables.data import DataConfig, load_dataset
 from trainables.data.splits import seeded_generator
-from trainables.evaluation.metrics import attack_success_rate, clean_accuracy, predict
+from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
+from trainables.predict import predict
 from trainables.models import ModelConfig, create_model
 from trainables.registry import ATTACKS
 from trainables.schema import TrainConfig

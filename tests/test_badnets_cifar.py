@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.config import load_run_config
 from trainables.data import load_dataset
-from trainables.evaluation.metrics import predict
+from trainables.predict import predict
 from trainables.trial import attack_stage
 
 pytestmark = pytest.mark.slow

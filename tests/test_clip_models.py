@@ -245,7 +245,7 @@ def test_badnets_implants_a_backdoor_in_clip_vit_on_cifar10(cifar10_archive, tmp
     corner patch, which lands in one 8 px patch token, fast (ASR 0.87 measured)."""
     from orchestrator.config import load_run_config
     from trainables.data import load_dataset
-    from trainables.evaluation.metrics import predict
+    from trainables.predict import predict
     from trainables.trial import attack_stage
 
     cfg = load_run_config(None, [

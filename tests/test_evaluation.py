@@ -15,7 +15,8 @@ from trainables.config import ConfigError, build
 from trainables.data.base import Dataset, ImageSet
 from trainables.evaluation import EvalContext, evaluate, run_order
 from trainables.evaluation.bec import conv_layers, linear_cka, selected_activations, top_channels, trigger_activated_change
-from trainables.evaluation.metrics import attack_success_rate, predict
+from trainables.evaluation.metrics import attack_success_rate
+from trainables.predict import predict
 from trainables.evaluation.reactivation import PerturbationGenerator, train_generator
 from trainables.evaluation.retuning import augment, default_poison_count, retune, retuning_set
 from trainables.models.base import Classifier, ModelConfig, Probe, create_model

@@ -8,7 +8,7 @@ import torch
 import trainables  # noqa: F401  (fill the registries)
 from trainables.attacks.base import Attack, AttackConfig
 from trainables.data import DataConfig, ImageSet, load_dataset
-from trainables.evaluation.metrics import predict
+from trainables.predict import predict
 from trainables.models import ModelConfig, create_model
 from trainables.schema import TrainConfig
 from trainables.train import lr_factor, make_optimizer, make_scheduler, train_model

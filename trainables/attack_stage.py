@@ -22,7 +22,8 @@ from .checkpoint import DIR_MODE, CheckpointError, load_checkpoint, load_tensors
 from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
 from .data.base import Dataset, ImageSet
-from .evaluation.metrics import accuracy, attack_success_rate, clean_accuracy
+from .evaluation.metrics import attack_success_rate, clean_accuracy
+from .predict import accuracy
 from .models.base import Classifier, create_model, weights_digest
 from .runtime import resolve_device
 from .schema import RunConfig

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from . import data
 from .data.base import ImageSet
-from .evaluation.metrics import accuracy
+from .predict import accuracy
 from .runtime import autocast, prepare_model
 
 if TYPE_CHECKING:  # type names only: the schema imports the attack and defense modules

@@ -18,7 +18,7 @@ import torch
 from ..data.base import ImageSet
 from ..data.batches import batches
 from ..data.captions import PairSet
-from ..evaluation.metrics import accuracy
+from ..predict import accuracy
 from ..runtime import autocast, prepare_model
 from .losses import batch_logits, clip_loss
 from .model import ClipModel, tokenize

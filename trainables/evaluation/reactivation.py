@@ -18,7 +18,8 @@ from ..data.base import ImageSet
 from ..registry import EVALUATIONS
 from ..runtime import autocast, prepare_batch
 from .base import EvalContext, Evaluation, frozen
-from .metrics import attack_success_rate, predict
+from ..predict import predict
+from .metrics import attack_success_rate
 from .retuning import retuned
 
 

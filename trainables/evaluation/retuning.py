@@ -14,9 +14,9 @@ from ..data.base import ImageSet
 from ..data.captions import PairSet
 from ..data.batches import random_crop, random_flip
 from ..models.base import Classifier
-from .. import train as training  # the module, not its names: train.py imports evaluation.metrics
 from ..registry import EVALUATIONS
 from ..runtime import autocast, prepare_batch, prepare_model
+from ..train import make_optimizer
 from .base import EvalContext, Evaluation
 from .metrics import attack_success_rate, clean_accuracy
 
@@ -97,7 +97,7 @@ def retune(model: Classifier, data: ImageSet, poisoned: torch.Tensor, device: to
     tuned = prepare_model(copy.deepcopy(model), device)
     tuned.requires_grad_(True)
     tuned.train()
-    opt = training.make_optimizer(tuned, lr, momentum, weight_decay=0.0)
+    opt = make_optimizer(tuned, lr, momentum, weight_decay=0.0)
     x_all, y_all = data.x.to(device), data.y.to(device)
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
