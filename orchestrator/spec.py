@@ -228,7 +228,8 @@ class SweepSpec(Config):
     name: str = param(help="name of the sweep: MLflow experiment (by default), folder under storage, study prefix")
     base: dict[str, Any] = param({}, "the RunConfig every trial starts from (data, model, train, evaluation, seed, ...)")
     attacks: list[Any] = param([], "attack sections (a registered name, or a mapping with name, target, "
-                               "poison_rate, ... and an optional label)")
+                               "poison_rate, ..., an optional label, and its own data, model or train "
+                               "sections over base's)")
     defenses: list[DefenseSpec] = param([], "defenses: tuned (with space) or fixed baselines")
     objectives: list[Objective] = param(factory=lambda: [Objective(**o) for o in DEFAULT_OBJECTIVES],
                                         help="what every study optimises, in this order")
@@ -309,8 +310,9 @@ class SweepSpec(Config):
 
 def attack_sections(entries: list[Any], path: str = "attacks", grid: "Grid | None" = None) -> list[dict]:
     """Each attack entry as a mapping with a ``label`` (a bare name is ``{name: NAME}``), and the
-    ``data``/``model`` sections it runs on beside ``base`` (``overrides``). With a ``grid``, each
-    entry once per data set x model of the grid, labelled ``<attack>+<data>+<model>``."""
+    ``data``/``model``/``train`` sections it runs on beside ``base`` (``overrides``; an attack that
+    needs a longer training than the others, WaNet at CPU scale, says so in its own ``train``). With a
+    ``grid``, each entry once per data set x model of the grid, labelled ``<attack>+<data>+<model>``."""
     out = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
@@ -322,7 +324,7 @@ def attack_sections(entries: list[Any], path: str = "attacks", grid: "Grid | Non
         if not isinstance(label, str) or not _LABEL.match(label):
             raise ConfigError(f"{path}[{i}].label: {label!r}; use letters, digits and _ . + -")
         own = {}
-        for key in ("data", "model"):
+        for key in ("data", "model", "train"):
             if key in entry:
                 if not isinstance(entry[key], Mapping):
                     raise ConfigError(f"{path}[{i}].{key}: expected a {key} section (a mapping), got {entry[key]!r}")

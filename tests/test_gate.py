@@ -356,6 +356,26 @@ def test_a_grid_makes_one_attack_stage_per_attack_data_set_and_model(tmp_path):
         load_spec(write_spec(tmp_path, data))
 
 
+def test_an_attack_entry_trains_longer_in_its_own_train_section(tmp_path):
+    """WaNet's warp is learned late: its entry lengthens the training for its stage and its studies only."""
+    data = {**spec_dict(tmp_path / "store"), "attacks": ["badnets", {"name": "wanet", "train": {"epochs": 7}}]}
+    data["defenses"] = [{"name": "ft"}]
+    spec, plan = load_spec(write_spec(tmp_path, data))
+    stages = {a.label: a.config for a in plan.attacks}
+    base_train = spec_dict(tmp_path / "store")["base"].get("train", {})
+    assert stages["wanet"]["train"]["epochs"] == 7
+    assert stages["badnets"]["train"]["epochs"] == base_train.get("epochs", to_dict(RunConfig().train)["epochs"]) != 7
+    for key in set(base_train) - {"epochs"}:  # the rest of base's training carries over
+        assert stages["wanet"]["train"][key] == stages["badnets"]["train"][key]
+    assert {s.attack: s.config["train"]["epochs"] for s in plan.studies}["wanet"] == 7
+    data["attacks"][1] = {"name": "wanet", "train": {"epoch": 7}}
+    with pytest.raises(ConfigError, match=r"attacks\[1\] \(wanet\).*train.*epoch"):
+        load_spec(write_spec(tmp_path, data))
+    data["attacks"][1] = {"name": "wanet", "train": 7}
+    with pytest.raises(ConfigError, match=r"attacks\[1\]\.train: expected a train section"):
+        load_spec(write_spec(tmp_path, data))
+
+
 def test_stage_timing_compares_the_wall_with_the_sum_of_its_tasks():
     from orchestrator.sweep import stage_timing
 
