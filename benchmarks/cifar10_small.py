@@ -86,9 +86,8 @@ from the cache, the defense, then CA, ASR, R-ASR (RA: 5 poisoned among 1,000 ima
 500 + 500 images, 16/255) and BEC. "none" is the backdoored model (no QRA: its backdoor fires
 unaided). Data: what the defense saw (clean_split; none; poisoned_batch, EP's batch of the poisoned
 training set, which the post-training threat model does not give). Settings: the defense's
-non-default values (BI-BAU's CPU scale: 5 epochs of 5 PGD steps of ε/4 at METHOD's ε 25/255, 16/255 before
-2026-12-01; the baselines' CPU scale
-in `CPU_SCALE`). Times in seconds: attack (0 on a cache hit), defense, evaluation; defense E: the
+non-default values (BI-BAU's CPU scale: 5 epochs of 5 PGD steps of ε/4 at METHOD's ε 25/255, 16/255
+before 2026-12-01; the baselines' CPU scale in `CPU_SCALE`). Times in seconds: attack (0 on a cache hit), defense, evaluation; defense E: the
 defense's time in epochs of the attack stage's training.
 
 {HEADER}

@@ -23,8 +23,8 @@ from .config import to_dict
 from .data import defender_split, load_dataset, seeded_generator
 from .data.base import Dataset, ImageSet
 from .evaluation.metrics import attack_success_rate, clean_accuracy
-from .predict import accuracy
 from .models.base import Classifier, create_model, weights_digest
+from .predict import accuracy
 from .runtime import resolve_device
 from .schema import RunConfig
 

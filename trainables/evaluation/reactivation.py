@@ -15,10 +15,10 @@ from torch import nn
 
 from ..attacks.base import Attack, to_float, to_uint8
 from ..data.base import ImageSet
+from ..predict import predict
 from ..registry import EVALUATIONS
 from ..runtime import autocast, prepare_batch
 from .base import EvalContext, Evaluation, frozen
-from ..predict import predict
 from .metrics import attack_success_rate
 from .retuning import retuned
 
