@@ -569,3 +569,31 @@ def test_warns_with_numbers_when_ewc_pull_is_too_stiff():
     quiet: list[str] = []
     _purify(quiet, epochs=1)
     assert not [s for s in quiet if s.startswith("warning")]
+
+
+# -- BatchNorm in the M-step (METHOD is silent; bn_stats chooses) -------------------------------
+@pytest.mark.parametrize("mode", ["train", "split", "frozen"])
+def test_mstep_batchnorm_modes(mode):
+    """train: the clean half is normalised with the statistics of clean and crafted images together;
+    split: with its own batch's alone; frozen: with the suspicious model's running statistics, which
+    the step leaves unchanged."""
+    x, x_adv, y = images(8, seed=1), images(8, seed=2) * 0.2 + 0.7, labels(8)  # x' far off x's statistics
+    defense = build_defense(build(DefenseConfig, {"name": "bibau_u", "bn_stats": mode}, "defense", registry=DEFENSES))
+    model = Tiny()
+    model.bn.running_mean.fill_(0.3)
+    alone, joint = copy.deepcopy(model).train(), copy.deepcopy(model).train()
+    _, terms = defense._mstep(model, x, x_adv, y, None, None, None, None, defense.cfg.weights(), CPU)
+    ce_alone = F.cross_entropy(alone(x), y)
+    ce_joint = F.cross_entropy(joint(torch.cat([x, x_adv]))[:8], y)
+    ce_frozen = F.cross_entropy(_frozen_logits(x), y)
+    expected = {"train": ce_joint, "split": ce_alone, "frozen": ce_frozen}[mode]
+    assert torch.allclose(terms["ce_clean"], expected, atol=1e-5), mode
+    others = [v for k, v in {"train": ce_joint, "split": ce_alone}.items() if k != mode]
+    assert all(not torch.allclose(terms["ce_clean"], o, atol=1e-3) for o in others)
+    assert torch.equal(model.bn.running_mean == 0.3, torch.ones(8, dtype=torch.bool)) == (mode == "frozen")
+
+
+def _frozen_logits(x):
+    model = Tiny()
+    model.bn.running_mean.fill_(0.3)
+    return model.eval()(x)

@@ -16,7 +16,8 @@ Per epoch: F^C (Fisher of f_θ on the clean split) and θ^t are taken at the epo
 F^U (Fisher of f_bd on the previous epoch's x', labelled by f_bd) is off in the first epoch.
 Models are in eval mode while crafting (``pgd.py``) and f_θ is in train mode for the M-step,
 whose clean and crafted halves go through one forward (BatchNorm sees both in its batch
-statistics, as when the training set mixes them).
+statistics, as when the training set mixes them); ``bn_stats`` gives the other readings (one
+forward per half, or BatchNorm frozen at the suspicious model's statistics).
 """
 from __future__ import annotations
 
@@ -87,6 +88,13 @@ class BiBauConfig(SGDDefenseConfig):
                                   "estimators)", choices=("sample", "batch"))
     fisher_batch_size: int = param(64, "images per Fisher gradient (batch estimator) or per vmap chunk (sample: speed and memory only, the same Fisher; 256 took 45% off the Fishers' time on an H200)", low=1)
     fisher_samples: int | None = param(None, "images each Fisher is estimated on (clean split; previous epoch's x'); None: all", low=1)
+    # METHOD is silent on BatchNorm in the M-step; the three readings adversarial-training papers use,
+    # measured side by side in benchmarks/bibau_cost.py (docs/benchmarks.md, "BI-BAU's clean-accuracy cost")
+    bn_stats: str = param("train", "BatchNorm in the M-step: train (clean and crafted halves in one forward, batch "
+                          "statistics of the mix, running stats updated by it), split (one forward per half, each "
+                          "normalised by its own batch statistics, running stats updated by both) or frozen (the "
+                          "suspicious model's running statistics, affine weights still learned)",
+                          choices=("train", "split", "frozen"))
 
     key_hints: ClassVar[dict[str, str]] = {
         "mstep_kd": "the M-step distillation is this project's extension: defense.name bibau_u_kd or bibau_t_kd",
@@ -284,7 +292,10 @@ class BiBau(Defense):
         b = len(y)
         y_adv = y if y_adv is None else y_adv
         with autocast(device):
-            logits = f(prepare_batch(torch.cat([x, x_adv]), device)).float()
+            if self.cfg.bn_stats == "split" and len(x_adv):
+                logits = torch.cat([f(prepare_batch(x, device)), f(prepare_batch(x_adv, device))]).float()
+            else:
+                logits = f(prepare_batch(torch.cat([x, x_adv]), device)).float()
         terms = {"ce_clean": self.task_loss(logits[:b], y)}
         # a batch of target-class images only has no x' (targeted_on: non_target)
         terms["ce_adv"] = self.task_loss(logits[b:], y_adv) if len(y_adv) else logits.new_zeros(())
