@@ -244,3 +244,30 @@ def test_contrastive_optimiser_decays_matrices_only_as_clip_does():
     assert "logit_scale" not in moved and "visual.ln_post.weight" not in moved and "ln_final.bias" not in moved
     assert "visual.conv1.weight" in moved and "text_projection" in moved
     assert moved == {n for n, p in named.items() if p.ndim >= 2 and p.abs().sum() > 0}
+
+
+def test_bibau_clip_relational_kd_is_within_the_batch():
+    """METHOD's CLIP L_KD: "in a batch, the relation matrix of image-text similarities": the relations of
+    the batch's images to the batch's captions only. Captions no image of the batch carries do not move
+    it; on the batch's own captions it is the KL of the row-softmaxed relations."""
+    import torch.nn.functional as F
+
+    from trainables.defenses.bibau_clip import BiBauClip
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)  # 40 captions in D_c
+    y = torch.tensor([3, 17, 3, 25, 8, 17])  # the batch carries 4 of them
+    got = BiBauClip.kd_loss(student, teacher, y, 1.0, 1.0)
+    cols = torch.tensor([3, 8, 17, 25])
+    want = F.kl_div(F.log_softmax(student[:, cols], 1), F.log_softmax(teacher[:, cols], 1), log_target=True,
+                    reduction="batchmean")
+    assert torch.allclose(got, want, atol=1e-6)
+    others = torch.ones(40, dtype=torch.bool)
+    others[cols] = False
+    moved_s, moved_t = student.clone(), teacher.clone()
+    moved_s[:, others] += 5 * torch.randn(6, int(others.sum()), generator=g)
+    moved_t[:, others] -= 3.0
+    assert torch.allclose(BiBauClip.kd_loss(moved_s, moved_t, y, 1.0, 1.0), got, atol=1e-6)
+    # the relations over every caption of the clean split (the former reading) are another number
+    assert not torch.allclose(F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True,
+                                       reduction="batchmean"), got, atol=1e-3)

@@ -178,7 +178,7 @@ class BiBau(Defense):
         return EStep(eps=cfg.pgd_eps, step=cfg.pgd_step, steps=cfg.pgd_steps, random_start=cfg.pgd_random_start,
                      target=target if self.targeted else None, alpha=w["alpha"], beta=w["beta"], theta=cfg.theta,
                      temperature=cfg.kd_temperature, gamma=cfg.kd_gamma, keep_teacher=w.get("mstep_kd", 0.0) > 0,
-                     trigger=self.trigger_loss)
+                     trigger=self.trigger_loss, kd=self.kd_loss)
 
     # the task's loss on logits: METHOD's cross-entropy; BI-BAU-CLIP's contrastive loss over captions
     @staticmethod
@@ -187,6 +187,12 @@ class BiBau(Defense):
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y)
+
+    @staticmethod
+    def kd_loss(logits_adv: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
+                gamma: float) -> torch.Tensor:
+        """The E-step's L_KD (METHOD); BI-BAU-CLIP's is relational, over the batch's captions."""
+        return kd_loss(logits_adv, teacher, y, temperature, gamma)
 
     def describe(self) -> list[str]:
         return describe_terms(self.cfg, self.targeted)

@@ -9,9 +9,12 @@ visual tower, a fixed head ``scale · texts``). BI-BAU runs on that view with it
 * ``L_trig``: the negated CLIP loss of f_bd on x' with the true captions (untargeted), or the
   contrastive image-to-text loss of x' toward the target caption (targeted; the view gets one
   more row, the target class's zero-shot prompt embedding);
-* ``L_KD``: relational distillation: KL between the row-softmaxed image-to-text relations of
-  the natural images under f_bd and of x' under f_θ. It is ``kd_loss`` with γ = 1 (no CE term)
-  and T = 1 by default (the relations at the CLIP's own logit scale);
+* ``L_KD``: relational distillation within the batch (METHOD: "In a batch, the relation matrix
+  ..."): KL between the row-softmaxed relations of the batch's images to the batch's captions
+  (its distinct captions: images that share a templated caption share its column), natural images
+  under f_bd against x' under f_θ. It is ``kd_loss`` on those columns with γ = 1 (no CE term) and
+  T = 1 by default (the relations at the CLIP's own logit scale). Until 2026-12-07 the relations ran
+  over every caption of the clean split;
 * ``L_prior``: METHOD's, with ``h`` the normalised visual embedding. Its alignment direction
   ``u = (W_bd - W_θ)[k]`` comes from the head, which is the frozen text side here: u = 0, so by
   METHOD's rule (skip while ||u|| < 1e-8) only the angle term acts;
@@ -36,6 +39,7 @@ from ..data.captions import PairSet
 from ..registry import DEFENSES
 from .base import DefenseContext, DefenseResult
 from .bibau import BiBau, BiBauConfig, describe_terms
+from .losses import kd_loss
 
 
 @dataclass
@@ -58,12 +62,19 @@ class BiBauClip(BiBau):
         lines = describe_terms(self.cfg, self.targeted, trig=trig,
                                task="L_CLIP(f_θ(x), captions) + L_CLIP(f_θ(x'), captions)")
         return [lines[0], "CLIP extension (METHOD): visual encoder only, text encoder frozen; L_KD relational (KL of "
-                "row-softmaxed image-text relations); u = 0 (frozen text side): the prior's alignment term is off",
+                "row-softmaxed image-text relations within the batch); u = 0 (frozen text side): the prior's alignment term is off",
                 *lines[1:]]
 
     @staticmethod
     def trigger_loss(logits: torch.Tensor, y: torch.Tensor, target: int | None) -> torch.Tensor:
         return negated_clip_loss(logits, y, target)
+
+    @staticmethod
+    def kd_loss(logits_adv: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
+                gamma: float) -> torch.Tensor:
+        """The relation matrix of the batch: each image against the batch's distinct captions only."""
+        present, local = y.unique(return_inverse=True)
+        return kd_loss(logits_adv[:, present], teacher[:, present], local, temperature, gamma)
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # the target row of the targeted view serves L_trig only: the M-step contrasts the captions

@@ -36,6 +36,8 @@ class EStep:
     keep_teacher: bool = False  # return f_bd(x) as stats["teacher"] (the M-step's distillation reuses it)
     # L_trig on f_bd's logits of x', (logits, y, target) -> loss; BI-BAU-CLIP passes its contrastive form
     trigger: Callable[..., torch.Tensor] = trigger_loss
+    # L_KD on (f_θ's logits of x', f_bd's logits of x, y, T, γ) -> loss; BI-BAU-CLIP passes the relational form
+    kd: Callable[..., torch.Tensor] = kd_loss
 
     def craft(self, f_bd: Classifier, f_theta: Classifier, x: torch.Tensor, y: torch.Tensor,
               device: torch.device, generator: torch.Generator | None = None,
@@ -74,7 +76,7 @@ class EStep:
             terms = {"l_trig": self.trigger(logits_bd, y, self.target)}
             loss = terms["l_trig"]
             if self.alpha > 0:
-                terms["l_kd"] = kd_loss(logits_theta, teacher, y, self.temperature, self.gamma)
+                terms["l_kd"] = self.kd(logits_theta, teacher, y, self.temperature, self.gamma)
                 loss = loss + self.alpha * terms["l_kd"]
             if self.beta > 0:
                 k = (torch.full_like(y, self.target) if self.target is not None
