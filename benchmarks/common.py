@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine line and appending rows to docs/benchmarks.md."""
+"""What every benchmark script shares: the machine line and recording rows (into docs/results/, from which
+docs/benchmarks.md is generated, or into a Markdown file a test or a tiny run names)."""
 from __future__ import annotations
 
 import os
@@ -70,16 +71,28 @@ def load_average() -> str:
 
 
 def append_rows(section: str, section_text: str, header: str, rows: list[str], doc: Path = DOC) -> None:
-    """Append ``rows`` to the table under ``section`` (the heading line) whose header row is
-    ``header``, creating the file, or the section from ``section_text``, when absent. The other
-    sections of the file stay as they are. Two benchmark jobs side by side may record at once:
-    the read-modify-write holds an exclusive lock on a sidecar file."""
+    """Record ``rows`` (Markdown table rows under ``header``) for the benchmark of ``section`` (its heading).
+
+    Into the default ``doc``, the results page, they go as data: appended to the section's history
+    (docs/results/<slug>.jsonl; its notebook <slug>.md is made from ``section_text`` when the section is
+    new), and the page is regenerated from docs/results/ (``docs_page.py``). Into any other file (a test's,
+    a ``--tiny`` run's, ``gpu_check.sh --doc``'s) they go as before, so such runs never touch tracked docs:
+    appended to the table under ``section`` whose header row is ``header``, creating the file, or the
+    section from ``section_text``, when absent. Two benchmark jobs side by side may record at once: the
+    read-modify-write holds an exclusive lock on a sidecar file."""
     import fcntl
 
+    from benchmarks import docs_page
+
+    doc = Path(doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     with open(doc.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _append_rows(section, section_text, header, rows, doc)
+        if doc.resolve() == DOC.resolve():
+            docs_page.record(section, section_text, header, rows, doc)
+            docs_page.write_page(doc)
+        else:
+            _append_rows(section, section_text, header, rows, doc)
 
 
 def _append_rows(section: str, section_text: str, header: str, rows: list[str], doc: Path) -> None:

@@ -227,16 +227,15 @@ def sections_present(results: Path) -> list[Section]:
     section a script created) by slug, described from their notebook."""
     found = [s for s in SECTIONS if (results / f"{s.slug}.jsonl").exists() or (results / f"{s.slug}.md").exists()]
     slugs = {s.slug for s in SECTIONS}
-    for path in sorted(results.glob("*.jsonl")):
-        if path.stem in slugs:
-            continue
-        records = read_history(path)
-        if not records:
-            continue
-        notebook = path.with_suffix(".md")
+    others = {p.stem for p in results.glob("*.jsonl")} | {p.stem for p in results.glob("*.md")} - {Path(SUMMARY).stem}
+    for slug in sorted(others - slugs):
+        records = read_history(results / f"{slug}.jsonl")
+        notebook = results / f"{slug}.md"
         text = notebook.read_text() if notebook.exists() else ""
-        found.append(Section(records[0]["section"], path.stem, first_sentences(text),
-                             records[-1]["row"].get("command", "").strip("`")))
+        heading = records[0]["section"] if records else "#" + text.splitlines()[0] if text else f"## {slug}"
+        command = records[-1]["row"].get("command", "") if records else ""
+        spans = re.findall(r"`([^`]*)`", command)
+        found.append(Section(heading, slug, first_sentences(text), spans[0] if spans else command))
     return found
 
 

@@ -14,11 +14,14 @@
 #      418 s / 308 s; goal < 60 s for the 20 epochs);
 #   3. 4 trials packed on one GPU (resources.gpus: 0.25) against one at a time
 #      (benchmarks/gpu_packing.py).
-# Every step appends its row to the doc (--doc, default docs/benchmarks.md). Everything it writes
-# also lands in $OUT (default runs/gpu_check): the logs of each step, environment.txt (GPU,
-# driver, torch), the doc with the new rows (benchmarks.md) and rows.md (only the new rows), so a
-# machine that returns only $OUT hands back the whole result. Exit code: the number of steps
-# that failed (0: all recorded).
+# Every step records its row: by default into the benchmarks' histories (docs/results/*.jsonl), which
+# regenerates docs/benchmarks.md; with --doc PATH as a Markdown row into that file instead; with --tiny
+# and no --doc into $OUT/benchmarks.md, a copy of the page (a tiny run never writes into tracked docs).
+# Everything it writes also lands in $OUT (default runs/gpu_check): the logs of each step,
+# environment.txt (GPU, driver, torch), the doc with the new rows (benchmarks.md), rows.md (only the
+# new rows) and, by default, rows.jsonl (the new history records: on the machine that keeps the tree,
+# `python benchmarks/docs_page.py --add rows.jsonl` records them), so a machine that returns only $OUT
+# hands back the whole result. Exit code: the number of steps that failed (0: all recorded).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +31,8 @@ export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
 TINY=0
 COMPILE=0
-DOC="$ROOT/docs/benchmarks.md"
+PAGE="$ROOT/docs/benchmarks.md"
+DOC=""
 DATA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,17 +42,27 @@ while [ $# -gt 0 ]; do
     --doc=*) DOC="${1#--doc=}" ;;
     --data) DATA=(--data "$2"); shift ;;
     --data=*) DATA=(--data "${1#--data=}") ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'; allowed: --tiny, --compile, --doc PATH, --data PATH" >&2; exit 2 ;;
   esac
   shift
 done
 OUT="${OUT:-$ROOT/runs/gpu_check}"
 mkdir -p "$OUT" || { echo "gpu_check.sh: cannot create OUT=$OUT" >&2; exit 2; }
+if [ -z "$DOC" ] && [ "$TINY" = 1 ]; then  # a copy of the page: the tiny rows stay out of tracked docs
+  DOC="$OUT/benchmarks.md"
+  cp "$PAGE" "$DOC"
+fi
+DOC="${DOC:-$PAGE}"
 DOC="$(cd "$(dirname "$DOC")" 2>/dev/null && pwd)/$(basename "$DOC")" || { echo "gpu_check.sh: --doc folder missing" >&2; exit 2; }
 PY="${PYTHON:-python3}"
 BEFORE="$(mktemp)"
 [ -f "$DOC" ] && cp "$DOC" "$BEFORE" || : > "$BEFORE"
+HISTORY=""
+if [ "$DOC" = "$PAGE" ]; then  # the rows go to the histories: keep what they held, to hand back the new records
+  HISTORY="$(mktemp -d)"
+  cp "$ROOT"/docs/results/*.jsonl "$HISTORY"/ 2>/dev/null
+fi
 
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -96,8 +110,12 @@ fi
 step bibau_epoch "${LIMITS[1]}" "$PY" benchmarks/bibau_epoch.py "${BIBAU[@]}" "${DATA[@]}" --doc "$DOC"
 step gpu_packing "${LIMITS[2]}" "$PY" benchmarks/gpu_packing.py "${PACKING[@]}" "${DATA[@]}" --doc "$DOC"
 
-cp "$DOC" "$OUT/benchmarks.md" 2>/dev/null
+[ "$DOC" -ef "$OUT/benchmarks.md" ] || cp "$DOC" "$OUT/benchmarks.md" 2>/dev/null
 diff "$BEFORE" "$DOC" | sed -n 's/^> //p' > "$OUT/rows.md"
 rm -f "$BEFORE"
+if [ -n "$HISTORY" ]; then
+  "$PY" benchmarks/docs_page.py --new-since "$HISTORY" > "$OUT/rows.jsonl"
+  rm -rf "$HISTORY"
+fi
 echo "gpu_check: $((3 + COMPILE - FAILED)) of $((3 + COMPILE)) steps recorded in $((SECONDS - START))s; new rows in $OUT/rows.md, the doc in $OUT/benchmarks.md"
 exit $FAILED

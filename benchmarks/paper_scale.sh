@@ -11,7 +11,9 @@
 # --doc PATH (where the rows go; default docs/benchmarks.md, none with --tiny), --wheels DIR (Python
 # packages the machine lacks, installed with --no-index first; default ./wheels when it exists).
 # Everything it prints also lands in $OUT (default runs/paper_scale): paper_scale.log, environment.txt,
-# rows.md (the new rows). Exit code: the Python script's (0: the row was measured).
+# rows.md (the new rows' summary lines) and, when the rows went to the histories (docs/results/, the
+# default without --tiny), rows.jsonl: the new records, which `python benchmarks/docs_page.py --add
+# rows.jsonl` records on the machine that keeps the tree. Exit code: the Python script's (0: measured).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +34,7 @@ while [ $# -gt 0 ]; do
     --doc=*) DOC="${1#--doc=}" ;;
     --wheels) WHEELS="$2"; shift ;;
     --wheels=*) WHEELS="${1#--wheels=}" ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "paper_scale.sh: unknown argument '$1'; allowed: --attack NAME, --tiny, --data PATH, --device DEV, --doc PATH, --wheels DIR" >&2; exit 2 ;;
   esac
   shift
@@ -68,8 +70,13 @@ fi
 # the rows also come back in $OUT: a machine that returns only $OUT hands back the whole result
 ROWS_DOC="$OUT/rows.md"
 : > "$ROWS_DOC"
+HISTORY="$(mktemp -d)"
+cp "$ROOT"/docs/results/*.jsonl "$HISTORY"/ 2>/dev/null
 "$PY" benchmarks/paper_scale.py "${ARGS[@]}" 2>&1 | tee "$OUT/paper_scale.log"
 RC=${PIPESTATUS[0]}
+"$PY" benchmarks/docs_page.py --new-since "$HISTORY" > "$OUT/rows.jsonl"
+rm -rf "$HISTORY"
+[ -s "$OUT/rows.jsonl" ] || rm -f "$OUT/rows.jsonl"
 sed -n 's/^paper_scale \(.*\)$/\1/p' "$OUT/paper_scale.log" >> "$ROWS_DOC"
 echo "paper_scale.sh: exit $RC; summary lines in $ROWS_DOC"
 exit $RC

@@ -1,5 +1,6 @@
-"""The benchmark scripts' shared pieces: their rows land in their own table of docs/benchmarks.md,
-and a bad argument fails before any work."""
+"""The benchmark scripts' shared pieces: their rows land in their own table of the Markdown file a test or a
+tiny run names (the real page's rows go to docs/results/, tests/test_docs_page.py), and a bad argument fails
+before any work."""
 import sys
 from pathlib import Path
 
