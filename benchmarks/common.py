@@ -80,14 +80,10 @@ def append_rows(section: str, section_text: str, header: str, rows: list[str], d
     appended to the table under ``section`` whose header row is ``header``, creating the file, or the
     section from ``section_text``, when absent. Two benchmark jobs side by side may record at once: the
     read-modify-write holds an exclusive lock on a sidecar file."""
-    import fcntl
-
     from benchmarks import docs_page
 
     doc = Path(doc)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    with open(doc.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with docs_page.locked(doc):
         if doc.resolve() == DOC.resolve():
             docs_page.record(section, section_text, header, rows, doc)
             docs_page.write_page(doc)

@@ -16,6 +16,8 @@ newest ``Section.newest`` rows where no key is declared.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import re
 import shlex
@@ -127,6 +129,15 @@ ROWS_LINE = ("Every recorded run of this benchmark: [{slug}.jsonl]({slug}.jsonl)
              "--history {slug}` prints it as a table); the newest rows: [the results page](../benchmarks.md).")
 # options that say where a run read or wrote, not what it measured
 IO_OPTIONS = {"--data", "--doc", "--json", "--out", "--record", "--no-record", "--storage", "--quiet"}
+
+
+@contextlib.contextmanager
+def locked(doc: Path = PAGE):
+    """An exclusive lock on the doc's sidecar file: two benchmark jobs may record at once."""
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    with open(doc.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def results_dir(page: Path = PAGE) -> Path:
@@ -325,10 +336,11 @@ def add(path: Path, page: Path = PAGE) -> int:
     records = read_history(path)
     results = results_dir(page)
     results.mkdir(parents=True, exist_ok=True)
-    for rec in records:
-        with open(results / f"{slug_of(rec['section'])}.jsonl", "a") as f:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    write_page(page)
+    with locked(page):
+        for rec in records:
+            with open(results / f"{slug_of(rec['section'])}.jsonl", "a") as f:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        write_page(page)
     return len(records)
 
 
@@ -438,7 +450,8 @@ def main(argv=None) -> int:
         print(f"migrated {sum(moved.values())} rows in {len(moved)} sections: "
               + ", ".join(f"{slug} {n}" for slug, n in moved.items()))
     else:
-        write_page()
+        with locked():
+            write_page()
         print(f"{PAGE.relative_to(ROOT)} regenerated")
     return 0
 
