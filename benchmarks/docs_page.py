@@ -267,7 +267,7 @@ def render_section(section: Section, results: Path) -> list[str]:
     if records:
         shown = current_rows(records, section)
         lines += [*table(shown), ""]
-        which = (f"the newest row per {words([('command options' if k == OPTIONS else k) for k in section.key])}"
+        which = (f"the newest for each {words([('command options' if k == OPTIONS else k) for k in section.key])}"
                  if section.key else "the newest" if len(shown) == 1 else f"the newest {len(shown)}")
         links.append(f"every run [results/{section.slug}.jsonl](results/{section.slug}.jsonl) "
                      f"({len(records)} row{'s' * (len(records) != 1)}; shown: {which})")
