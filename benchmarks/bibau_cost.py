@@ -37,6 +37,7 @@ DATA = ROOT / "docs" / "data" / "bibau_cost.jsonl"
 FIGURE = ROOT / "docs" / "img" / "bibau_cost"
 EPS = 25 / 255  # METHOD's ε
 METRICS = "[ca,asr,ra,qra]"
+TERMS = ("ce_clean", "ce_adv", "ewc", "inv_ewc", "l_trig", "l_kd", "l_prior", "delta_linf")
 # CA after every defense epoch, on the whole test set, never stopping the defense
 PER_EPOCH_CA = "{ca_min: 0.0, during_defense: true, check_from: 0.0, eval_size: 100000}"
 
@@ -108,7 +109,9 @@ def run_row(name: str, row: Row, command: str, log) -> dict:
             "backdoored_ca": report["backdoored_ca"], "backdoored_asr": report["backdoored_asr"],
             **{k: report.get(k) for k in ("ca", "asr", "r_asr", "ra_clean_asr", "q_asr")},
             "ca_per_epoch": curve, "defense_s": report["time_defense_s"],
-            "s_per_epoch": [h.get("seconds") for h in epochs], "code_version": report["code_version"]}
+            "s_per_epoch": [h.get("seconds") for h in epochs], "code_version": report["code_version"],
+            # the M-step's and E-step's terms per epoch: where the clean accuracy goes
+            "terms": [{k: h[k] for k in TERMS if isinstance(h.get(k), (int, float))} for h in epochs]}
 
 
 def pct(v) -> str:
