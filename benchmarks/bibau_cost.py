@@ -51,13 +51,15 @@ class Row:
 
     def settings(self) -> dict[str, str]:
         """The factor columns of the table, as resolved for this row."""
-        cfg = {"width": "16", "clean": "1,000", "schedule": "5 x 5", "eps": "25/255", "bn": "train", "preset": "full"}
+        cfg = {"width": "16", "clean": "1,000", "schedule": "5 x 5", "eps": "25/255", "bn": "train", "preset": "full",
+               "alpha": "1"}
         cfg.update({"width": self.value} if self.factor == "width" else {})
         cfg.update({"clean": self.value} if self.factor == "clean split" else {})
         cfg.update({"schedule": self.value} if self.factor == "epochs x PGD steps" else {})
         cfg.update({"eps": self.value} if self.factor == "ε" else {})
         cfg.update({"bn": self.value} if self.factor == "BatchNorm" else {})
         cfg.update({"preset": self.value} if self.factor == "preset" else {})
+        cfg.update({"alpha": self.value} if self.factor == "α" else {})
         return cfg
 
 
@@ -73,6 +75,8 @@ ROWS: dict[str, Row] = {
     "bn_frozen": Row("BatchNorm", "frozen", defense=("bn_stats=frozen",)),
     "eps8": Row("ε", "8/255", defense=_eps(8)),
     "eps16": Row("ε", "16/255", defense=_eps(16)),
+    # constraint A's weight at the top of METHOD's range: L_KD against the unbounded -CE of L_trig
+    "alpha10": Row("α", "10", defense=("alpha=10",)),
     "width8": Row("width", "8", run=("model.width=8",)),
     "width32": Row("width", "32", run=("model.width=32",)),
     "clean2500": Row("clean split", "2,500", run=("data.clean_fraction=0.125",)),  # 2,500 of 20,000
@@ -80,7 +84,7 @@ ROWS: dict[str, Row] = {
 }
 
 SECTION = "## BI-BAU's clean-accuracy cost, one factor at a time (benchmarks/bibau_cost.py)"
-HEADER = ("| date | machine | row | width | clean | epochs x steps | ε | BN | preset | backdoored CA | CA | CA drop "
+HEADER = ("| date | machine | row | width | clean | epochs x steps | ε | α | BN | preset | backdoored CA | CA | CA drop "
           "| ASR | R-ASR | RA on clean | Q-ASR | CA per defense epoch | defense s | s per defense epoch | load | command |")
 SECTION_TEXT = f"""{SECTION}
 
@@ -114,13 +118,25 @@ def run_row(name: str, row: Row, command: str, log) -> dict:
             "terms": [{k: h[k] for k in TERMS if isinstance(h.get(k), (int, float))} for h in epochs]}
 
 
+def failed_row(name: str, row: Row, command: str, exc: Exception) -> dict:
+    """A row whose defense broke (BI-BAU raises on a non-finite L_out): recorded as such, not dropped."""
+    return {"date": str(datetime.date.today()), "machine": machine(), "load": load_average(), "row": name,
+            "factor": row.factor, "value": row.value, **row.settings(), "command": command,
+            "failed": f"{type(exc).__name__}: {exc}"}
+
+
 def pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
 def table_row(r: dict) -> str:
+    if r.get("failed"):
+        return (f"| {r['date']} | {r['machine']} | {r['row']} | {r['width']} | {r['clean']} | {r['schedule']} | {r['eps']} "
+                f"| {r.get('alpha', '1')} | {r['bn']} | {r['preset']} | - | **failed** | - | - | - | - | - "
+                f"| {r['failed']} | - | - | {r['load']} | `{r['command']}` |")
     per_epoch = sorted(s for s in r["s_per_epoch"] if s) or [0.0]
     return (f"| {r['date']} | {r['machine']} | {r['row']} | {r['width']} | {r['clean']} | {r['schedule']} | {r['eps']} "
+            f"| {r.get('alpha', '1')} "
             f"| {r['bn']} | {r['preset']} | {pct(r['backdoored_ca'])} | {pct(r['ca'])} "
             f"| {pct(r['backdoored_ca'] - r['ca'])} | {pct(r['asr'])} | {pct(r['r_asr'])} | {pct(r['ra_clean_asr'])} "
             f"| {pct(r['q_asr'])} | {' '.join(pct(c) for c in r['ca_per_epoch'])} | {r['defense_s']:.0f} "
@@ -142,7 +158,7 @@ def plot(rows: list[dict], out: Path = FIGURE) -> list[Path]:
     matplotlib.rcParams.update({"pdf.fonttype": 42, "ps.fonttype": 42, "font.size": 9})
     import matplotlib.pyplot as plt
 
-    latest = {r["row"]: r for r in rows}  # the newest run of each row
+    latest = {r["row"]: r for r in rows if not r.get("failed")}  # the newest run of each row
     fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 2.8), constrained_layout=True)
     widths = sorted((int(r["width"]), 100 * (r["backdoored_ca"] - r["ca"])) for r in latest.values()
                     if r["row"] in ("base", "width8", "width32"))
@@ -194,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/bibau_cost.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     log = (lambda line: None) if args.quiet else print
     for name in names:
-        r = run_row(name, ROWS[name], command, log)
+        try:
+            r = run_row(name, ROWS[name], command, log)
+        except FloatingPointError as exc:  # a diverged defense is a result of this study
+            r = failed_row(name, ROWS[name], command, exc)
         args.data.parent.mkdir(parents=True, exist_ok=True)
         with open(args.data, "a") as f:
             f.write(json.dumps(r) + "\n")
+        if r.get("failed"):
+            print(f"{name}: {r['failed']}", flush=True)
+            if args.record:
+                append_rows(SECTION, SECTION_TEXT, HEADER, [table_row(r)])
+            continue
         print(f"{name}: CA {pct(r['ca'])} (drop {pct(r['backdoored_ca'] - r['ca'])}) ASR {pct(r['asr'])} "
               f"R-ASR {pct(r['r_asr'])} Q-ASR {pct(r['q_asr'])} per epoch {[pct(c) for c in r['ca_per_epoch']]} "
               f"defense {r['defense_s']:.0f}s", flush=True)
