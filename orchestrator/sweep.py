@@ -49,9 +49,16 @@ class SweepOutcome:
     resumed: bool = False
     warnings: list[str] = field(default_factory=list)  # attacks whose export rule no trial met
     attack_timing: dict[str, float] = field(default_factory=dict)  # see stage_timing
+    exported: list[str] = field(default_factory=list)  # attacks with a selection in the export file
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
+
+    @property
+    def failed_stages(self) -> dict[str, str]:
+        """Attack-stage tasks (attacks, clean references) that failed -> the reason, one line."""
+        return {label: info.get("reason") or (str(info.get("error") or "failed").splitlines() or ["failed"])[0]
+                for label, info in self.attack_stage.items() if not info.get("ok")}
 
 
 def code_version() -> str:
@@ -196,7 +203,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
 
     from .preflight import check_sweep
 
-    check_sweep(spec, plan)  # storage, tracking, data, trigger files: before any lock, run or training
+    # storage, tracking, resources, data, trigger files: before any lock, run or training
+    check_sweep(spec, plan, address=address, num_cpus=num_cpus, num_gpus=num_gpus)
     storage = spec.storage_path
     folder = storage / spec.name
     fingerprint = spec_fingerprint(spec)
@@ -283,7 +291,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                     tracker.log_attack_stage(label, info)
             broken = {label for label, info in infos.items() if not info.get("ok")}
             if broken:
-                log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped (see MLflow)")
+                log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped "
+                    "(reasons above and in MLflow)")
             studies = [s for s in plan.studies if s.attack not in broken]
             clock.lap("attack stage")
 
@@ -354,13 +363,16 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                                 "tracking_uri": uri})
             if doc["selections"]:
                 export_file = write_export(doc, sweep_dir / "export.yaml")
+            failed_attacks = {label: str(infos[label].get("reason") or infos[label].get("error"))
+                              for label in broken if label in state["attack_runs"]}
             fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule,
-                                    extra_metrics=attack_timing)
+                                    extra_metrics=attack_timing, failed_attacks=failed_attacks)
             clock.lap("fronts and export")
             log("time: " + clock.text())
             outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
                                    export_file, infos, bool(resume), warnings=list(tracker.pick_warnings),
-                                   attack_timing=attack_timing)
+                                   attack_timing=attack_timing,
+                                   exported=list(dict.fromkeys(str(s["attack"]) for s in doc["selections"])))
             log(summary_text(outcome, spec))
             return outcome
         finally:
@@ -397,15 +409,20 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     metrics = spec.metrics
     failed = sum(r.status not in ("completed", "gated") for r in out.records)
     stopped = sum(r.status == "gated" and "gate_stopped_epoch" in r.metrics for r in out.records)
+    broken = out.failed_stages
     lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials, {out.count('completed')} evaluated "
                  f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC"
                  + (f"; {stopped} of them stopped during the defense" if stopped else "")
-                 + f"), {failed} failed or diverged ==="]
+                 + f"), {failed} failed or diverged"
+                 + (f"; {len(broken)} attack stage(s) failed, their studies not run" if broken else "") + " ==="]
+    lines += [f"FAILED attack stage {label}: {reason}" for label, reason in sorted(broken.items())]
     t = out.attack_timing
     if t:
         lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "
                      f"cache, {t['attack_stage_wall_s']:.1f}s wall for {t['attack_stage_tasks_s']:.1f}s of tasks")
     for attack, front in out.fronts.items():
+        if attack in broken:
+            continue
         lines.append(f"Pareto front for {attack} ({len(front)} trials):")
         header = f"  {'defense':<14} {'trial':<14} " + " ".join(f"{m:>8}" for m in metrics) + "  params"
         lines.append(header)
@@ -421,8 +438,8 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     else:
         lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
-    if out.export_file:
-        attack = next(iter(out.fronts), "NAME")
+    if out.export_file and out.exported:
+        attack = out.exported[0]  # an attack with a selection: a failed one has none
         # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
         lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
     lines.append(f"tables:    bibau report {out.folder}  (Tables 1 and 2, the figure grid; attached to the parent run)")
@@ -461,7 +478,7 @@ def cmd_sweep(args) -> int:
         from .preflight import check_sweep
         from .search import describe
 
-        for line in check_sweep(spec, plan):  # what run_sweep checks first, before any lock or run
+        for line in check_sweep(spec, plan, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
             print(f"checked {line}")
         for row in describe(plan.studies):
             print(f"{row['study']}: {row['trials']} trial(s), sampler {row['sampler']}, space {row['space']}")
@@ -472,6 +489,8 @@ def cmd_sweep(args) -> int:
         resume = True if args.resume == "latest" else args.resume
     out = run_sweep(spec, plan, resume=resume, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     verbose=args.verbose)
+    if out.failed_stages:  # partial results are kept, but the sweep did not do what it was asked
+        return 1
     return 0 if any(r.status == "completed" for r in out.records) else 1
 
 

@@ -78,6 +78,25 @@ SWEEP_CASES = [
      "attack.image"),
     ("trigger-missing", lambda d, t: _set(d, "attacks", [{"name": "blended", "image": str(t / "nope.png")}]),
      "attack.image"),
+    ("trigger-is-a-device", lambda d, t: _set(d, "attacks", [{"name": "blended", "image": "/dev/zero"}]),
+     "attack.image: '/dev/zero' is not a regular file"),
+    ("trigger-is-a-folder", lambda d, t: _set(d, "attacks", [{"name": "blended", "image": str(t)}]),
+     "is a folder"),
+    # ranges that depend on the data set: digits has 10 classes
+    ("target-not-a-class", lambda d, t: _set(d, "attacks", [{"name": "badnets", "target": 99}]),
+     "attack.target: 99 is not a class of digits (10 classes); allowed: 0..9"),
+    ("target-one-past-the-last-class", lambda d, t: _set(d, "attacks", [{"name": "blended", "target": 10}]),
+     "attack.target: 10"),
+    ("poison-every-image", lambda d, t: _set(d, "attacks", [{"name": "badnets", "poison_rate": 1.0}]),
+     "attack.poison_rate: 1.0 relabels every training image"),
+    ("nan-space-bound", lambda d, t: _set(d, "defenses.0.space.theta.low", float("nan")),
+     "defenses[0].space.theta.low: nan is not a finite number; allowed: a finite number"),
+    ("infinite-lr", lambda d, t: _set(d, "base.train.lr", float("inf")),
+     "train.lr: inf is not a finite number; allowed: a finite number in (0.0, inf)"),
+    ("resources-beyond-the-local-cluster", lambda d, t: _set(d, "resources", {"cpus": 4096}),
+     "resources.cpus: 4096"),
+    ("attack-resources-beyond-the-local-cluster", lambda d, t: _set(d, "attack_resources", {"cpus": 1, "gpus": 64}),
+     "attack_resources.gpus: 64"),
     ("bad-name", lambda d, t: _set(d, "name", "a/b"), "name"),
     ("bad-export-rule", lambda d, t: _set(d, "export_rule", "maximise ca"), "export_rule"),
 ]
@@ -226,3 +245,28 @@ def test_an_unexpected_error_is_one_line_with_the_log_path(tmp_path, monkeypatch
     assert "RuntimeError: disk on fire" in lines[0]
     (log,) = (tmp_path / "logs").iterdir()
     assert str(log) in lines[0] and "Traceback" in log.read_text()
+
+
+def test_pickled_weights_are_refused_in_one_sentence_without_torch_warnings(tmp_path, capsys, monkeypatch):
+    """torch's weights-only loader warns about the pickle protocol before it refuses, and its
+    refusal opens with a request to file an issue: neither is the user's message."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Planted(), protocol=4))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**RUN_BASE, "cache_dir": str(tmp_path / "cache"),
+                                   "model": {"name": "clip_vit", "weights": str(tmp_path / "evil.pt")}}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code = main(["run", str(cfg), "--out", str(tmp_path / "out")])
+    line = assert_refused(capsys, code, "model.weights", tmp_path)
+    assert not [w for w in seen if "pickle" in str(w.message).lower()], [str(w.message) for w in seen]
+    assert "file an issue" not in line.lower() and "(Unsupported " in line, line
+    assert not marker.exists()
