@@ -50,6 +50,7 @@ class SweepOutcome:
     warnings: list[str] = field(default_factory=list)  # attacks whose export rule no trial met
     attack_timing: dict[str, float] = field(default_factory=dict)  # see stage_timing
     exported: list[str] = field(default_factory=list)  # attacks with a selection in the export file
+    stopped: str | None = None  # why the defense stage stopped early (trials pending past the limit)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
@@ -94,7 +95,8 @@ def needs_clean_reference(cfg: dict) -> bool:
 
 def spec_fingerprint(spec: SweepSpec) -> str:
     data = to_dict(spec)
-    for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule"):
+    for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule",
+              "pending_timeout_s"):
         data.pop(k, None)  # may change between a sweep and its resumption
     return content_hash(data)
 
@@ -201,7 +203,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from .search import StudySearcher, trial_dirname
     from .tracking import SweepTracker, TrackingCallback
 
-    from .preflight import check_sweep
+    from .capacity import PendingLimit, node_fit_warnings
+    from .preflight import check_sweep, remote_cluster
 
     # storage, tracking, resources, data, trigger files: before any lock, run or training
     check_sweep(spec, plan, address=address, num_cpus=num_cpus, num_gpus=num_gpus)
@@ -261,6 +264,11 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         try:
             started_ray = _ray_init(address, num_cpus, num_gpus)
             clock.lap("ray start")
+            if remote_cluster(address):  # a local Ray's size was checked before anything was created
+                import ray
+
+                for line in node_fit_warnings(spec, ray.nodes()):
+                    log(line)
             # -- attack stage ------------------------------------------------------------------------
             res = spec.attack_resources or spec.resources
             jobs = [(a.label, "attack", a.config) for a in plan.attacks]
@@ -324,22 +332,33 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                         callbacks=[SigningCallback(sweep_id),
                                    TrackingCallback(tracker, spec.objectives, total=sum(s.trials for s in studies),
-                                                    optuna_url=optuna_url)]))
+                                                    optuna_url=optuna_url)]
+                        + ([PendingLimit(spec.pending_timeout_s, spec.resources)]
+                           if spec.pending_timeout_s is not None else [])))
             else:
                 tuner = None
             configs: dict[str, dict] = {}
+            stopped: str | None = None
             if tuner is not None:
                 signer.sign(state_files(tune_dir), tune_dir)  # tuner.pkl, written by the constructor
-                results = tuner.fit()
+                try:
+                    results = tuner.fit()
+                except Exception as exc:  # noqa: BLE001 - only the pending limit is handled here
+                    stopped = _pending_cause(exc)
+                    if stopped is None:
+                        raise
+                    results = None
+                    log(f"defense stage stopped: {stopped}")
                 quiet.close()
                 signer.sign(state_files(tune_dir), tune_dir)  # the final snapshot, synced to the storage
                 clock.lap("defense stage")
-                fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
-                if fixed:
-                    log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
-                for res in results:
-                    if isinstance((res.config or {}).get("run"), dict):
-                        configs[_trial_id(res)] = res.config["run"]
+                if results is not None:
+                    fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
+                    if fixed:
+                        log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
+                    for res in results:
+                        if isinstance((res.config or {}).get("run"), dict):
+                            configs[_trial_id(res)] = res.config["run"]
 
             # -- fronts, export, summary -----------------------------------------------------------------
             records = tracker.records()
@@ -366,13 +385,15 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             failed_attacks = {label: str(infos[label].get("reason") or infos[label].get("error"))
                               for label in broken if label in state["attack_runs"]}
             fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule,
-                                    extra_metrics=attack_timing, failed_attacks=failed_attacks)
+                                    extra_metrics=attack_timing, failed_attacks=failed_attacks,
+                                    status="FAILED" if stopped else "FINISHED")  # a stopped sweep stays resumable
             clock.lap("fronts and export")
             log("time: " + clock.text())
             outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
                                    export_file, infos, bool(resume), warnings=list(tracker.pick_warnings),
                                    attack_timing=attack_timing,
-                                   exported=list(dict.fromkeys(str(s["attack"]) for s in doc["selections"])))
+                                   exported=list(dict.fromkeys(str(s["attack"]) for s in doc["selections"])),
+                                   stopped=stopped)
             log(summary_text(outcome, spec))
             return outcome
         finally:
@@ -400,6 +421,19 @@ class _Clock:
         return ", ".join(f"{name} {sec:.1f}s" for name, sec in self.laps)
 
 
+def _pending_cause(exc: BaseException | None) -> str | None:
+    """The reason of a :class:`~orchestrator.capacity.PendingTooLong` behind what ``Tuner.fit`` raised."""
+    from .capacity import PendingTooLong
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PendingTooLong):
+            return str(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _trial_id(result) -> str:
     """Tune's trial id of a ``Result`` (its folder, ``<study>-<trial id>``, when it never reported)."""
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
@@ -416,6 +450,8 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
                  + f"), {failed} failed or diverged"
                  + (f"; {len(broken)} attack stage(s) failed, their studies not run" if broken else "") + " ==="]
     lines += [f"FAILED attack stage {label}: {reason}" for label, reason in sorted(broken.items())]
+    if out.stopped:
+        lines.append(f"STOPPED defense stage: {out.stopped}")
     t = out.attack_timing
     if t:
         lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "
@@ -489,7 +525,7 @@ def cmd_sweep(args) -> int:
         resume = True if args.resume == "latest" else args.resume
     out = run_sweep(spec, plan, resume=resume, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     verbose=args.verbose)
-    if out.failed_stages:  # partial results are kept, but the sweep did not do what it was asked
+    if out.failed_stages or out.stopped:  # partial results are kept, but the sweep did not do what it was asked
         return 1
     return 0 if any(r.status == "completed" for r in out.records) else 1
 

@@ -205,3 +205,66 @@ def test_resources_beyond_a_local_cluster_are_refused_with_its_size(tmp_path, ca
     assert "fit the local Ray (4 CPU" in capsys.readouterr().out
     assert main(["sweep", path, "--num-cpus", "2"]) == 2  # a real start: refused before anything
     assert not (tmp_path / "store" / "mlflow.db").exists()
+
+
+def test_a_remote_cluster_without_a_node_that_size_is_warned_about():
+    from orchestrator.capacity import node_fit_warnings
+    from orchestrator.spec import Resources
+
+    class Spec:
+        resources = Resources(cpus=64, gpus=1)
+        attack_resources = None
+        pending_timeout_s = 600.0
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 128.0, "GPU": 8.0}}]  # a dead node holds nothing
+    (line,) = node_fit_warnings(Spec, nodes)
+    assert line.startswith("warning: resources asks 64 CPU, 1 GPU") and "largest: 16 CPU, 1 GPU" in line
+    assert "after 600s" in line
+    nodes.append({"Alive": True, "Resources": {"CPU": 64.0, "GPU": 2.0}})
+    assert node_fit_warnings(Spec, nodes) == []
+
+
+def _trainable(config):
+    return {"x": 1.0}
+
+
+def test_trials_pending_past_the_limit_stop_tune_with_the_reason(local_ray):
+    """A real Tune run whose trials ask more CPUs than the cluster has: without the limit it would
+    wait forever; with it, fit() ends with the reason the sweep reports."""
+    from ray import tune
+
+    from orchestrator.capacity import PendingLimit
+    from orchestrator.spec import Resources
+    from orchestrator.sweep import _pending_cause
+
+    trainable = tune.with_resources(_trainable, {"cpu": 64})
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(num_samples=1),
+                       run_config=tune.RunConfig(verbose=0, callbacks=[PendingLimit(2.0, Resources(cpus=64))]))
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:
+        tuner.fit()
+    assert time.monotonic() - start < 120
+    reason = _pending_cause(info.value)
+    assert reason and "waited" in reason and "64 CPU" in reason and "pending_timeout_s 2" in reason, info.value
+
+
+def test_a_pending_trial_queued_behind_running_ones_is_not_stopped():
+    from types import SimpleNamespace
+
+    from orchestrator.capacity import PendingLimit, PendingTooLong
+    from orchestrator.spec import Resources
+
+    now = [0.0]
+    limit = PendingLimit(10.0, Resources(cpus=2), clock=lambda: now[0])
+    running, pending = SimpleNamespace(status="RUNNING"), SimpleNamespace(status="PENDING")
+    for t in range(0, 100, 5):  # queued behind a running trial: concurrency, not a missing node
+        now[0] = float(t)
+        limit.on_step_begin(t, [running, pending])
+    now[0] = 100.0
+    limit.on_step_begin(0, [pending])
+    now[0] = 105.0
+    limit.on_step_begin(0, [pending])  # alone for 5 s: still within the limit
+    now[0] = 111.0
+    with pytest.raises(PendingTooLong, match="1 trial\\(s\\) waited 11s for 2 CPU"):
+        limit.on_step_begin(0, [pending])
