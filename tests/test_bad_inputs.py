@@ -270,3 +270,45 @@ def test_pickled_weights_are_refused_in_one_sentence_without_torch_warnings(tmp_
     assert not [w for w in seen if "pickle" in str(w.message).lower()], [str(w.message) for w in seen]
     assert "file an issue" not in line.lower() and "(Unsupported " in line, line
     assert not marker.exists()
+
+
+def test_a_poisoning_that_leaves_a_class_without_clean_images_is_refused_or_warned():
+    """Known only with the labels (a small stratified subset, a rare class): dirty-label poisoning
+    that takes every image of a class is refused; a clean-label one that takes every target image
+    is what a researcher may mean, and is warned about."""
+    from trainables.attacks.base import check_clean_left
+    from trainables.config import ConfigError
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    check_clean_left(labels, torch.tensor([0, 2, 4, 6]), target=0, clean_label=False)  # each class keeps one
+    with pytest.raises(ConfigError, match=r"attack\.poison_rate: poisoning 3 of 9 .* class\(es\) 1 without a clean"):
+        check_clean_left(labels, torch.tensor([0, 2, 3]), target=0, clean_label=False)
+    with pytest.warns(UserWarning, match="every training image of the target class 0 is poisoned"):
+        check_clean_left(labels, torch.tensor([0, 1]), target=0, clean_label=True)
+
+
+def test_an_attack_stage_poisoning_every_image_of_a_class_fails_before_training(tmp_path):
+    """The attack's own poisoning (what the attack stage runs before training) on a training set with
+    a one-image class: refused, naming the field, exactly for the draws that poison that image."""
+    from trainables.attacks import build_attack
+    from trainables.config import ConfigError, build
+    from trainables.data.base import ImageSet
+    from trainables.schema import RunConfig
+
+    cfg = build(RunConfig, {"data": {"name": "digits"}, "attack": {"name": "badnets", "poison_rate": 0.3}})
+    x = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 2])  # class 2 has one image; 3 of 10 are poisoned
+
+    class Shape:
+        image_shape, num_classes = (3, 32, 32), 10
+
+    attack = build_attack(cfg.attack, Shape)
+    outcomes = set()
+    for seed in range(20):
+        try:
+            attack.poison_trainset(ImageSet(x, y), torch.Generator().manual_seed(seed))
+            outcomes.add("ok")
+        except ConfigError as exc:
+            assert "leaves class(es)" in str(exc) and str(exc).startswith("attack.poison_rate")
+            outcomes.add("refused")
+    assert outcomes == {"ok", "refused"}  # refused exactly when the draw empties a class

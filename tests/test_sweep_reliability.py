@@ -118,15 +118,15 @@ def test_a_resumed_search_repeats_no_parameters(tmp_path, local_ray):
     proc = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:  # kill the driver once three trials are logged, mid-search
+        deadline = time.time() + 600  # a loaded machine starts Ray slowly
+        while time.time() < deadline:  # kill the driver once two trials are logged, mid-search
             done = [r for r in mlflow_runs(spec.tracking_uri, "stand-in") if r.data.tags.get("role") == "trial"
                     and r.data.tags.get("status") == "completed"]
-            if len(done) >= 3 or proc.poll() is not None:
+            if len(done) >= 2 or proc.poll() is not None:
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the driver finished before it could be killed"
-        assert len(done) >= 3, "no trials were logged in time"
+        assert len(done) >= 2, "no trials were logged in time"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait()
