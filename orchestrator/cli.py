@@ -233,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"bibau {args.command}: config error: {exc}", file=sys.stderr)
+        # a refusal that is no input error (a sweep another driver runs) says what it is
+        print(f"bibau {args.command}: {getattr(exc, 'label', 'config error')}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bibau {args.command}: interrupted", file=sys.stderr)

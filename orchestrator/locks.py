@@ -36,6 +36,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class SweepBusy(ConfigError):
+    """Another live driver holds the sweep: no input was wrong, so the CLI does not call it one."""
+
+    label = "sweep busy"
+
+
 class DriverLease:
     """The lease of one sweep's driver; see the module docstring."""
 
@@ -87,7 +93,7 @@ class DriverLease:
                 if not self.holder_dead(doc):
                     beat = doc.get("heartbeat")
                     ago = f"{time.time() - float(beat):.0f}s ago" if isinstance(beat, (int, float)) else "unknown"
-                    raise ConfigError(
+                    raise SweepBusy(
                         f"sweep {self.path.parent.name} is being run by another driver (host {doc.get('host')!r}, "
                         f"pid {doc.get('pid')}, last heartbeat {ago}); wait for it to end, or stop it and then "
                         f"--resume (a dead driver's lease is taken over; a silent one after {self.stale_s:.0f}s)")
@@ -103,7 +109,7 @@ class DriverLease:
             self._thread = threading.Thread(target=self._beat, name="bibau-lease", daemon=True)
             self._thread.start()
             return self
-        raise ConfigError(f"{self.path}: could not take the sweep's lease (another driver is starting); try again")
+        raise SweepBusy(f"{self.path}: could not take the sweep's lease (another driver is starting); try again")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -148,6 +148,10 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
                 check_image(value, field)
                 seen[("image", value)] = True
                 lines.append(f"{field} {value}: a readable image")
+    attack_key = ("attack", json.dumps([to_dict(cfg.attack), to_dict(cfg.data)], sort_keys=True, default=str))
+    if attack_key not in seen:
+        check_attack(cfg)
+        seen[attack_key] = True
     if device:
         try:
             resolve_device(cfg.device)
@@ -156,13 +160,65 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
     return lines
 
 
-def check_sweep(spec, plan) -> list[str]:
-    """Every check of a sweep: storage, tracking, and each attack stage's trial config."""
+def check_attack(cfg) -> None:
+    """The attack built as the attack stage builds it, on the image shape and class count the data
+    config implies without loading (when it does): what its constructor refuses (a trigger that
+    fits not the images) is refused now, not inside the attack stage."""
+    from trainables.registry import ATTACKS
+
+    shape, classes = cfg.data.image_shape(), cfg.data.class_count()
+    if shape is None or classes is None:
+        return
+    try:
+        ATTACKS.get(cfg.attack.name)(cfg.attack, shape, classes)
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"attack: {cfg.attack.name} cannot be built for {cfg.data.name} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def local_capacity(num_cpus: int | None = None, num_gpus: float | None = None) -> dict[str, float]:
+    """What a local Ray started by the sweep will have: ``--num-cpus``/``--num-gpus``, else this
+    machine's cores and CUDA devices (Ray detects no more than these)."""
+    import torch
+
+    cpus = float(num_cpus) if num_cpus is not None else float(os.cpu_count() or 1)
+    gpus = float(num_gpus) if num_gpus is not None else float(torch.cuda.device_count())
+    return {"cpus": cpus, "gpus": gpus}
+
+
+def check_resources(spec, capacity: dict[str, float], where: str) -> list[str]:
+    """A trial or attack task asking more than the cluster's biggest node has would wait forever
+    in Ray's queue ("No available node types can fulfill resource request"): refused."""
+    asks = [("resources", spec.resources)]
+    if spec.attack_resources is not None:
+        asks.append(("attack_resources", spec.attack_resources))
+    for field, res in asks:
+        for key in ("cpus", "gpus"):
+            want, have = float(getattr(res, key)), capacity[key]
+            if want > have:
+                raise ConfigError(f"{field}.{key}: {want:g} per trial, but {where} has {have:g}; allowed: at most "
+                                  f"{have:g} (or join a larger cluster with --address)")
+    return [f"resources: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU per trial fit {where} "
+            f"({capacity['cpus']:g} CPU, {capacity['gpus']:g} GPU)"]
+
+
+def remote_cluster(address: str | None) -> bool:
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_sweep(spec, plan, *, address: str | None = None, num_cpus: int | None = None,
+                num_gpus: float | None = None) -> list[str]:
+    """Every check of a sweep: storage, tracking, resources (of a local Ray; a remote cluster's are
+    checked when the sweep joins it), and each attack stage's and study's trial config."""
     from trainables.config import build
     from trainables.schema import RunConfig
 
     check_writable_dir(spec.storage_path, "storage")
     lines = [f"storage {spec.storage_path}: writable"]
+    if not remote_cluster(address):
+        lines += check_resources(spec, local_capacity(num_cpus, num_gpus), "the local Ray")
     field = "tracking.uri" if spec.tracking.uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") \
         else "storage (its mlflow.db)"
     lines.append(f"tracking: {check_tracking(spec.tracking_uri, field)}: reachable")

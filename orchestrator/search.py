@@ -83,6 +83,23 @@ def make_sampler(study: Study):
     return optuna.samplers.TPESampler(seed=study.seed, multivariate=True, constant_liar=True, **kwargs)
 
 
+def continue_stream(sampler, seed: int, asked: int) -> None:
+    """Seed ``sampler`` (TPE, NSGA-II, and the random sampler of their start-up trials) from
+    ``(seed, asked)``; a sampler without the seeded generators Optuna's have gets fresh entropy,
+    which still proposes nothing twice."""
+    import numpy as np
+
+    states = np.random.SeedSequence([int(seed), int(asked)]).generate_state(2)
+    targets = [sampler, getattr(sampler, "_random_sampler", None)]
+    rngs = [getattr(getattr(t, "_rng", None), "rng", None) for t in targets]
+    if rngs[0] is None or (targets[1] is not None and rngs[1] is None):
+        sampler.reseed_rng()
+        return
+    for rng, state in zip(rngs, states):
+        if rng is not None:
+            rng.seed(int(state))  # in place: NSGA-II's child generation shares this RandomState
+
+
 def result_ok(result: dict | None, metrics: list[str]) -> bool:
     """A trial result Optuna may be told: completed, every objective a finite number."""
     if not result or result.get(STATUS_KEY) != "completed":
@@ -251,6 +268,19 @@ class StudySearcher(Searcher):
             raise ValueError(f"{checkpoint_path}: not a JSON searcher state; refusing to load it") from None
         self.set_state(state)
         self.fail_orphans()
+        self.continue_streams()
+
+    def continue_streams(self) -> None:
+        """Reseed each tuned study's sampler for the trials still to come. A resumed sampler is
+        rebuilt from its seed, so its random stream would start over and propose the first trials'
+        parameters again; seeded from (seed, trials its study has asked), the stream is new at each
+        resume point and the same on a re-run of the same resume (the study's database, not a
+        pickled random state, is what tells how far the search got)."""
+        for key, sub in self.optuna.items():
+            asked = len(sub._ot_study.get_trials(deepcopy=False))
+            samplers = {id(x): x for x in (sub._ot_study.sampler, sub._sampler) if x is not None}
+            for sampler in samplers.values():  # one object, unless unpickling split them
+                continue_stream(sampler, self.studies[key].seed, asked)
 
     def fail_orphans(self) -> int:
         """Mark FAIL the Optuna trials asked after the last snapshot of a driver that died: Tune

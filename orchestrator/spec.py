@@ -237,6 +237,10 @@ class SweepSpec(Config):
     max_failures: int = param(1, "retries of a trial that raised before it is recorded as failed", low=0)
     resources: Resources = param(factory=Resources, help="resources of one defense trial")
     attack_resources: Resources | None = param(None, "resources of one attack-stage task; None: as resources")
+    pending_timeout_s: float | None = param(1800.0, "seconds a trial may wait for resources while nothing runs "
+                                            "before the sweep stops with the reason (a remote cluster whose "
+                                            "nodes are all smaller than resources); None: wait forever",
+                                            low=0.0, low_open=True)
     tracking: Tracking = param(factory=Tracking, help="MLflow")
     storage: str = param("runs/sweeps", "folder of Tune state, Optuna studies, the model cache and results "
                          "(a shared file system for multi-node clusters)")

@@ -49,9 +49,17 @@ class SweepOutcome:
     resumed: bool = False
     warnings: list[str] = field(default_factory=list)  # attacks whose export rule no trial met
     attack_timing: dict[str, float] = field(default_factory=dict)  # see stage_timing
+    exported: list[str] = field(default_factory=list)  # attacks with a selection in the export file
+    stopped: str | None = None  # why the defense stage stopped early (trials pending past the limit)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
+
+    @property
+    def failed_stages(self) -> dict[str, str]:
+        """Attack-stage tasks (attacks, clean references) that failed -> the reason, one line."""
+        return {label: info.get("reason") or (str(info.get("error") or "failed").splitlines() or ["failed"])[0]
+                for label, info in self.attack_stage.items() if not info.get("ok")}
 
 
 def code_version() -> str:
@@ -87,7 +95,8 @@ def needs_clean_reference(cfg: dict) -> bool:
 
 def spec_fingerprint(spec: SweepSpec) -> str:
     data = to_dict(spec)
-    for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule"):
+    for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule",
+              "pending_timeout_s"):
         data.pop(k, None)  # may change between a sweep and its resumption
     return content_hash(data)
 
@@ -194,9 +203,11 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from .search import StudySearcher, trial_dirname
     from .tracking import SweepTracker, TrackingCallback
 
-    from .preflight import check_sweep
+    from .capacity import PendingLimit, node_fit_warnings
+    from .preflight import check_sweep, remote_cluster
 
-    check_sweep(spec, plan)  # storage, tracking, data, trigger files: before any lock, run or training
+    # storage, tracking, resources, data, trigger files: before any lock, run or training
+    check_sweep(spec, plan, address=address, num_cpus=num_cpus, num_gpus=num_gpus)
     storage = spec.storage_path
     folder = storage / spec.name
     fingerprint = spec_fingerprint(spec)
@@ -253,6 +264,11 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         try:
             started_ray = _ray_init(address, num_cpus, num_gpus)
             clock.lap("ray start")
+            if remote_cluster(address):  # a local Ray's size was checked before anything was created
+                import ray
+
+                for line in node_fit_warnings(spec, ray.nodes()):
+                    log(line)
             # -- attack stage ------------------------------------------------------------------------
             res = spec.attack_resources or spec.resources
             jobs = [(a.label, "attack", a.config) for a in plan.attacks]
@@ -283,7 +299,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                     tracker.log_attack_stage(label, info)
             broken = {label for label, info in infos.items() if not info.get("ok")}
             if broken:
-                log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped (see MLflow)")
+                log(f"attack stage failed for {', '.join(sorted(broken))}: their studies are skipped "
+                    "(reasons above and in MLflow)")
             studies = [s for s in plan.studies if s.attack not in broken]
             clock.lap("attack stage")
 
@@ -315,22 +332,33 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                         callbacks=[SigningCallback(sweep_id),
                                    TrackingCallback(tracker, spec.objectives, total=sum(s.trials for s in studies),
-                                                    optuna_url=optuna_url)]))
+                                                    optuna_url=optuna_url)]
+                        + ([PendingLimit(spec.pending_timeout_s, spec.resources)]
+                           if spec.pending_timeout_s is not None else [])))
             else:
                 tuner = None
             configs: dict[str, dict] = {}
+            stopped: str | None = None
             if tuner is not None:
                 signer.sign(state_files(tune_dir), tune_dir)  # tuner.pkl, written by the constructor
-                results = tuner.fit()
+                try:
+                    results = tuner.fit()
+                except Exception as exc:  # noqa: BLE001 - only the pending limit is handled here
+                    stopped = _pending_cause(exc)
+                    if stopped is None:
+                        raise
+                    results = None
+                    log(f"defense stage stopped: {stopped}")
                 quiet.close()
                 signer.sign(state_files(tune_dir), tune_dir)  # the final snapshot, synced to the storage
                 clock.lap("defense stage")
-                fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
-                if fixed:
-                    log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
-                for res in results:
-                    if isinstance((res.config or {}).get("run"), dict):
-                        configs[_trial_id(res)] = res.config["run"]
+                if results is not None:
+                    fixed = TrackingCallback(tracker, spec.objectives).reconcile(results)
+                    if fixed:
+                        log(f"{fixed} trial(s) finished in Tune but missing or unfinished in MLflow were logged now")
+                    for res in results:
+                        if isinstance((res.config or {}).get("run"), dict):
+                            configs[_trial_id(res)] = res.config["run"]
 
             # -- fronts, export, summary -----------------------------------------------------------------
             records = tracker.records()
@@ -354,13 +382,18 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
                                 "tracking_uri": uri})
             if doc["selections"]:
                 export_file = write_export(doc, sweep_dir / "export.yaml")
+            failed_attacks = {label: str(infos[label].get("reason") or infos[label].get("error"))
+                              for label in broken if label in state["attack_runs"]}
             fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule,
-                                    extra_metrics=attack_timing)
+                                    extra_metrics=attack_timing, failed_attacks=failed_attacks,
+                                    status="FAILED" if stopped else "FINISHED")  # a stopped sweep stays resumable
             clock.lap("fronts and export")
             log("time: " + clock.text())
             outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
                                    export_file, infos, bool(resume), warnings=list(tracker.pick_warnings),
-                                   attack_timing=attack_timing)
+                                   attack_timing=attack_timing,
+                                   exported=list(dict.fromkeys(str(s["attack"]) for s in doc["selections"])),
+                                   stopped=stopped)
             log(summary_text(outcome, spec))
             return outcome
         finally:
@@ -388,6 +421,19 @@ class _Clock:
         return ", ".join(f"{name} {sec:.1f}s" for name, sec in self.laps)
 
 
+def _pending_cause(exc: BaseException | None) -> str | None:
+    """The reason of a :class:`~orchestrator.capacity.PendingTooLong` behind what ``Tuner.fit`` raised."""
+    from .capacity import PendingTooLong
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PendingTooLong):
+            return str(exc)
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _trial_id(result) -> str:
     """Tune's trial id of a ``Result`` (its folder, ``<study>-<trial id>``, when it never reported)."""
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
@@ -397,15 +443,22 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     metrics = spec.metrics
     failed = sum(r.status not in ("completed", "gated") for r in out.records)
     stopped = sum(r.status == "gated" and "gate_stopped_epoch" in r.metrics for r in out.records)
+    broken = out.failed_stages
     lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials, {out.count('completed')} evaluated "
                  f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC"
                  + (f"; {stopped} of them stopped during the defense" if stopped else "")
-                 + f"), {failed} failed or diverged ==="]
+                 + f"), {failed} failed or diverged"
+                 + (f"; {len(broken)} attack stage(s) failed, their studies not run" if broken else "") + " ==="]
+    lines += [f"FAILED attack stage {label}: {reason}" for label, reason in sorted(broken.items())]
+    if out.stopped:
+        lines.append(f"STOPPED defense stage: {out.stopped}")
     t = out.attack_timing
     if t:
         lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "
                      f"cache, {t['attack_stage_wall_s']:.1f}s wall for {t['attack_stage_tasks_s']:.1f}s of tasks")
     for attack, front in out.fronts.items():
+        if attack in broken:
+            continue
         lines.append(f"Pareto front for {attack} ({len(front)} trials):")
         header = f"  {'defense':<14} {'trial':<14} " + " ".join(f"{m:>8}" for m in metrics) + "  params"
         lines.append(header)
@@ -421,8 +474,8 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     else:
         lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
-    if out.export_file:
-        attack = next(iter(out.fronts), "NAME")
+    if out.export_file and out.exported:
+        attack = out.exported[0]  # an attack with a selection: a failed one has none
         # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
         lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
     lines.append(f"tables:    bibau report {out.folder}  (Tables 1 and 2, the figure grid; attached to the parent run)")
@@ -461,7 +514,7 @@ def cmd_sweep(args) -> int:
         from .preflight import check_sweep
         from .search import describe
 
-        for line in check_sweep(spec, plan):  # what run_sweep checks first, before any lock or run
+        for line in check_sweep(spec, plan, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus):
             print(f"checked {line}")
         for row in describe(plan.studies):
             print(f"{row['study']}: {row['trials']} trial(s), sampler {row['sampler']}, space {row['space']}")
@@ -472,6 +525,8 @@ def cmd_sweep(args) -> int:
         resume = True if args.resume == "latest" else args.resume
     out = run_sweep(spec, plan, resume=resume, address=args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     verbose=args.verbose)
+    if out.failed_stages or out.stopped:  # partial results are kept, but the sweep did not do what it was asked
+        return 1
     return 0 if any(r.status == "completed" for r in out.records) else 1
 
 

@@ -350,10 +350,12 @@ class SweepTracker:
 
     def finish(self, records: list[TrialRecord], objectives: Sequence, *, attack_info: dict[str, dict] | None = None,
                export_file: Path | None = None, status: str = "FINISHED", rule=None,
-               extra_metrics: dict[str, float] | None = None) -> dict[str, list[TrialRecord]]:
+               extra_metrics: dict[str, float] | None = None,
+               failed_attacks: dict[str, str] | None = None) -> dict[str, list[TrialRecord]]:
         """Tag the Pareto trials, log each attack's front, plots and hypervolume; with the export
         ``rule``, tag its picks and write the runs' descriptions (warnings in ``pick_warnings``);
-        close the runs."""
+        close the runs (an attack whose attack stage failed, in ``failed_attacks`` with its reason,
+        as FAILED)."""
         import tempfile
 
         from .export import DEFAULT_RULE, parse_rule
@@ -392,7 +394,12 @@ class SweepTracker:
                 "trials_completed": sum(r.status == "completed" for r in recs),
                 "trials_gated": sum(r.status == "gated" for r in recs),
                 "trials_failed": sum(r.status not in ("completed", "gated") for r in recs)})
-            self.client.set_terminated(run, status)
+            if attack in (failed_attacks or {}):  # its studies never ran: not a finished attack
+                self.client.set_tag(run, "status", "failed")
+                self.client.set_tag(run, "failure", failed_attacks[attack][:5000])
+                self.client.set_terminated(run, "FAILED")
+            else:
+                self.client.set_terminated(run, status)
         parent = state["parent_run_id"]
         self.pick_warnings = tag_picks(self.client, views, rule.text, state["attack_runs"], parent, objectives,
                                        experiment_id=state.get("experiment_id"), sweep_id=self.sweep_id)

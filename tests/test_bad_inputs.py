@@ -78,6 +78,25 @@ SWEEP_CASES = [
      "attack.image"),
     ("trigger-missing", lambda d, t: _set(d, "attacks", [{"name": "blended", "image": str(t / "nope.png")}]),
      "attack.image"),
+    ("trigger-is-a-device", lambda d, t: _set(d, "attacks", [{"name": "blended", "image": "/dev/zero"}]),
+     "attack.image: '/dev/zero' is not a regular file"),
+    ("trigger-is-a-folder", lambda d, t: _set(d, "attacks", [{"name": "blended", "image": str(t)}]),
+     "is a folder"),
+    # ranges that depend on the data set: digits has 10 classes
+    ("target-not-a-class", lambda d, t: _set(d, "attacks", [{"name": "badnets", "target": 99}]),
+     "attack.target: 99 is not a class of digits (10 classes); allowed: 0..9"),
+    ("target-one-past-the-last-class", lambda d, t: _set(d, "attacks", [{"name": "blended", "target": 10}]),
+     "attack.target: 10"),
+    ("poison-every-image", lambda d, t: _set(d, "attacks", [{"name": "badnets", "poison_rate": 1.0}]),
+     "attack.poison_rate: 1.0 relabels every training image"),
+    ("nan-space-bound", lambda d, t: _set(d, "defenses.0.space.theta.low", float("nan")),
+     "defenses[0].space.theta.low: nan is not a finite number; allowed: a finite number"),
+    ("infinite-lr", lambda d, t: _set(d, "base.train.lr", float("inf")),
+     "train.lr: inf is not a finite number; allowed: a finite number in (0.0, inf)"),
+    ("resources-beyond-the-local-cluster", lambda d, t: _set(d, "resources", {"cpus": 4096}),
+     "resources.cpus: 4096"),
+    ("attack-resources-beyond-the-local-cluster", lambda d, t: _set(d, "attack_resources", {"cpus": 1, "gpus": 64}),
+     "attack_resources.gpus: 64"),
     ("bad-name", lambda d, t: _set(d, "name", "a/b"), "name"),
     ("bad-export-rule", lambda d, t: _set(d, "export_rule", "maximise ca"), "export_rule"),
 ]
@@ -226,3 +245,70 @@ def test_an_unexpected_error_is_one_line_with_the_log_path(tmp_path, monkeypatch
     assert "RuntimeError: disk on fire" in lines[0]
     (log,) = (tmp_path / "logs").iterdir()
     assert str(log) in lines[0] and "Traceback" in log.read_text()
+
+
+def test_pickled_weights_are_refused_in_one_sentence_without_torch_warnings(tmp_path, capsys, monkeypatch):
+    """torch's weights-only loader warns about the pickle protocol before it refuses, and its
+    refusal opens with a request to file an issue: neither is the user's message."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Planted(), protocol=4))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**RUN_BASE, "cache_dir": str(tmp_path / "cache"),
+                                   "model": {"name": "clip_vit", "weights": str(tmp_path / "evil.pt")}}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code = main(["run", str(cfg), "--out", str(tmp_path / "out")])
+    line = assert_refused(capsys, code, "model.weights", tmp_path)
+    assert not [w for w in seen if "pickle" in str(w.message).lower()], [str(w.message) for w in seen]
+    assert "file an issue" not in line.lower() and "(Unsupported " in line, line
+    assert not marker.exists()
+
+
+def test_a_poisoning_that_leaves_a_class_without_clean_images_is_refused_or_warned():
+    """Known only with the labels (a small stratified subset, a rare class): dirty-label poisoning
+    that takes every image of a class is refused; a clean-label one that takes every target image
+    is what a researcher may mean, and is warned about."""
+    from trainables.attacks.base import check_clean_left
+    from trainables.config import ConfigError
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    check_clean_left(labels, torch.tensor([0, 2, 4, 6]), target=0, clean_label=False)  # each class keeps one
+    with pytest.raises(ConfigError, match=r"attack\.poison_rate: poisoning 3 of 9 .* class\(es\) 1 without a clean"):
+        check_clean_left(labels, torch.tensor([0, 2, 3]), target=0, clean_label=False)
+    with pytest.warns(UserWarning, match="every training image of the target class 0 is poisoned"):
+        check_clean_left(labels, torch.tensor([0, 1]), target=0, clean_label=True)
+
+
+def test_an_attack_stage_poisoning_every_image_of_a_class_fails_before_training(tmp_path):
+    """The attack's own poisoning (what the attack stage runs before training) on a training set with
+    a one-image class: refused, naming the field, exactly for the draws that poison that image."""
+    from trainables.attacks import build_attack
+    from trainables.config import ConfigError, build
+    from trainables.data.base import ImageSet
+    from trainables.schema import RunConfig
+
+    cfg = build(RunConfig, {"data": {"name": "digits"}, "attack": {"name": "badnets", "poison_rate": 0.3}})
+    x = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 2])  # class 2 has one image; 3 of 10 are poisoned
+
+    class Shape:
+        image_shape, num_classes = (3, 32, 32), 10
+
+    attack = build_attack(cfg.attack, Shape)
+    outcomes = set()
+    for seed in range(20):
+        try:
+            attack.poison_trainset(ImageSet(x, y), torch.Generator().manual_seed(seed))
+            outcomes.add("ok")
+        except ConfigError as exc:
+            assert "leaves class(es)" in str(exc) and str(exc).startswith("attack.poison_rate")
+            outcomes.add("refused")
+    assert outcomes == {"ok", "refused"}  # refused exactly when the draw empties a class

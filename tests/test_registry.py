@@ -87,7 +87,7 @@ def test_build_picks_the_implementation_config_by_name():
 @pytest.mark.parametrize("data, message", [
     ({"part": {"name": "spring", "teeth": 3}}, r"part\.teeth: unknown key; allowed keys: name, size"),
     ({"part": {"name": "bolt"}}, r"part\.name: unknown part 'bolt'; known: gear, spring"),
-    ({"part": {"size": 0}}, r"part\.size: 0\.0 is out of range; allowed: in \(0\.0, inf\]"),
+    ({"part": {"size": 0}}, r"part\.size: 0\.0 is out of range; allowed: in \(0\.0, inf\)"),
     ({"part": {"teeth": 2.5}}, r"part\.teeth: expected an integer, got 2\.5"),
     ({"mode": "medium"}, r"mode: 'medium' is not allowed; allowed: one of 'fast', 'slow'"),
     ({"speeds": "fast"}, r"speeds: expected a list"),

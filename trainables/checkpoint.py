@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,9 @@ def _sidecar(path: Path) -> dict:
 
 def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a file's pickle protocol before refusing it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever the restricted unpickler rejects
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain state dict of tensors and would need pickle, "

@@ -88,8 +88,10 @@ def _describe(meta: Mapping) -> str:
     if meta.get("low") is not None or meta.get("high") is not None:
         lo = meta.get("low")
         hi = meta.get("high")
-        left = "(" if meta.get("low_open") else "["
-        parts.append(f"in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+        # an unbounded end is open: inf and nan are never allowed
+        left = "(" if lo is None or meta.get("low_open") else "["
+        right = ")" if hi is None else "]"
+        parts.append(f"in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}")
     return " and ".join(parts)
 
 
@@ -107,7 +109,9 @@ def _check_value(value: Any, meta: Mapping, path: str) -> None:
         bad = (lo is not None and (value < lo or (meta.get("low_open") and value == lo))) or (
             hi is not None and value > hi
         )
-        if bad or (isinstance(value, float) and not math.isfinite(value)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: {value!r} is not a finite number; allowed: {('a finite number ' + _describe(meta)).strip()}")
+        if bad:
             raise ConfigError(f"{path}: {value!r} is out of range; allowed: {_describe(meta)}")
 
 

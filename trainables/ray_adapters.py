@@ -203,6 +203,9 @@ def run_attack_stages(jobs: list[tuple[str, str, dict]], *, cpus: float, gpus: f
         try:
             out[label] = ray.get(fut)
         except Exception as exc:  # one failed attack does not stop the others
-            out[label] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
-            log(f"attack stage {label} failed: {out[label]['error'].splitlines()[0]}")
+            # a RayTaskError wraps what the stage raised; its own text opens with the worker's pid
+            cause = getattr(exc, "cause", None) or exc
+            out[label] = {"ok": False, "error": f"{type(cause).__name__}: {cause}"[:4000],
+                          "reason": (f"{type(cause).__name__}: {str(cause).strip()}".splitlines() or [""])[0][:500]}
+            log(f"attack stage {label} failed: {out[label]['reason']}")
     return out

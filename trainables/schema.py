@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .attacks.base import AttackConfig
+from .attacks.base import Attack, AttackConfig
 from .config import Config, ConfigError, param, to_dict
 from .contrastive.config import ContrastiveConfig
 from .data.base import DataConfig
@@ -175,6 +175,26 @@ class RunConfig(Config):
         shape = self.data.image_shape()
         if shape is not None:
             self.attack.check_image(shape, f"{path}.attack" if path else "attack")
+        classes = self.data.class_count()
+        if classes is not None and self.attack.target >= classes:  # else the attack stage refuses it, after minutes
+            raise ConfigError(f"{path + '.' if path else ''}attack.target: {self.attack.target} is not a class of "
+                              f"{self.data.name} ({classes} classes); allowed: 0..{classes - 1}")
+        check_poison_rate(self, path)
+
+
+def check_poison_rate(self: RunConfig, path: str) -> None:
+    """A dirty-label attack that relabels every training image it holds leaves no clean image of any
+    class to learn the task from (the model it trains has chance-level CA): refused. The per-class
+    case, known only with the labels, is ``attacks.base.check_clean_left``'s."""
+    attack = ATTACKS.get(self.attack.name) if self.attack.name in ATTACKS else None
+    rate = getattr(self.attack, "poison_rate", None)
+    if attack is None or attack.clean_label or rate is None or rate < 1.0:
+        return
+    if not attack.build_time and attack.training_batch is Attack.training_batch:
+        return  # poisons nothing ('clean')
+    raise ConfigError(f"{path + '.' if path else ''}attack.poison_rate: {rate} relabels every training image to the "
+                      f"target {self.attack.target}: no clean image of any class is left to learn the task from; "
+                      "allowed: below 1")
 
 
 CONTRASTIVE_METRICS = ("ca", "asr", "ra")

@@ -28,6 +28,7 @@ additional test sets whose accuracy the attack stage reports (WaNet's noise-mode
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,26 @@ def check_cover_rate(cfg: AttackConfig, where: str) -> None:
     if total > 1.0:
         raise ConfigError(f"{where}cover_rate: poison_rate + cover_rate = {total:.4g} exceeds the training set; "
                           "allowed: a sum of at most 1")
+
+
+def check_clean_left(labels: torch.Tensor, index: torch.Tensor, target: int, clean_label: bool) -> None:
+    """A class whose every training image is poisoned is learnt from triggered images only.
+    Dirty-label: that class is never seen clean (refused); clean-label: the target class carries
+    the trigger everywhere, which a researcher may mean (a warning)."""
+    if not len(index):
+        return
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    left = counts - torch.bincount(labels[index], minlength=len(counts))
+    bare = [c for c in (counts > 0).nonzero().flatten().tolist() if left[c] == 0]
+    if not bare:
+        return
+    if clean_label:
+        warnings.warn(f"attack.poison_rate: every training image of the target class {target} is poisoned: "
+                      "no clean image of it is left", stacklevel=2)
+        return
+    raise ConfigError(f"attack.poison_rate: poisoning {len(index)} of {len(labels)} training images leaves class(es) "
+                      f"{', '.join(map(str, bare[:10]))} without a clean training image; allowed: a lower rate "
+                      "(or a larger training set)")
 
 
 # seed of the per-sample trigger draws of triggered test sets (fixed: the same test set on every run)
@@ -175,6 +196,7 @@ class Attack(abc.ABC):
         if exclude is not None and len(exclude):
             index = index[~torch.isin(index, exclude.cpu())]
             cover = cover[~torch.isin(cover, exclude.cpu())]
+        check_clean_left(labels, index, self.target, self.clean_label)
         x, y = train.x.clone(), train.y.clone()
         dev = x.device
         for chunk in index.split(4096) if len(index) else ():  # bounded memory on large sets

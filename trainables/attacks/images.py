@@ -21,9 +21,14 @@ def check_image_spec(spec: str, field: str) -> None:
         if name not in SKLEARN_IMAGES:
             allowed = ", ".join(SKLEARN_PREFIX + n for n in SKLEARN_IMAGES)
             raise ConfigError(f"{field}: {spec!r} is not a bundled image; allowed: {allowed} or a file path")
-    elif not Path(spec).expanduser().is_file():
-        raise ConfigError(f"{field}: image file {spec!r} does not exist "
-                          f"(give a path, or one of {', '.join(SKLEARN_PREFIX + n for n in SKLEARN_IMAGES)})")
+    else:
+        path = Path(spec).expanduser()
+        allowed = f"(give an image file, or one of {', '.join(SKLEARN_PREFIX + n for n in SKLEARN_IMAGES)})"
+        if path.is_file():
+            return
+        # a folder or a device (/dev/zero) exists: "does not exist" would send the user looking elsewhere
+        what = "does not exist" if not path.exists() else "is a folder" if path.is_dir() else "is not a regular file"
+        raise ConfigError(f"{field}: {spec!r} {what} {allowed}")
 
 
 def load_image(spec: str, channels: int) -> torch.Tensor:

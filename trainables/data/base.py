@@ -106,3 +106,8 @@ class DataConfig(Config):
         (``native_size`` of its loader); None for an image folder kept at its files' sizes."""
         side = self.image_size or getattr(DATASETS.get(self.name), "native_size", None)
         return None if side is None else (3, side, side)
+
+    def class_count(self) -> int | None:
+        """How many classes this config's data set has, known without loading it (``class_count``
+        of its loader); None when only its files can tell (an image folder)."""
+        return getattr(DATASETS.get(self.name), "class_count", None) if self.name in DATASETS else None

@@ -175,3 +175,4 @@ def _read_python(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 cifar10.native_size = 32  # side in pixels when data.image_size is not set (DataConfig.image_shape)
+cifar10.class_count = len(CLASSES)  # known without loading (DataConfig.class_count: attack.target's range)

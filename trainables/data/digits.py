@@ -41,3 +41,4 @@ def digits(cfg: DataConfig) -> Dataset:
 
 digits.unused_fields = ("root", "download", "cache_dir")  # bundled with scikit-learn, decoded in ms, not cached
 digits.native_size = 32  # side in pixels when data.image_size is not set (DataConfig.image_shape)
+digits.class_count = 10  # classes, known without loading (DataConfig.class_count: attack.target's range)

@@ -124,3 +124,4 @@ def _test_labels(path: Path) -> list[tuple[str, str]]:
 
 
 gtsrb.native_size = 32  # side in pixels when data.image_size is not set (DataConfig.image_shape)
+gtsrb.class_count = len(CLASSES)  # known without loading (DataConfig.class_count: attack.target's range)

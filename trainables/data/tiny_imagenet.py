@@ -92,3 +92,4 @@ def _decode(layout: dict, size: int) -> Dataset:
 
 
 tiny_imagenet.native_size = 64  # side in pixels when data.image_size is not set (DataConfig.image_shape)
+tiny_imagenet.class_count = 200  # classes, known without loading (DataConfig.class_count: attack.target's range)

@@ -39,6 +39,7 @@ import functools
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,12 +143,14 @@ def _read(path: Path, field: str, lazy: bool) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{field}: {str(path)!r} is not a readable safetensors file ({exc})") from None
     if suffix in TORCH_SUFFIXES:
         try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
-            except RuntimeError as exc:
-                if not (lazy and "mmap" in str(exc)):  # the legacy (non-zip) format cannot be mapped
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about a file's pickle protocol before refusing it
+                warnings.simplefilter("ignore")
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+                except RuntimeError as exc:
+                    if not (lazy and "mmap" in str(exc)):  # the legacy (non-zip) format cannot be mapped
+                        raise
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - whatever the restricted unpickler rejects
             first = _reason(exc)
             raise ConfigError(
@@ -166,11 +169,13 @@ def _read(path: Path, field: str, lazy: bool) -> dict[str, torch.Tensor]:
 
 
 def _reason(exc: Exception) -> str:
-    """The line of torch's refusal that says what the file needs (its message is long and styled)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line]
-    said = [line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line]
-    return (said or lines or [type(exc).__name__])[0][:300]
+    """What torch's refusal says the file needs, in one sentence: its message is long, styled, and
+    its first lines ask to file an issue or to allowlist globals, which is not the user's remedy."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"WeightsUnpickler error:\s*(\S.*)", text, re.S)
+    lines = [line.strip() for line in (m.group(1) if m else text).splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    return re.split(r"(?<=\.)\s", first)[0][:300]
 
 
 def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
