@@ -27,7 +27,8 @@ from trainables.evaluation import EvalContext, evaluate
 from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
 from trainables.models.base import ModelConfig, create_model
 from trainables.registry import ATTACKS, DEFENSES
-from trainables.schema import EvalConfig, TrainConfig
+from trainables.schema import EvalConfig, RunConfig, TrainConfig
+from trainables.tasks import ClassifierTask
 from trainables.train import train_model
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,7 @@ def scene(cifar10_archive, one_thread):
                              "qra_hidden": 512, "bec_samples": 250, "bec_layers": 6}, "evaluation")
     ctx = EvalContext(model=purified, backdoored=backdoored, clean_reference=lambda: clean, attack=attack,
                       dataset=data, attacker_train=data.train.subset(rest), poisoned_test=poisoned_test, cfg=cfg,
-                      device=CPU, log=print)
+                      task=ClassifierTask(build(RunConfig, {})), device=CPU, log=print)
     return {"ctx": ctx, "backdoored": backdoored, "clean": clean, "purified": purified,
             "metrics": evaluate(ctx, ["ca", "asr", "ra", "qra", "bec"]), "train_cfg": train_cfg,
             "clean_index": clean_index}
@@ -100,7 +101,7 @@ def bibau(scene):
     shared = {k: v for k, v in ctx.cache.items() if k in ("clean_model", "bec_backdoored", "bec_clean_similarity")}
     own = EvalContext(model=result.model, backdoored=ctx.backdoored, clean_reference=ctx.clean_reference,
                       attack=ctx.attack, dataset=ctx.dataset, attacker_train=ctx.attacker_train,
-                      poisoned_test=ctx.poisoned_test, cfg=ctx.cfg, device=CPU, log=print, cache=shared)
+                      poisoned_test=ctx.poisoned_test, cfg=ctx.cfg, task=ctx.task, device=CPU, log=print, cache=shared)
     return {"history": result.history, "metrics": evaluate(own, ["ca", "asr", "ra", "qra", "bec"])}
 
 
