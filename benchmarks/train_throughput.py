@@ -42,7 +42,8 @@ from trainables.data import DataConfig, ImageSet, load_dataset  # noqa: E402
 from trainables.models import ModelConfig, create_model  # noqa: E402
 from trainables.runtime import autocast, prepare_batch, prepare_model, resolve_device  # noqa: E402
 from trainables.schema import TrainConfig  # noqa: E402
-from trainables.train import make_optimizer, make_scheduler, train_model  # noqa: E402
+from trainables.optim import make_optimizer, make_scheduler  # noqa: E402
+from trainables.train import train_model  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 SECTION = "## Training throughput (benchmarks/train_throughput.py)"

@@ -159,3 +159,14 @@ def test_code_version_follows_the_training_sources(tmp_path, monkeypatch):
     classifier, clip = version(contrastive=False), version()
     (tmp_path / "contrastive/train.py").write_text("# the contrastive loop changed\n")
     assert version(contrastive=False) == classifier and version() != clip
+    # each setting's task is a source of its own models only; RA's fine-tuning is no source
+    (tmp_path / "tasks").mkdir()
+    classifier, clip = version(contrastive=False), version()
+    (tmp_path / "tasks/contrastive.py").write_text("# the contrastive task changed\n")
+    assert version(contrastive=False) == classifier and version() != clip
+    classifier, clip = version(contrastive=False), version()
+    (tmp_path / "tasks/classifier.py").write_text("# the classifier task changed\n")
+    assert version(contrastive=False) != classifier and version() != clip
+    classifier, clip = version(contrastive=False), version()
+    (tmp_path / "retune.py").write_text("# RA's fine-tuning changed\n")
+    assert version(contrastive=False) == classifier and version() == clip

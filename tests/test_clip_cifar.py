@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def stage(cifar10_archive, tmp_path_factory):
-    from trainables.contrastive.stage import clean_clip, pair_dataset
+    from trainables.tasks.contrastive import clean_clip, pair_dataset
     from trainables.trial import attack_stage
 
     cfg = build(RunConfig, {

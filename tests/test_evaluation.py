@@ -18,10 +18,13 @@ from trainables.evaluation.bec import conv_layers, linear_cka, selected_activati
 from trainables.evaluation.metrics import attack_success_rate
 from trainables.predict import predict
 from trainables.evaluation.reactivation import PerturbationGenerator, train_generator
-from trainables.evaluation.retuning import augment, default_poison_count, retune, retuning_set
+from trainables.data.batches import augment
+from trainables.evaluation.retuning import default_poison_count, retuning_set
 from trainables.models.base import Classifier, ModelConfig, Probe, create_model
 from trainables.registry import MODELS, UnknownNameError
-from trainables.schema import EvalConfig
+from trainables.retune import retune
+from trainables.schema import EvalConfig, RunConfig
+from trainables.tasks import ClassifierTask
 
 CPU = torch.device("cpu")
 SHAPE = (3, 8, 8)
@@ -98,7 +101,8 @@ def context(world, model, backdoored, clean_reference, **cfg) -> EvalContext:
                     bec_layers=2, bec_samples=32)
     return EvalContext(model=model, backdoored=backdoored, clean_reference=clean_reference, attack=attack,
                        dataset=data, attacker_train=data.train, poisoned_test=attack.poison_testset(data.test),
-                       cfg=build(EvalConfig, {**defaults, **cfg}, "evaluation"), device=CPU, log=lambda s: None)
+                       cfg=build(EvalConfig, {**defaults, **cfg}, "evaluation"), task=ClassifierTask(build(RunConfig, {})),
+                       device=CPU, log=lambda s: None)
 
 
 def params(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -78,12 +78,12 @@ def digits_trial(tmp_path: Path, gate: dict | None, metrics=("ca", "asr", "ra", 
 
 
 def test_a_gated_trial_stops_after_ca_and_asr_and_reports_nothing_it_did_not_measure(tmp_path, monkeypatch):
-    from trainables.evaluation import retuning
+    from trainables.tasks import ClassifierTask
     from trainables.trial import run_trial
 
     calls = []
-    real_retune = retuning.retune
-    monkeypatch.setattr(retuning, "retune", lambda *a, **k: calls.append(1) or real_retune(*a, **k))
+    real_retune = ClassifierTask.retune
+    monkeypatch.setattr(ClassifierTask, "retune", lambda *a, **k: calls.append(1) or real_retune(*a, **k))
     lines: list[str] = []
     gated = run_trial(digits_trial(tmp_path, {"ca_min": 1.0 - 1e-9, "ca_drop_max": None}), tmp_path / "gated",
                       log=lines.append, smoke_test=True)

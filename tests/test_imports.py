@@ -1,21 +1,25 @@
 """The packages import without circles: no module of ``orchestrator`` or ``trainables`` reaches
-itself through its module-level imports (counting the package ``__init__`` an import runs first).
-A circle works only by import order, and breaks when someone imports a module first that nobody
-imported first before."""
+itself through its imports, counting every import statement (those inside functions and under
+``TYPE_CHECKING`` too) and the package ``__init__`` an import runs first. A circle at module level
+works only by import order, and breaks when someone imports a module first that nobody imported
+first before; one hidden in a function is still a knot a reader has to untie.
+(``../shared/tools/import_circles.py`` counts the same way.)"""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "trainables")
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for f in sorted((ROOT / pkg).rglob("*.py")):
-            name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
+    for pkg in packages:
+        for f in sorted((root / pkg).rglob("*.py")):
+            name = ".".join(f.relative_to(root).with_suffix("").parts)
             out[name.removesuffix(".__init__")] = f
     return out
 
@@ -25,28 +29,38 @@ def _ancestors(name: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the modules its top-level imports load (an ancestor package is loaded already)."""
-    mods = _modules()
+def _targets(node: ast.AST, package: str) -> list[str]:
+    """The modules an import statement may load (before its packages' ``__init__``s)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            parts = package.split(".")
+            base = parts[:len(parts) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        return [target, *(f"{target}.{a.name}" for a in node.names)]
+    return []
+
+
+def import_graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    """Module -> the modules its imports load, wherever in the file they stand (an ancestor
+    package of the importing module is loaded already, and a package's ``__init__`` importing its
+    own modules is how a package fills its registries, not a circle of design)."""
+    mods = _modules(root, packages)
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                targets = [target, *(f"{target}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                continue
-            for target in targets:
+        is_package = path.name == "__init__.py"
+        package = name if is_package else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            for target in _targets(node, package):
                 for loaded in {target} | _ancestors(target):
-                    if loaded in mods and loaded != name and loaded not in _ancestors(name):
-                        graph[name].add(loaded)
+                    if loaded not in mods or loaded == name or loaded in _ancestors(name):
+                        continue
+                    if is_package and loaded.startswith(name + "."):
+                        continue
+                    graph[name].add(loaded)
     return graph
 
 
@@ -92,12 +106,46 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def circles_in(package: str) -> list[str]:
+    """Each circle touching ``package``, with the imports that tie it."""
+    graph = import_graph()
+    out = []
+    for comp in cycles(graph):
+        if any(m == package or m.startswith(package + ".") for m in comp):
+            members = set(comp)
+            ties = [f"{a} -> {b}" for a in comp for b in sorted(graph[a] & members)]
+            out.append(f"{len(comp)} modules: " + "; ".join(ties))
+    return out
+
+
 def test_the_checker_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_circles():
-    found = cycles(import_graph())
-    assert not found, f"import circles (module-level imports, package __init__ included): {found}"
+def test_the_checker_counts_imports_inside_functions_and_type_checking(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from . import a, b  # filling the package is no circle\n")
+    (pkg / "a.py").write_text("from .b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from .a import f  # late, still a circle\n    return f\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..d import D\n")
+    (pkg / "d.py").write_text("import pkg.sub.c\n")
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg"] == set() and graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.a"}
+    assert graph["pkg.d"] == {"pkg.sub", "pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.d"}
+    assert cycles(graph) == [["pkg.a", "pkg.b"], ["pkg.d", "pkg.sub.c"]]
 
+
+def test_no_import_circles_in_trainables():
+    found = circles_in("trainables")
+    assert not found, "import circles in trainables (every import counted):\n" + "\n".join(found)
+
+
+@pytest.mark.xfail(strict=True, reason="the orchestrator's eight-module circle (spec, search, sweep, tracking, "
+                   "export, results, figures, progress) is removed when the orchestrator is put in layers "
+                   "(issue 27, a later change)")
+def test_no_import_circles_in_orchestrator():
+    found = circles_in("orchestrator")
+    assert not found, "import circles in orchestrator (every import counted):\n" + "\n".join(found)

@@ -29,7 +29,8 @@ from trainables.evaluation import EvalContext, evaluate
 from trainables.evaluation.metrics import attack_success_rate, clean_accuracy
 from trainables.models.base import ModelConfig, create_model
 from trainables.registry import ATTACKS, DEFENSES
-from trainables.schema import EvalConfig, TrainConfig
+from trainables.schema import EvalConfig, RunConfig, TrainConfig
+from trainables.tasks import ClassifierTask
 from trainables.train import train_model
 
 pytestmark = pytest.mark.slow
@@ -80,7 +81,7 @@ def _scene(archive, attack_settings: dict, ft_lr: float = 0.05) -> dict:
                              "qra_hidden": 512, "bec_samples": 250, "bec_layers": 6}, "evaluation")
     ctx = EvalContext(model=purified, backdoored=backdoored, clean_reference=lambda: clean, attack=attack,
                       dataset=data, attacker_train=data.train.subset(rest), poisoned_test=poisoned_test, cfg=cfg,
-                      device=CPU, log=print)
+                      task=ClassifierTask(build(RunConfig, {})), device=CPU, log=print)
     return {"ctx": ctx, "backdoored": backdoored, "clean": clean, "purified": purified,
             "metrics": evaluate(ctx, ["ca", "asr", "ra", "qra", "bec"]), "train_cfg": train_cfg,
             "clean_index": clean_index, "backdoored_asr": attack_success_rate(backdoored, poisoned_test, CPU)}
@@ -104,7 +105,7 @@ def _bibau(scene: dict, **settings) -> dict:
     shared = {k: v for k, v in ctx.cache.items() if k in ("clean_model", "bec_backdoored", "bec_clean_similarity")}
     own = EvalContext(model=result.model, backdoored=ctx.backdoored, clean_reference=ctx.clean_reference,
                       attack=ctx.attack, dataset=ctx.dataset, attacker_train=ctx.attacker_train,
-                      poisoned_test=ctx.poisoned_test, cfg=ctx.cfg, device=CPU, log=print, cache=shared)
+                      poisoned_test=ctx.poisoned_test, cfg=ctx.cfg, task=ctx.task, device=CPU, log=print, cache=shared)
     return {"history": result.history, "metrics": evaluate(own, ["ca", "asr", "ra", "qra", "bec"])}
 
 

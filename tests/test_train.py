@@ -11,7 +11,8 @@ from trainables.data import DataConfig, ImageSet, load_dataset
 from trainables.predict import predict
 from trainables.models import ModelConfig, create_model
 from trainables.schema import TrainConfig
-from trainables.train import lr_factor, make_optimizer, make_scheduler, train_model
+from trainables.optim import lr_factor, make_optimizer, make_scheduler
+from trainables.train import train_model
 
 CPU = torch.device("cpu")
 

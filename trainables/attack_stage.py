@@ -17,52 +17,38 @@ import torch
 
 from .attacks import build_attack
 from .attacks.base import Attack
-from .cache import code_version, content_hash, write_entry
+from .cache import DEFAULT_CACHE, cache_root, content_hash, write_entry  # noqa: F401  (cache_root: preflight)
 from .checkpoint import DIR_MODE, CheckpointError, load_checkpoint, load_tensors, save_checkpoint, save_tensors, write_json
 from .config import to_dict
-from .data import defender_split, load_dataset, seeded_generator
+from .data import defender_split, seeded_generator
 from .data.base import Dataset, ImageSet
 from .evaluation.metrics import attack_success_rate, clean_accuracy
-from .models.base import Classifier, create_model, weights_digest
+from .models.base import Classifier
 from .predict import accuracy
 from .runtime import resolve_device
 from .schema import RunConfig
+from .tasks import Task, task_for
 
 Log = Callable[[str], None]
-DEFAULT_CACHE = Path("~/.cache/bibau/models")
 
 
 def trial_dataset(cfg: RunConfig) -> Dataset:
-    """The data set a trial's stages take: ``data``, with its training split as image-caption pairs
-    in the contrastive setting (a ``clip`` section)."""
-    dataset = load_dataset(cfg.data)
-    if cfg.clip is not None:
-        from .contrastive.stage import pair_dataset
-
-        dataset = pair_dataset(cfg, dataset)
-    return dataset
+    """The data set a trial's stages take (its task builds it: in the contrastive setting the
+    training split is image-caption pairs)."""
+    return task_for(cfg).dataset()
 
 
-def cache_root(cfg: RunConfig) -> Path:
-    return Path(cfg.cache_dir or DEFAULT_CACHE).expanduser()
-
-
-def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device) -> dict:
+def attack_key(cfg: RunConfig, dataset: Dataset, device: torch.device, task: Task | None = None) -> dict:
     """Everything that determines the attack-stage model. Where the data came from (root,
     cache folder) does not matter: the data's fingerprint stands for its content. Nor does how
-    often training was watched: the per-epoch evaluation leaves the weights alone."""
+    often training was watched: the per-epoch evaluation leaves the weights alone. The task adds
+    its part (the training code's version, the CLIP)."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k not in ("root", "cache_dir", "download")}
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("eval_every", "eval_size")}
     key = {"stage": "attack", "data": data, "data_fingerprint": dataset.fingerprint(), "model": to_dict(cfg.model),
            "train": train, "attack": to_dict(cfg.attack), "seed": cfg.seed,
            "device": device.type,  # bf16 on CUDA trains a different model than fp32 on the CPU
-           "code_version": code_version(contrastive=cfg.clip is not None)}
-    if cfg.clip is not None:  # the contrastive setting: the CLIP and its pairs make the model
-        key["clip"] = to_dict(cfg.clip)
-        if cfg.clip.weights is not None:
-            key["clip_weights_sha256"] = weights_digest(cfg.clip)
-    if cfg.model.weights is not None:  # the pretrained file's content, not its path, decides the model
-        key["model_weights_sha256"] = weights_digest(cfg.model)
+           **(task or task_for(cfg)).cache_key()}
     return key
 
 
@@ -103,16 +89,6 @@ class AttackStage:
         return self.attack.poisoned_samples(self.dataset.train, self.poisoned_train, self.poison_index)
 
 
-def model_meta(cfg: RunConfig, dataset: Dataset, model: Classifier) -> dict:
-    if cfg.clip is not None:
-        from .contrastive.stage import model_meta
-
-        return model_meta(cfg, dataset, model)
-    return {"model": to_dict(cfg.model), "num_classes": dataset.num_classes, "in_channels": dataset.image_shape[0],
-            "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-            "image_shape": list(dataset.image_shape), "classes": dataset.classes}
-
-
 def _load_cached(entry: Path, key: str, attack: Attack, device: torch.device,
                  log: Log) -> tuple[Classifier, dict, torch.Tensor] | None:
     """The cached model, its meta and poisoned indices, with the attack's saved state loaded;
@@ -145,12 +121,11 @@ def _store(entry: Path, model: Classifier, meta: dict, attack: Attack, poison_in
 def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Log = print) -> AttackStage:
     """Poison the training set (the defender's clean split excluded), train on it and measure
     CA and ASR; reuse the cached model when one exists for the same content hash."""
-    from .train import train_model  # the training loop is only needed on a cache miss
-
     start = time.perf_counter()
+    task = task_for(cfg)
     rest_index, clean_index = defender_split(dataset.train, cfg.data.clean_fraction, cfg.data.seed)
     attack = build_attack(cfg.attack, dataset)
-    key_payload = attack_key(cfg, dataset, device)
+    key_payload = attack_key(cfg, dataset, device, task)
     key = content_hash(key_payload)
     entry = cache_root(cfg) / key
 
@@ -163,15 +138,9 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
             log(f"[attack] cache entry {entry} was poisoned at other indices; training again")
             cached, attack = None, build_attack(cfg.attack, dataset)  # drop the loaded state
     if cached is None:
-        log(f"[attack] cache miss ({key}): training {cfg.model.name if cfg.clip is None else cfg.clip.arch} under {cfg.attack.name} "
+        log(f"[attack] cache miss ({key}): training {task.model_label} under {cfg.attack.name} "
             f"on {len(dataset.train)} images for {cfg.train.epochs} epochs on {device}")
-        if cfg.clip is not None:  # the contrastive setting: the attack fine-tunes a clean pre-trained CLIP
-            from .contrastive.stage import clean_clip
-
-            model = clean_clip(cfg, dataset, device, log)
-        else:
-            model = create_model(cfg.model, dataset.num_classes, dataset.image_shape[0], dataset.mean, dataset.std,
-                                 generator=seeded_generator(cfg.seed, "model_init"))
+        model = task.initial_model(dataset, device, log)
         attack.prepare(dataset.train, model, device, seeded_generator(cfg.seed, "attack_prepare"))
         poisoned_train, index = attack.poison_trainset(dataset.train, seeded_generator(cfg.seed, "poison"),
                                                        exclude=clean_index)
@@ -186,21 +155,13 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
         log(f"[attack] poisoned {len(index)} of {len(dataset.train)} training images{covers} ({len(clean_index)} held "
             f"out as the defender's clean split); {len(poisoned_test)} triggered test images")
         extra = attack.extra_test_sets(dataset.test)
-        # train_model skips crop and flip itself for an attack that augments on its own; an
-        # on-the-fly attack leaves the defender's clean split (protected) unpoisoned
-        if cfg.clip is not None:
-            from .contrastive.stage import fit
-
-            history = fit(model, poisoned_train, cfg, device, generator=seeded_generator(cfg.seed, "train"),
-                          eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
-        else:
-            history = train_model(model, poisoned_train, cfg.train, device, generator=seeded_generator(cfg.seed, "train"),
-                                  attack=attack, hflip_allowed=dataset.hflip, protected=clean_index,
-                                  eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
+        history = task.fit(model, poisoned_train, dataset, device, generator=seeded_generator(cfg.seed, "train"),
+                           attack=attack, protected=clean_index,
+                           eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
                    "backdoored_asr": attack_success_rate(model, poisoned_test, device),
                    **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
-        meta = {**model_meta(cfg, dataset, model), "stage": "attack", "cache_key": key,
+        meta = {**task.meta(dataset, model), "stage": "attack", "cache_key": key,
                 "attack": to_dict(cfg.attack), "data": to_dict(cfg.data), "train": to_dict(cfg.train),
                 "seed": cfg.seed, "data_fingerprint": key_payload["data_fingerprint"],
                 "code_version": key_payload["code_version"], "device": str(device), "metrics": metrics,

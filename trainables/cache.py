@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 PACKAGE = "bibau-sweep"
+DEFAULT_CACHE = Path("~/.cache/bibau/models")
 _ROOT = Path(__file__).resolve().parent
 # the sources whose change changes what a trained attack-stage model is (attack_stage.py: how the
-# attack stage seeds, splits and poisons)
-TRAINING_SOURCES = ("data", "models", "attacks", "contrastive", "train.py", "runtime.py", "attack_stage.py")
-# what only the contrastive (CLIP) setting runs: a change there keeps every classifier's cached model
-CONTRASTIVE_SOURCES = ("contrastive",)
+# attack stage seeds, splits and poisons; tasks/: each setting's model and training)
+TRAINING_SOURCES = ("data", "models", "attacks", "contrastive", "tasks", "train.py", "optim.py", "runtime.py",
+                    "attack_stage.py")
+# what only the contrastive (CLIP) setting runs (folders or files): a change there keeps every
+# classifier's cached model
+CONTRASTIVE_SOURCES = ("contrastive", "tasks/contrastive.py")
 
 
 def _canonical(obj: Any) -> Any:
@@ -87,6 +90,10 @@ def plugin_sources() -> list[tuple[str, bytes]]:
     return out
 
 
+def _contrastive_only(relative: str) -> bool:
+    return any(relative == s or relative.startswith(s + "/") for s in CONTRASTIVE_SOURCES)
+
+
 @functools.cache
 def code_version(contrastive: bool = True) -> str:
     """``<package version>+<hash of the training sources>``: a cache entry is reused only by
@@ -95,11 +102,11 @@ def code_version(contrastive: bool = True) -> str:
     ``+plugins<hash>`` (their entry points, versions and module sources)."""
     h = hashlib.sha256()
     for entry in TRAINING_SOURCES:
-        if not contrastive and entry in CONTRASTIVE_SOURCES:
-            continue
         path = _ROOT / entry
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
         for f in files:
+            if not contrastive and _contrastive_only(f.relative_to(_ROOT).as_posix()):
+                continue
             h.update(f.relative_to(_ROOT).as_posix().encode() + b"\0")
             h.update(f.read_bytes() + b"\0")
     version = f"{package_version()}+{h.hexdigest()[:12]}"
@@ -110,6 +117,11 @@ def code_version(contrastive: bool = True) -> str:
             p.update(label.encode() + b"\0" + source + b"\0")
         version += f"+plugins{p.hexdigest()[:8]}"
     return version
+
+
+def cache_root(cfg) -> Path:
+    """The folder of a run's cached attack-stage models (``RunConfig.cache_dir``, else the default)."""
+    return Path(cfg.cache_dir or DEFAULT_CACHE).expanduser()
 
 
 def write_entry(entry: Path, write: Callable[[Path], None], mode: int | None = None) -> None:

@@ -37,3 +37,23 @@ def accuracy(model: torch.nn.Module, images: ImageSet, device: torch.device, bat
         return float("nan")
     pred = predict(model, images, device, batch_size, perturb)
     return (pred == images.y.to(pred.device)).float().mean().item()
+
+
+# fixed, not the run's seed: every run evaluates on the same test images, so curves compare
+EVAL_SUBSAMPLE_SEED = 0
+_RESERVED = ("epoch", "loss", "lr", "seconds", "eval_seconds")
+
+
+def eval_subsets(eval_sets: dict[str, ImageSet] | None, size: int,
+                 device: torch.device) -> dict[str, ImageSet]:
+    """The sets a training loop checks after its epochs, each cut to a fixed subsample of ``size``
+    images, on the device; their names must not clash with the history's own columns."""
+    out = {}
+    for name, images in (eval_sets or {}).items():
+        if name in _RESERVED:
+            raise ValueError(f"eval_sets: the name {name!r} is taken by the history; use another")
+        if len(images) > size:
+            g = torch.Generator().manual_seed(EVAL_SUBSAMPLE_SEED)
+            images = images.subset(torch.randperm(len(images), generator=g)[:size].sort().values)
+        out[name] = images.to(device)
+    return out

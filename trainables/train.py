@@ -17,76 +17,13 @@ from torch.nn import functional as F
 
 from . import data
 from .data.base import ImageSet
-from .predict import accuracy
+from .optim import make_optimizer, make_scheduler
+from .predict import accuracy, eval_subsets
 from .runtime import autocast, prepare_model
 
 if TYPE_CHECKING:  # type names only: the schema imports the attack and defense modules
     from .attacks.base import Attack
     from .schema import TrainConfig
-
-# fixed, not the run's seed: every run evaluates on the same test images, so curves compare
-EVAL_SUBSAMPLE_SEED = 0
-_RESERVED = ("epoch", "loss", "lr", "seconds", "eval_seconds")
-
-
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float,
-                   nesterov: bool = False) -> torch.optim.SGD:
-    """SGD over the parameters that require gradients (fused kernels when they all live on CUDA)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("make_optimizer: the model has no parameter that requires a gradient")
-    if nesterov and momentum <= 0:
-        raise ValueError(f"nesterov: Nesterov momentum needs momentum > 0, got momentum={momentum}")
-    fused = all(p.is_cuda for p in params) or None
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov, fused=fused)
-
-
-def lr_factor(cfg: "TrainConfig", step: int, steps_per_epoch: int) -> float:
-    """The multiplier of the peak lr at optimiser step ``step`` (0-based).
-
-    Warm-up rises linearly to 1 over ``warmup_epochs``; then cosine decays to 0 over the
-    remaining steps, ``step`` multiplies by ``gamma`` once past each milestone (a fraction of
-    all steps), ``constant`` stays at 1.
-    """
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = min(total, round(getattr(cfg, "warmup_epochs", 0.0) * steps_per_epoch))
-    if step < warm:
-        return (step + 1) / warm
-    schedule = getattr(cfg, "schedule", "cosine")
-    if schedule == "cosine":
-        progress = (step - warm) / max(1, total - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "step":
-        passed = sum(step >= round(m * total) for m in getattr(cfg, "milestones", (0.5, 0.75)))
-        return getattr(cfg, "gamma", 0.1) ** passed
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"train.schedule: {schedule!r} is not allowed; allowed: 'cosine', 'step', 'constant'")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: "TrainConfig",
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A scheduler to step once per optimiser step; ``cfg`` needs ``epochs`` and ``schedule``
-    (``milestones``, ``gamma``, ``warmup_epochs`` are read when present)."""
-    if steps_per_epoch < 1:
-        raise ValueError(f"make_scheduler: steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    lr_factor(cfg, 0, steps_per_epoch)  # an unknown schedule fails here, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
-
-
-def _eval_subsets(eval_sets: dict[str, ImageSet] | None, size: int,
-                  device: torch.device) -> dict[str, ImageSet]:
-    out = {}
-    for name, images in (eval_sets or {}).items():
-        if name in _RESERVED:
-            raise ValueError(f"eval_sets: the name {name!r} is taken by the history; use another")
-        if len(images) > size:
-            g = torch.Generator().manual_seed(EVAL_SUBSAMPLE_SEED)
-            images = images.subset(torch.randperm(len(images), generator=g)[:size].sort().values)
-        out[name] = images.to(device)
-    return out
-
 
 def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: torch.device, *,
                 generator: torch.Generator, attack: "Attack | None" = None, hflip_allowed: bool = True,
@@ -108,7 +45,7 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
     device = torch.device(device)
     model = prepare_model(model, device)
     images = train.to(device)  # once, not per epoch
-    checks = _eval_subsets(eval_sets, cfg.eval_size, device)
+    checks = eval_subsets(eval_sets, cfg.eval_size, device)
     # a trailing batch of one image breaks BatchNorm; any other remainder is trained on
     drop_last = len(train) % cfg.batch_size == 1
     steps = len(train) // cfg.batch_size + (0 if drop_last or len(train) % cfg.batch_size == 0 else 1)

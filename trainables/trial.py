@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 import yaml
 
-from .attack_stage import (DEFAULT_CACHE, AttackStage, attack_key, attack_stage, cache_root, model_meta,  # noqa: F401
-                           clean_reference, trial_dataset)
+from .attack_stage import (DEFAULT_CACHE, AttackStage, attack_key, attack_stage, cache_root,  # noqa: F401
+                           clean_reference)
 from .cache import code_version
 from .checkpoint import save_checkpoint, save_tensors, write_json
 from .config import to_dict
@@ -32,6 +32,7 @@ from .evaluation.metrics import attack_success_rate, clean_accuracy
 from .models.base import Classifier
 from .runtime import resolve_device, seed_everything
 from .schema import RunConfig
+from .tasks import task_for
 
 Log = Callable[[str], None]
 REPORTED_METRICS = ("ca", "asr", "r_asr", "q_asr", "bec", "ra_clean_asr")
@@ -56,8 +57,7 @@ def smoke_config(cfg: RunConfig) -> RunConfig:
     }
     if cfg.defense is not None and hasattr(cfg.defense, "smoke"):
         changes["defense"] = cfg.defense.smoke()
-    if cfg.clip is not None:
-        changes["clip"] = cfg.clip.smoke()
+    changes.update(task_for(cfg).smoke())
     return cfg.replace(**changes)  # type: ignore[return-value]
 
 
@@ -210,7 +210,7 @@ def evaluation_stage(cfg: RunConfig, stage: AttackStage, model: Classifier, devi
 
     ctx = EvalContext(model=model, backdoored=stage.model, clean_reference=clean_model, attack=stage.attack,
                       dataset=stage.dataset, attacker_train=stage.attacker_train, poisoned_test=stage.poisoned_test,
-                      cfg=cfg.evaluation, device=device, log=log)
+                      cfg=cfg.evaluation, task=task_for(cfg), device=device, log=log)
     out.update(evaluate(ctx, extra))
     return out
 
@@ -237,11 +237,12 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(resolved_yaml(cfg))
     defense_name = cfg.defense.name if cfg.defense is not None else None
-    log(f"[trial] {cfg.data.name} / {cfg.model.name if cfg.clip is None else 'clip ' + cfg.clip.arch} / attack {cfg.attack.name} / defense {defense_name or 'none'} "
+    task = task_for(cfg)
+    log(f"[trial] {cfg.data.name} / {task.model_label} / attack {cfg.attack.name} / defense {defense_name or 'none'} "
         f"on {device}{' (smoke test)' if smoke_test else ''}")
 
     t = time.perf_counter()
-    dataset = trial_dataset(cfg)
+    dataset = task.dataset()
     time_data = time.perf_counter() - t
     log(f"[data] {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images "
         f"{tuple(dataset.image_shape)} ({time_data:.1f}s)")
@@ -261,7 +262,7 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
     report.update({
         **stage.metrics,
         "attack": cfg.attack.name, "defense": defense_name, "dataset": dataset.name,
-        "model": cfg.model.name if cfg.clip is None else f"clip:{cfg.clip.arch}",
+        "model": task.model_label,
         "seed": cfg.seed, "device": str(device), "smoke_test": smoke_test,
         "n_train": len(dataset.train), "n_test": len(dataset.test), "n_clean": len(stage.clean_index),
         "n_poisoned": len(stage.poison_index), "n_cover": len(stage.attack.cover_index), "n_poisoned_test": len(stage.poisoned_test),
@@ -284,7 +285,7 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         save_tensors(out_dir / "attack.safetensors", stage.attack.state_tensors())
         if defended is not None:
             save_checkpoint(out_dir, defended.model,
-                            {**model_meta(cfg, dataset, defended.model), "stage": "defense",
+                            {**task.meta(dataset, defended.model), "stage": "defense",
                              "defense": to_dict(cfg.defense), "backdoored_cache_key": stage.cache_key,
                              "data_fingerprint": report["data_fingerprint"], "code_version": report["code_version"],
                              "metrics": {k: report[k] for k in REPORTED_METRICS if k in report}, "history": defended.history},

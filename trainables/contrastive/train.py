@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from ..data.base import ImageSet
-from ..data.batches import batches
+from ..data.batches import augment, batches
 from ..data.captions import PairSet
-from ..predict import accuracy
+from ..optim import make_scheduler
+from ..predict import accuracy, eval_subsets
 from ..runtime import autocast, prepare_model
 from .losses import batch_logits, clip_loss
 from .model import ClipModel, tokenize
@@ -85,8 +86,6 @@ def train_contrastive(model: ClipModel, pairs: PairSet, s: Schedule, device: tor
     ``no_augment`` (bool per pair) skip crop and flip (RA's poisoned pairs keep the trigger where
     the attack put it). The head is refreshed at the end; the model is left in eval mode.
     """
-    from ..train import _eval_subsets, make_scheduler  # late: train imports evaluation, which imports the schema
-
     if len(pairs) < 2:
         raise ValueError(f"contrastive training: need at least 2 pairs, got {len(pairs)}")
     model = prepare_model(model, device)
@@ -99,7 +98,7 @@ def train_contrastive(model: ClipModel, pairs: PairSet, s: Schedule, device: tor
     tokens = caption_tokens(model, pairs, device)
     data = pairs.to(device)
     captions = data.caption
-    checks = _eval_subsets(eval_sets, eval_size, device)
+    checks = eval_subsets(eval_sets, eval_size, device)
     keep = no_augment.to(device) if no_augment is not None else None
     history: list[dict] = []
     for epoch in range(1, s.epochs + 1):
@@ -115,8 +114,6 @@ def train_contrastive(model: ClipModel, pairs: PairSet, s: Schedule, device: tor
             if len(idx) < 2:
                 continue
             if keep is not None and (s.crop_padding or s.hflip):
-                from ..evaluation.retuning import augment
-
                 x = augment(x, generator, s.crop_padding, s.hflip, where=~keep[idx].cpu())
             uniq, inverse = captions[idx].unique(return_inverse=True)
             with autocast(device):

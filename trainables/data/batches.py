@@ -36,6 +36,21 @@ def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
+def augment(x: torch.Tensor, generator: torch.Generator, crop_padding: int = 0, hflip: bool = False,
+            where: torch.Tensor | None = None) -> torch.Tensor:
+    """The data set's batched crop and flip on the rows of the float batch ``x`` where
+    ``where`` is True; the other rows are left as they are."""
+    if where is None:
+        where = torch.ones(len(x), dtype=torch.bool)
+    rows = where.nonzero().flatten().to(x.device)
+    if not len(rows) or not (crop_padding or hflip):
+        return x
+    part = random_crop(x[rows], crop_padding, generator)
+    if hflip:
+        part = random_flip(part, generator)
+    return x.index_copy(0, rows, part)
+
+
 def batches(images: ImageSet, batch_size: int, *, device: torch.device | str, shuffle: bool = True,
             generator: torch.Generator | None = None, crop_padding: int = 0, hflip: bool = False,
             drop_last: bool = False, with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:

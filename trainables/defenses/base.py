@@ -19,6 +19,7 @@ import torch
 from ..config import Config, ConfigError, param
 from ..data.base import ImageSet
 from ..models.base import Classifier, ModelConfig
+from ..optim import make_optimizer, make_scheduler
 from ..registry import DEFENSES
 from ..runtime import prepare_model
 
@@ -213,8 +214,5 @@ def train_mode(model: torch.nn.Module, cfg: SGDDefenseConfig) -> torch.nn.Module
 
 def sgd(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):
     """SGD and its per-step lr schedule over ``cfg.epochs``, built by the training loop's helpers."""
-    # late: train imports evaluation, which imports the schema, which imports this module
-    from ..train import make_optimizer, make_scheduler
-
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     return optimizer, make_scheduler(optimizer, cfg, steps_per_epoch)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..config import param
 from ..data import ImageSet, batches
 from ..models.base import Classifier
+from ..optim import make_scheduler
 from ..runtime import autocast, prepare_batch
 from .base import DefenseContext, SGDDefenseConfig, sgd, train_mode
 
@@ -50,8 +51,6 @@ class UnlearnConfig(SGDDefenseConfig):
 def _optimizer(model: torch.nn.Module, cfg: UnlearnConfig, steps: int):
     if cfg.optimizer == "sgd":
         return sgd(model, cfg, steps)
-    from ..train import make_scheduler  # late: train imports the schema, which imports defenses.base
-
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                            weight_decay=cfg.weight_decay)
     return opt, make_scheduler(opt, cfg, steps)

@@ -11,7 +11,7 @@ import abc
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from ..registry import EVALUATIONS
 from ..runtime import prepare_model
 from ..schema import EvalConfig
 
+if TYPE_CHECKING:  # a type name only: the tasks sit below the evaluations
+    from ..tasks.base import Task
+
 
 @dataclass
 class EvalContext:
@@ -32,7 +35,8 @@ class EvalContext:
     defense, ``clean_reference`` a zero-argument callable returning a model of the same
     architecture trained without poison (called at most once, only when needed).
     ``attacker_train`` holds the training images a reactivation attacker draws benign samples
-    from and triggers; ``poisoned_test`` is ``attack.poison_testset(dataset.test)``.
+    from and triggers; ``poisoned_test`` is ``attack.poison_testset(dataset.test)``. ``task`` is
+    the run's setting (``tasks.task_for``): what retunes a model of it (RA).
     """
 
     model: Classifier
@@ -43,6 +47,7 @@ class EvalContext:
     attacker_train: ImageSet
     poisoned_test: ImageSet
     cfg: EvalConfig
+    task: Task
     device: torch.device
     log: Callable[[str], None] = print
     cache: dict[str, Any] = field(default_factory=dict)

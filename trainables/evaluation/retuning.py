@@ -1,22 +1,17 @@
 """RA, the retuning attack (Min et al. 2024; METHOD.md, evaluation protocol): fine-tune the
 purified model on a small benign set with a few poisoned samples mixed in; R-ASR is the ASR
 of the result. The same retuning of the clean reference model shows what RA alone achieves.
+The fine-tuning itself is the run's task's (``EvalContext.task.retune``: ``retune.py`` for a
+classifier, ``contrastive.train.retune_clip`` for a CLIP).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn.functional as F
 
 from ..attacks.base import Attack, to_float, to_uint8
 from ..data.base import ImageSet
-from ..data.captions import PairSet
-from ..data.batches import random_crop, random_flip
 from ..models.base import Classifier
 from ..registry import EVALUATIONS
-from ..runtime import autocast, prepare_batch, prepare_model
-from ..train import make_optimizer
 from .base import EvalContext, Evaluation
 from .metrics import attack_success_rate, clean_accuracy
 
@@ -70,51 +65,6 @@ def retuning_set(train: ImageSet, attack: Attack, size: int, poison_count: int,
     return picked.poisoned_copy(x, y, mask.nonzero().flatten(), target, generator), mask
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, crop_padding: int = 0, hflip: bool = False,
-            where: torch.Tensor | None = None) -> torch.Tensor:
-    """The data set's batched crop and flip on the rows of the float batch ``x`` where
-    ``where`` is True; the other rows are left as they are."""
-    if where is None:
-        where = torch.ones(len(x), dtype=torch.bool)
-    rows = where.nonzero().flatten().to(x.device)
-    if not len(rows) or not (crop_padding or hflip):
-        return x
-    part = random_crop(x[rows], crop_padding, generator)
-    if hflip:
-        part = random_flip(part, generator)
-    return x.index_copy(0, rows, part)
-
-
-def retune(model: Classifier, data: ImageSet, poisoned: torch.Tensor, device: torch.device, *,
-           epochs: int, lr: float, batch_size: int, generator: torch.Generator,
-           crop_padding: int = 4, hflip: bool = True, momentum: float = 0.9) -> Classifier:
-    """Fine-tune all weights of a copy of ``model`` on ``data`` (SGD, no weight decay, constant
-    lr); ``model`` itself is left unchanged.
-
-    Benign samples get the training augmentation, the poisoned ones (``poisoned`` mask) none,
-    as in the reference code, so a positioned trigger stays where the attack put it.
-    """
-    tuned = prepare_model(copy.deepcopy(model), device)
-    tuned.requires_grad_(True)
-    tuned.train()
-    opt = make_optimizer(tuned, lr, momentum, weight_decay=0.0)
-    x_all, y_all = data.x.to(device), data.y.to(device)
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < 2:  # a lone sample breaks batch norm in training mode
-                continue
-            dev_idx = idx.to(device)
-            x = augment(to_float(x_all[dev_idx]), generator, crop_padding, hflip, where=~poisoned[idx])
-            with autocast(device):
-                loss = F.cross_entropy(tuned(prepare_batch(x, device)), y_all[dev_idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return tuned.eval()
-
-
 def poison_count(ctx: EvalContext) -> int:
     if ctx.cfg.ra_poison_count is not None:
         return ctx.cfg.ra_poison_count
@@ -134,15 +84,10 @@ def retuned(ctx: EvalContext, which: str = "model") -> Classifier:
         source = ctx.model if which == "model" else ctx.clean_model()
         data, mask = retuning_data(ctx)
         c = ctx.cfg
-        if isinstance(data, PairSet):  # a CLIP: the same retuning with its contrastive loss
-            from ..contrastive.train import retune_clip
-
-            return retune_clip(source, data, mask, ctx.device, epochs=c.ra_epochs, lr=c.ra_lr,
+        # the task's fine-tuning: SGD with cross-entropy, or a CLIP's with its contrastive loss
+        return ctx.task.retune(source, data, mask, ctx.device, epochs=c.ra_epochs, lr=c.ra_lr,
                                batch_size=c.ra_batch_size, generator=ctx.generator(f"ra-train-{which}"),
                                hflip=ctx.dataset.hflip)
-        return retune(source, data, mask, ctx.device, epochs=c.ra_epochs, lr=c.ra_lr,
-                      batch_size=c.ra_batch_size, generator=ctx.generator(f"ra-train-{which}"),
-                      hflip=ctx.dataset.hflip)
     if which not in ("model", "clean"):
         raise ValueError(f"which: {which!r}; allowed: 'model', 'clean'")
     return ctx.cached(f"ra_{which}", compute)

@@ -1,4 +1,4 @@
-"""The contrastive setting inside a trial (``trial.py`` calls these when the run has a ``clip`` section).
+"""The contrastive setting (a run with a ``clip`` section): a CLIP on image-caption pairs.
 
 * :func:`pair_dataset`: the run's labelled data set with its training split replaced by
   image-caption pairs (templated captions of its images, or the pairs of ``clip.captions``); the
@@ -7,25 +7,31 @@
   given, or (a CLIP without weights) contrastive pre-training on the clean pairs, cached by
   content hash like every attack-stage model.
 * :func:`fit`: the attack's contrastive fine-tuning on the poisoned pairs.
+* RA: ``contrastive.train.retune_clip`` (the same retuning with the CLIP loss).
+
+Only the contrastive setting runs this module: it is one of ``cache.CONTRASTIVE_SOURCES``, so a
+change here keeps every classifier's cached model.
 """
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..cache import code_version, content_hash
+from ..cache import cache_root, code_version, content_hash, write_entry
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..config import to_dict
+from ..contrastive.model import ClipModel, build_model
+from ..contrastive.train import Schedule, retune_clip, train_contrastive
+from ..data import load_dataset
 from ..data.base import Dataset, ImageSet
 from ..data.captions import PairSet, file_pairs, templated_pairs
 from ..data.splits import seeded_generator
-from .model import ClipModel, build_model
-from .train import Schedule, train_contrastive
-
-Log = Callable[[str], None]
+from ..models.base import resolve_stats, weights_digest
+from ..models.clip import clip_stats
+from ..predict import accuracy
+from .base import Log, Task
 
 
 def pair_dataset(cfg, dataset: Dataset) -> Dataset:
@@ -43,9 +49,6 @@ def pair_dataset(cfg, dataset: Dataset) -> Dataset:
 
 def model_stats(cfg, dataset: Dataset):
     """The normalisation: what pretrained weights expect, else the data set's."""
-    from ..models.base import resolve_stats
-    from ..models.clip import clip_stats
-
     if cfg.clip.weights is not None:
         return clip_stats(cfg.clip.arch)
     return resolve_stats(dataset.mean, dataset.std, dataset.image_shape[0])
@@ -72,8 +75,6 @@ def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) ->
     if cfg.clip.weights is not None:
         log(f"[clip] {cfg.clip.arch} with the weights of {cfg.clip.weights}")
         return build_model(cfg.clip, dataset.classes, mean, std, device)
-    from ..attack_stage import cache_root
-
     payload = {"stage": "clip_pretrain", "clip": to_dict(cfg.clip), "data_fingerprint": dataset.fingerprint(),
                "train": {k: getattr(cfg.train, k) for k in ("batch_size", "schedule", "crop_padding", "hflip")},
                "seed": cfg.seed, "device": device.type, "code_version": code_version()}
@@ -98,9 +99,7 @@ def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) ->
                                 generator=seeded_generator(cfg.seed, "clip_pretrain"),
                                 eval_sets={"ca": dataset.test}, eval_every=cfg.train.eval_every,
                                 eval_size=cfg.train.eval_size, log=log, tag="clip pretrain")
-    from ..evaluation.metrics import clean_accuracy
-
-    metrics = {"ca": clean_accuracy(model, dataset.test, device)}
+    metrics = {"ca": accuracy(model, dataset.test, device)}  # CA, zero-shot
     _store(entry, model, {**model_meta(cfg, dataset, model), "stage": "clip_pretrain", "cache_key": key,
                           "metrics": metrics, "history": history, "seconds": time.perf_counter() - start})
     log(f"[clip] pre-trained: zero-shot CA {metrics['ca']:.4f} ({time.perf_counter() - start:.1f}s); cached in {entry}")
@@ -108,8 +107,6 @@ def clean_clip(cfg, dataset: Dataset, device: torch.device, log: Log = print) ->
 
 
 def _store(entry: Path, model: ClipModel, meta: dict) -> None:
-    from ..cache import write_entry
-
     write_entry(entry, lambda folder: save_checkpoint(folder, model, meta, "model"))
 
 
@@ -118,3 +115,37 @@ def fit(model: ClipModel, poisoned: PairSet, cfg, device: torch.device, *, gener
     """The attack's contrastive fine-tuning of the clean CLIP on the poisoned pairs."""
     return train_contrastive(model, poisoned, schedule(cfg), device, generator=generator, eval_sets=eval_sets,
                              eval_every=cfg.train.eval_every, eval_size=cfg.train.eval_size, log=log, tag="attack")
+
+
+class ContrastiveTask(Task):
+    name = "contrastive"
+
+    @property
+    def model_label(self) -> str:
+        return f"clip:{self.cfg.clip.arch}"
+
+    def smoke(self) -> dict:
+        return {"clip": self.cfg.clip.smoke()}
+
+    def dataset(self) -> Dataset:
+        return pair_dataset(self.cfg, load_dataset(self.cfg.data))
+
+    def cache_key(self) -> dict:
+        key = {"code_version": code_version(contrastive=True), "clip": to_dict(self.cfg.clip)}
+        if self.cfg.clip.weights is not None:  # the weights' content, not their path, decides the model
+            key["clip_weights_sha256"] = weights_digest(self.cfg.clip)
+        return key
+
+    def initial_model(self, dataset: Dataset, device: torch.device, log: Log) -> ClipModel:
+        return clean_clip(self.cfg, dataset, device, log)
+
+    def fit(self, model, poisoned, dataset, device, *, generator, attack, protected, eval_sets, log) -> list[dict]:
+        return fit(model, poisoned, self.cfg, device, generator=generator, eval_sets=eval_sets, log=log)
+
+    def meta(self, dataset: Dataset, model: ClipModel) -> dict:
+        return model_meta(self.cfg, dataset, model)
+
+    def retune(self, model: ClipModel, data: PairSet, poisoned: torch.Tensor, device: torch.device, *,
+               epochs: int, lr: float, batch_size: int, generator: torch.Generator, hflip: bool) -> ClipModel:
+        return retune_clip(model, data, poisoned, device, epochs=epochs, lr=lr, batch_size=batch_size,
+                           generator=generator, hflip=hflip)
