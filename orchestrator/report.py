@@ -4,8 +4,11 @@ a figure grid from what one or more sweeps recorded in MLflow.
 Rows are the undefended model, each fixed baseline as it ran, and each tuned defense at the
 export rule's pick among its own trials; columns are the attacks (grouped by sweep, e.g. one
 per data set, when several are combined) and their average. A rate above the failure
-threshold is marked (a failed defense), the best value of each column is marked, and a pick
-the rule was not met for is marked too. Written as Markdown, LaTeX (booktabs) and CSV (one row
+threshold is marked (a failed defense), so is a CA below the attack's collapse floor
+(``results.ca_floor``: the gate's, else half way from chance to the undefended model), and a
+pick the rule was not met for. The best value of each column is bold, chosen only among the
+cells that carry no failure mark: a collapsed model's low ASR is never "best". Rows and columns
+use the display names of ``names.py``. Written as Markdown, LaTeX (booktabs) and CSV (one row
 per cell, the metrics at full precision, with the MLflow run they come from), plus the grid
 (attacks x the objectives after CA) as PNG and PDF, and attached to each sweep's parent run.
 """
@@ -23,7 +26,8 @@ from typing import Any, Sequence
 from trainables.config import ConfigError
 
 from .export import DEFAULT_RULE, Rule, parse_rule
-from .results import AttackView, attack_view
+from .names import display
+from .results import AttackView, attack_view, ca_floor, gate_of
 
 FAIL_ASR = 0.2  # default failure threshold: a defense leaving an ASR above 20% did not remove the backdoor
 FAIL_METRICS = ("asr", "r_asr", "q_asr")
@@ -150,9 +154,31 @@ class Table:
     best: set[tuple[str, str, str]]  # (row, column key or "avg", metric)
     fail_asr: float
     groups: bool  # several sweeps: show the column groups
+    floors: dict[str, float | None] = field(default_factory=dict)  # column key -> the CA collapse floor
 
     def failed(self, metric: str, v: float | None) -> bool:
         return v is not None and metric in FAIL_METRICS and v > self.fail_asr
+
+    def collapsed(self, label: str, key: str) -> bool:
+        """The row's model at column ``key`` (``:avg``: at any column) has a CA below the floor."""
+        if key == ":avg":
+            return any(self.collapsed(label, _col_key(c)) for c in self.columns)
+        col = next((c for c in self.columns if _col_key(c) == key), None)
+        floor = self.floors.get(key)
+        ca = self.cells[(label, col)].metrics.get("ca") if col is not None else None
+        kind = dict(self.rows).get(label)
+        return kind != "undefended" and floor is not None and ca is not None and ca < floor
+
+    def marked(self, label: str, key: str) -> bool:
+        """The cell carries a failure mark: a collapsed model, or a shown rate above the threshold."""
+        if self.collapsed(label, key):
+            return True
+        if key == ":avg":
+            values = {m: v[0] for m, v in self.average.get(label, {}).items()}
+        else:
+            col = next(c for c in self.columns if _col_key(c) == key)
+            values = self.cells[(label, col)].metrics
+        return any(self.failed(m, values.get(m)) for m in self.metrics)
 
 
 def _better(metric: str) -> int:
@@ -188,20 +214,25 @@ def build_tables(sweeps: Sequence[SweepResults], fail_asr: float = FAIL_ASR) -> 
                 vals = [cells[(label, c)].metrics[m] for c in columns if m in cells[(label, c)].metrics]
                 if vals:
                     average.setdefault(label, {})[m] = (sum(vals) / len(vals), len(vals))
-        table = Table(stem, title, tuple(present), columns, rows, cells, average, set(), fail_asr, len(sweeps) > 1)
+        floors = {_col_key(c): ca_floor(by_group[c[0]].views[c[1]], gate_of(by_group[c[0]].spec))
+                  if c[1] in by_group[c[0]].views else None for c in columns}
+        table = Table(stem, title, tuple(present), columns, rows, cells, average, set(), fail_asr, len(sweeps) > 1,
+                      floors)
         table.best = _best(table)
         tables.append(table)
     return tables
 
 
 def _best(t: Table) -> set[tuple[str, str, str]]:
-    """Per column and metric, the best defense (the undefended model is the reference, never best);
-    CA's best among the defenses that did not fail on that column's ASR."""
+    """Per column and metric, the best defense (the undefended model is the reference, never best),
+    among the cells with no failure mark (no collapsed CA, no shown rate above the threshold); CA's
+    best also among the defenses that did not fail on that column's ASR. A column where every
+    defense failed has no best."""
     best = set()
     defended = [label for label, kind in t.rows if kind != "undefended"]
 
-    def pick(values: dict[str, float], metric: str, ok: set[str]) -> set[str]:
-        pool = {k: v for k, v in values.items() if k in ok} or values
+    def pick(values: dict[str, float], metric: str, ok: set[str], key: str) -> set[str]:
+        pool = {k: v for k, v in values.items() if k in ok and not t.marked(k, key)}
         if not pool:
             return set()
         target = max(pool.values()) if _better(metric) > 0 else min(pool.values())
@@ -217,7 +248,7 @@ def _best(t: Table) -> set[tuple[str, str, str]]:
                 values = {d: t.cells[(d, col)].metrics[m] for d in defended if m in t.cells[(d, col)].metrics}
                 asr = {d: t.cells[(d, col)].metrics.get("asr") for d in defended}
             ok = {d for d in values if asr.get(d) is None or asr[d] <= t.fail_asr} if m == "ca" else set(values)
-            best |= {(d, key, m) for d in pick(values, m, ok)}
+            best |= {(d, key, m) for d in pick(values, m, ok, key)}
     return best
 
 
@@ -234,8 +265,20 @@ def _avg_note(t: Table, label: str, metric: str) -> str:
     return "" if got is None or got[1] == len(t.columns) else f" ({got[1]}/{len(t.columns)})"
 
 
+MARKS = {  # mark -> (Markdown, LaTeX)
+    "failed": ("†", r"$^{\dagger}$"),
+    "collapsed": ("✗", r"$^{\times}$"),
+    "fallback": ("‡", r"$^{\ddagger}$"),
+}
+
+
+def _mark(name: str, fmt: str) -> str:
+    return MARKS[name][1 if fmt == "tex" else 0]
+
+
 def _entry(t: Table, label: str, col: tuple[str, str] | None, metric: str, fmt: str) -> str:
-    """One metric of a cell, with its marks: best (bold), failure (dagger)."""
+    """One metric of a cell, with the marks that qualify that number: best (bold), a rate above the
+    threshold (dagger), a CA below the collapse floor (cross)."""
     if col is None:
         got = t.average.get(label, {}).get(metric)
         v, key = (got[0] if got else None), ":avg"
@@ -244,22 +287,26 @@ def _entry(t: Table, label: str, col: tuple[str, str] | None, metric: str, fmt: 
     if v is None:
         return "--" if fmt == "tex" else "–"
     text = _num(metric, v)
-    fail = t.failed(metric, v)
-    if fmt == "tex":
-        text = (rf"\textbf{{{text}}}" if (label, key, metric) in t.best else text) + (r"$^{\dagger}$" if fail else "")
-    else:
-        text = (f"**{text}**" if (label, key, metric) in t.best else text) + ("†" if fail else "")
+    if (label, key, metric) in t.best:  # never on a marked cell (``_best``)
+        text = rf"\textbf{{{text}}}" if fmt == "tex" else f"**{text}**"
+    if t.failed(metric, v):
+        text += _mark("failed", fmt)
+    if metric == "ca" and t.collapsed(label, key):
+        text += _mark("collapsed", fmt)
     return text
 
 
 def _cell_text(t: Table, label: str, col: tuple[str, str] | None, fmt: str) -> str:
     parts = " / ".join(_entry(t, label, col, m, fmt) for m in t.metrics)
+    key = ":avg" if col is None else _col_key(col)
+    if "ca" not in t.metrics and t.collapsed(label, key):  # no CA number here to carry the mark
+        parts += " " + _mark("collapsed", fmt)
     if col is None:
         notes = {_avg_note(t, label, m) for m in t.metrics} - {""}
         return parts + (sorted(notes)[0] if notes else "")
     c = t.cells[(label, col)]
     if c.note == "fallback":
-        parts += r"$^{\ddagger}$" if fmt == "tex" else "‡"
+        parts += _mark("fallback", fmt)
     elif c.note and not c.metrics:
         parts = c.note
     elif c.note == "gated" and not any(m in c.metrics for m in t.metrics):
@@ -268,18 +315,24 @@ def _cell_text(t: Table, label: str, col: tuple[str, str] | None, fmt: str) -> s
 
 
 def _legend(t: Table, fmt: str) -> str:
-    dagger, ddagger, bold = ("$^{\\dagger}$", "$^{\\ddagger}$", "bold") if fmt == "tex" else ("†", "‡", "**bold**")
+    dagger, cross, ddagger = (_mark(m, fmt) for m in ("failed", "collapsed", "fallback"))
+    bold = "bold" if fmt == "tex" else "**bold**"
+    floors = sorted({round(100 * f, 1) for f in t.floors.values() if f is not None})
+    floor_text = (f" ({', '.join(f'{f:g}%' for f in floors)})" if floors else "")
+    collapse = (f"{cross}: the model collapsed, its CA below the floor{floor_text}: the gate's, else half way "
+                "from chance to the undefended model's CA; its ASR says nothing about the backdoor"
+                + ("" if "ca" in t.metrics else " (marked after the cell, whose CA is in Table 1)") + ".")
     return (f"{' / '.join(NAMES[m] for m in t.metrics)}"
             + (" in %" if t.metrics != ("bec",) else "")
-            + f". {bold}: best of the column (CA: among the defenses whose ASR is at most "
-              f"{100 * t.fail_asr:.0f}%; the undefended model is the reference). {dagger}: above "
-              f"{100 * t.fail_asr:.0f}% (the defense failed). {ddagger}: no trial met the export rule; the "
-              "fallback's pick. Tuned defenses at the export rule's pick, baselines as run. "
+            + f". {bold}: best of the column among the defenses with no failure mark (CA: also among those "
+              f"whose ASR is at most {100 * t.fail_asr:.0f}%; the undefended model is the reference). {dagger}: "
+              f"above {100 * t.fail_asr:.0f}% (the defense failed). {collapse} {ddagger}: no trial met the export "
+              "rule; the fallback's pick. Tuned defenses at the export rule's pick, baselines as run. "
               "Avg: mean over the attacks (n/m: over the n of m that have it).")
 
 
 def _headers(t: Table) -> list[str]:
-    return [f"{g}: {a}" if t.groups else a for g, a in t.columns]
+    return [f"{g}: {display(a)}" if t.groups else display(a) for g, a in t.columns]
 
 
 def to_markdown(t: Table) -> str:
@@ -287,7 +340,7 @@ def to_markdown(t: Table) -> str:
     lines = [f"### {t.title}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for label, _ in t.rows:
         cells = [_cell_text(t, label, col, "md") for col in t.columns] + [_cell_text(t, label, None, "md")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display(label)} | " + " | ".join(cells) + " |")
     lines += ["", _legend(t, "md"), ""]
     return "\n".join(lines)
 
@@ -300,11 +353,16 @@ def tex_escape(text: str) -> str:
     return _TEX_SPECIAL.sub(r"\\\1", text)
 
 
+def _caption(title: str) -> str:
+    """The title without its "Table N:" (LaTeX's \\caption numbers the table itself)."""
+    return re.sub(r"^Table \d+:\s*", "", title)
+
+
 def to_latex(t: Table) -> str:
     """A booktabs table (needs ``\\usepackage{booktabs}``)."""
     n = len(t.columns)
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             rf"\caption{{{tex_escape(t.title)}. {_legend(t, 'tex').replace('%', chr(92) + '%')}}}",
+             rf"\caption{{{tex_escape(_caption(t.title))}. {_legend(t, 'tex').replace('%', chr(92) + '%')}}}",
              rf"\label{{tab:{t.stem}}}",
              r"\begin{tabular}{l" + "c" * (n + 1) + "}", r"\toprule"]
     if t.groups:
@@ -319,10 +377,10 @@ def to_latex(t: Table) -> str:
         lines.append(" & " + " & ".join(rf"\multicolumn{{{e - s + 1}}}{{c}}{{{tex_escape(g)}}}" for g, s, e in spans)
                      + r" & \\")
         lines.append("".join(rf"\cmidrule(lr){{{s + 2}-{e + 2}}}" for _, s, e in spans))
-    lines.append("Defense & " + " & ".join(tex_escape(a) for _, a in t.columns) + r" & Avg \\")
+    lines.append("Defense & " + " & ".join(tex_escape(display(a)) for _, a in t.columns) + r" & Avg \\")
     lines.append(r"\midrule")
     for i, (label, kind) in enumerate(t.rows):
-        row = [tex_escape(label)] + [_cell_text(t, label, col, "tex") for col in t.columns] \
+        row = [tex_escape(display(label))] + [_cell_text(t, label, col, "tex") for col in t.columns] \
             + [_cell_text(t, label, None, "tex")]
         lines.append(" & ".join(row) + r" \\")
         if kind == "undefended":
@@ -332,7 +390,7 @@ def to_latex(t: Table) -> str:
 
 
 CSV_FIELDS = ["table", "group", "sweep_id", "attack", "defense", "kind", "run_id", "picked_by", "note",
-              "ca", "asr", "r_asr", "q_asr", "bec", "failed", "best"]
+              "ca", "asr", "r_asr", "q_asr", "bec", "failed", "collapsed", "best"]
 
 
 def to_csv(tables: Sequence[Table], sweeps: Sequence[SweepResults]) -> str:
@@ -354,7 +412,8 @@ def to_csv(tables: Sequence[Table], sweeps: Sequence[SweepResults]) -> str:
                             "attack": attack, "defense": label, "kind": kind, "run_id": c.run_id,
                             "picked_by": c.picked_by, "note": c.note,
                             **{m: repr(v) for m, v in vals.items()},
-                            "failed": str(any(t.failed(m, v) for m, v in vals.items())).lower(),
+                            "failed": str(t.marked(label, key)).lower(),
+                            "collapsed": str(t.collapsed(label, key)).lower(),
                             "best": " ".join(m for m in t.metrics if (label, key, m) in t.best)})
     return buf.getvalue()
 

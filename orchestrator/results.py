@@ -20,6 +20,10 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
 UNDEFENDED = {"ca": "backdoored_ca", "asr": "backdoored_asr"}  # objective -> the undefended model's metric
 CLEAN_REFERENCE = {"r_asr": "ra_clean_asr", "q_asr": "q_asr_clean_model"}  # objective -> the clean model's
 NAMES = {"ca": "CA", "asr": "ASR", "r_asr": "R-ASR", "q_asr": "Q-ASR"}
+# A defended model whose CA fell below this share of the way from chance to the undefended model's
+# CA has collapsed (when the sweep has no gate): its low ASR says nothing about the backdoor, so no
+# table calls it best. 0.5 on ten classes and an undefended CA of 90%: a floor of 50%.
+COLLAPSE_SHARE = 0.5
 
 
 @dataclass
@@ -91,6 +95,35 @@ def attack_view(attack: str, records: Sequence[TrialRecord], attack_metrics: dic
         if got is not None:
             view.picks[defense] = Pick(got[0], got[1], rule.text)
     return view
+
+
+def gate_of(spec: dict) -> dict | None:
+    """The gate a sweep's defense trials ran under (the spec's ``gate``, else ``base.evaluation.gate``)."""
+    gate = spec.get("gate") or (((spec.get("base") or {}).get("evaluation") or {}).get("gate"))
+    return gate if isinstance(gate, dict) else None
+
+
+def ca_floor(view: AttackView, gate: dict | None = None) -> float | None:
+    """The CA below which a defended model of ``view``'s attack counts as collapsed: the gate's floor
+    (``ca_min``, and ``ca_drop_max`` below the undefended model: the higher), else chance plus
+    ``COLLAPSE_SHARE`` of the way to the undefended model's CA (twice chance when that is unknown).
+    None when neither the gate, the chance level nor the undefended model is known."""
+    base = view.undefended.get("ca")
+    floors = []
+    if gate:
+        if _finite(gate.get("ca_min")):
+            floors.append(float(gate["ca_min"]))
+        if _finite(gate.get("ca_drop_max")) and base is not None:
+            floors.append(base - float(gate["ca_drop_max"]))
+    if floors:
+        return max(floors)
+    if view.chance is not None and base is not None:
+        return view.chance + COLLAPSE_SHARE * max(0.0, base - view.chance)
+    if view.chance is not None:
+        return min(1.0, 2 * view.chance)
+    if base is not None:
+        return COLLAPSE_SHARE * base
+    return None
 
 
 def pct(v: float | None) -> str:

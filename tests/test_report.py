@@ -149,7 +149,8 @@ def test_report_tables_hold_mlflow_metrics_and_are_attached_to_the_parent_run(sw
         assert metrics, row
         for m in metrics:
             assert float(row[m]) == logged[m], (row, m)  # exactly MLflow's numbers
-        assert row["failed"] == str(any(float(row[m]) > 0.2 for m in metrics if m != "ca")).lower()
+        rates_failed = any(float(row[m]) > 0.2 for m in metrics if m != "ca")
+        assert row["failed"] == str(rates_failed or row["collapsed"] == "true").lower()
         seen.add((row["table"], row["attack"], row["defense"]))
     assert {(t, a, d) for t in ("table1_ca_asr", "table2_rasr_qasr") for a in ("badnets", "blended")
             for d in ("bibau_u", "ft")} <= seen
@@ -177,7 +178,9 @@ def test_report_tables_hold_mlflow_metrics_and_are_attached_to_the_parent_run(sw
                  and r["attack"] != "average" and r["ca"]]
         assert float(row["ca"]) == pytest.approx(sum(cells) / len(cells))
     md = (dest / "tables.md").read_text()
-    assert "| No defense |" in md and "| bibau_u |" in md and "| ft |" in md and "**" in md
+    assert "| No defense |" in md and "| BI-BAU (U) |" in md and "| FT |" in md
+    for line in (x for x in md.splitlines() if x.startswith("| ")):  # bold never beside a failure mark
+        assert not any("**" in c and re.search("[†✗]", c) for c in line.split("|")), line
     # attached to the sweep's parent run
     files = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/tables.md", "report/tables.csv", "report/table1_ca_asr.tex", "report/pareto_grid.png",
