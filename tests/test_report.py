@@ -337,13 +337,13 @@ def test_a_panel_skips_gated_trials_keeps_baselines_hollow_above_trials_and_draw
     left_out = draw_panel(ax, view, objectives[1], objectives[0], objectives, rule)
     assert left_out == 1  # the gated trial has no R-ASR
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "bibau_u trials" in labels and any(t.startswith("ft (baseline)") for t in labels)
+    assert "BI-BAU (U) trials" in labels and any(t.startswith("FT (baseline)") for t in labels)
     assert any("undefended model: CA 92.0%" in t for t in labels)
     assert "chance-level CA 10.0%" in labels and "clean reference model: R-ASR 3.0%" in labels
-    assert any(t.startswith("rule: R-ASR") and "10.0%" in t for t in labels) and "picked (bibau_u)" in labels
+    assert any(t.startswith("rule: R-ASR") and "10.0%" in t for t in labels) and "picked (BI-BAU (U))" in labels
     assert ax.get_xlabel() == "ASR after the retuning attack, R-ASR (%)" and ax.get_ylabel() == "clean accuracy, CA (%)"
     by_label = {c.get_label(): c for c in ax.collections}
-    trials, baseline = by_label["bibau_u trials"], next(c for k, c in by_label.items() if k.startswith("ft"))
+    trials, baseline = by_label["BI-BAU (U) trials"], next(c for k, c in by_label.items() if k.startswith("FT"))
     assert baseline.get_zorder() > trials.get_zorder()
     assert len(baseline.get_facecolors()) == 0 or baseline.get_facecolors()[0][3] == 0  # hollow: trial 1 shows
     assert [tuple(p) for p in trials.get_offsets()] == [(5.0, 80.0), (50.0, 90.0)]  # in %

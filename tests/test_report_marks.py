@@ -80,3 +80,32 @@ def test_the_gates_floor_wins_and_the_latex_caption_is_not_numbered_twice():
     tex = to_latex(table1)
     assert r"\caption{clean accuracy" in tex and "Table 1:" not in tex
     assert r"25.90 / \textbf{1.00}" in tex and r"14.20$^{\times}$" in tex and "BI-BAU (U)" in tex
+
+
+def test_the_grid_is_camera_ready_one_legend_outside_one_front_per_panel_truetype_pdf(tmp_path):
+    from matplotlib.lines import Line2D
+
+    from orchestrator.figures import grid_figure, save
+    from orchestrator.report import grid_rows
+
+    sweep = _sweep()
+    fig = grid_figure(grid_rows([sweep]))
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert len(axes) == 4 and len(fig.legends) == 1
+    assert all(ax.get_legend() is None for ax in axes)  # no legend over the data
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == len(set(labels))
+    assert "BI-BAU (U) trials" in labels and "FT (baseline)" in labels and "NC (baseline)" in labels
+    assert "undefended model" in labels and "chance-level CA" in labels and any(t.startswith("picked") for t in labels)
+    for ax in axes:
+        fronts = [ln for ln in ax.get_lines() if isinstance(ln, Line2D) and ln.get_drawstyle().startswith("steps")]
+        assert len(fronts) == 1  # the 2-D front of this panel's objectives, nothing else
+        assert ax.get_title().startswith(("BadNets", "Blended"))
+        assert ax.xaxis.label.get_size() >= 8 and min(t.get_size() for t in ax.get_xticklabels()) >= 7
+    # the legend sits below every panel, outside the data
+    fig.canvas.draw()
+    legend_box = fig.legends[0].get_window_extent()
+    assert all(legend_box.y1 <= ax.get_window_extent().y0 for ax in axes)
+    (pdf,) = [f for f in save(fig, tmp_path / "grid") if f.suffix == ".pdf"]
+    data = pdf.read_bytes()
+    assert b"/Type3" not in data and (b"/TrueType" in data or b"/CIDFontType2" in data)
