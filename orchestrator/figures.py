@@ -108,6 +108,13 @@ def draw_panel(ax, view: AttackView, x, y, objectives: Sequence, rule: Rule | No
         color, marker = style[r.defense]
         ax.scatter([sx * r.metrics[x.metric]], [sy * r.metrics[y.metric]], marker=marker, s=60,
                    facecolors="none", edgecolors=color, linewidths=1.4, zorder=4, label=baseline_label(r.defense))
+    # seed replicates: the mean ± std of each replicated run (a pick, a baseline) as error bars
+    for r in pts:
+        sp = view.spread.get(r.run_id or "", {})
+        if sp.get(x.metric, (0, 0, 0))[2] > 1 and sp.get(y.metric, (0, 0, 0))[2] > 1:
+            (mx, ex, n), (my, ey, _) = sp[x.metric], sp[y.metric]
+            ax.errorbar([sx * mx], [sy * my], xerr=[sx * ex], yerr=[sy * ey], fmt="none", ecolor=style[r.defense][0],
+                        elinewidth=0.9, capsize=2, zorder=3.5, label="mean ± std over the seeds")
     # references
     base_y = view.undefended.get(y.metric)
     if base_y is not None:

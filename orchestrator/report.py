@@ -60,14 +60,16 @@ class SweepResults:
     dataset: str
     folder: Path | None = None  # the sweep's folder, when it is on this machine
     group: str = ""  # the column group of a combined report
+    replicates: dict = field(default_factory=dict)  # searched run id -> replicate k -> its metrics
 
 
 @dataclass
 class Cell:
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the mean over the seeds when replicated
     run_id: str = ""
     note: str = ""  # "" | fallback (rule not met) | failed | gated | not run
     picked_by: str = ""
+    spread: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # metric -> (mean, std, n)
 
 
 def load_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, fingerprint: str | None = None,
@@ -84,11 +86,14 @@ def load_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, finger
         raise ConfigError(str(exc)) from None
     state = tracker.state()
     records = tracker.records()
+    replicates = tracker.replicate_runs()
     views = {}
     for attack, run in state["attack_runs"].items():
         views[attack] = attack_view(attack, records, dict(tracker.client.get_run(run).data.metrics), parsed,
                                     objectives)
         views[attack].run_id = run
+        views[attack].spread = {r.run_id: _spread(r.metrics, replicates[r.run_id]) for r in views[attack].records
+                                if r.run_id in replicates}
     order = [_label(a) for a in spec.get("attacks") or []]
     views = dict(sorted(views.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     rows = []
@@ -100,7 +105,24 @@ def load_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, finger
     rows = [x for x in rows if x[1] == "baseline"] + [x for x in rows if x[1] == "tuned"]  # as the paper: ours last
     dataset = str(((spec.get("base") or {}).get("data") or {}).get("name", "cifar10"))
     return SweepResults(uri, experiment, tracker.sweep_id, state["parent_run_id"], spec, objectives, parsed, views,
-                        rows, dataset, folder)
+                        rows, dataset, folder, replicates=replicates)
+
+
+def _spread(searched: dict, replicates: dict[int, dict]) -> dict[str, tuple[float, float, int]]:
+    """metric -> (mean, std, n) over the searched run and its replicates."""
+    from .replicates import spread
+
+    runs = [searched, *replicates.values()]
+    return {m: spread([r.get(m, math.nan) for r in runs]) for m in NAMES if isinstance(searched.get(m), (int, float))}
+
+
+def _with_spread(c: Cell, view: AttackView) -> Cell:
+    """A cell of a replicated run: its numbers are the means over the seeds."""
+    got = view.spread.get(c.run_id)
+    if got:
+        c.spread = {m: v for m, v in got.items() if v[2] > 0}
+        c.metrics = {**c.metrics, **{m: v[0] for m, v in c.spread.items()}}
+    return c
 
 
 def _label(attack: Any) -> str:
@@ -124,14 +146,16 @@ def cell(sweep: SweepResults, attack: str, defense: str | None, kind: str) -> Ce
             gated = [r for r in ran if r.status == "gated" or (r.status == "completed" and r.metrics)]
             return Cell(note="gated" if gated else "failed" if ran else "not run")
         r = pick.record
-        return Cell(_numbers(r.metrics), r.run_id or "", "" if pick.rule_met else "fallback", pick.how)
+        return _with_spread(Cell(_numbers(r.metrics), r.run_id or "", "" if pick.rule_met else "fallback", pick.how),
+                            view)
     ran = sorted((r for r in view.records if r.defense == defense), key=lambda r: r.order)
     done = [r for r in ran if _numbers(r.metrics).get("ca") is not None and r.status in ("completed", "gated")]
     if not done:
         return Cell(note="failed" if ran else "not run", run_id=(ran[-1].run_id or "") if ran else "")
     r = done[-1]
     numbers = _numbers(r.metrics)
-    return Cell(numbers, r.run_id or "", "gated" if "r_asr" not in numbers and r.status == "gated" else "", "as run")
+    return _with_spread(Cell(numbers, r.run_id or "", "gated" if "r_asr" not in numbers and r.status == "gated" else "",
+                             "as run"), view)
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
@@ -287,6 +311,9 @@ def _entry(t: Table, label: str, col: tuple[str, str] | None, metric: str, fmt: 
     if v is None:
         return "--" if fmt == "tex" else "–"
     text = _num(metric, v)
+    sp = t.cells[(label, col)].spread.get(metric) if col is not None else None
+    if sp and sp[2] > 1:  # mean ± std over the seeds; n after the cell
+        text += (r" $\pm$ " if fmt == "tex" else " ± ") + _num(metric, sp[1])
     if (label, key, metric) in t.best:  # never on a marked cell (``_best``)
         text = rf"\textbf{{{text}}}" if fmt == "tex" else f"**{text}**"
     if t.failed(metric, v):
@@ -305,6 +332,9 @@ def _cell_text(t: Table, label: str, col: tuple[str, str] | None, fmt: str) -> s
         notes = {_avg_note(t, label, m) for m in t.metrics} - {""}
         return parts + (sorted(notes)[0] if notes else "")
     c = t.cells[(label, col)]
+    ns = {v[2] for m, v in c.spread.items() if m in t.metrics}
+    if ns and max(ns) > 1:
+        parts += f" (n={'/'.join(str(n) for n in sorted(ns))})"
     if c.note == "fallback":
         parts += _mark("fallback", fmt)
     elif c.note and not c.metrics:
@@ -342,7 +372,29 @@ def to_markdown(t: Table) -> str:
         cells = [_cell_text(t, label, col, "md") for col in t.columns] + [_cell_text(t, label, None, "md")]
         lines.append(f"| {display(label)} | " + " | ".join(cells) + " |")
     lines += ["", _legend(t, "md"), ""]
+    notes = spread_notes(t)
+    if notes:
+        lines += ["Seed replicates: mean ± std (n seeds). Two cells differ beyond their spread when their means are "
+                  "further apart than the sum of their standard deviations:", "", *notes, ""]
     return "\n".join(lines)
+
+
+def spread_notes(t: Table) -> list[str]:
+    """Per column and metric, each pair of replicated defenses: beyond or within their spread."""
+    from .replicates import differ
+
+    out = []
+    defended = [label for label, kind in t.rows if kind != "undefended"]
+    for col in t.columns:
+        for m in t.metrics:
+            cells = [(d, t.cells[(d, col)].spread.get(m)) for d in defended]
+            cells = [(d, s) for d, s in cells if s and s[2] > 1]
+            for i, (a, sa) in enumerate(cells):
+                for b, sb in cells[i + 1:]:
+                    verdict = "differ beyond their spread" if differ(sa, sb) else "within their spread (not told apart)"
+                    out.append(f"- {display(col[1])}, {NAMES[m]}: {display(a)} {_num(m, sa[0])} ± {_num(m, sa[1])} "
+                               f"(n={sa[2]}) vs {display(b)} {_num(m, sb[0])} ± {_num(m, sb[1])} (n={sb[2]}): {verdict}")
+    return out
 
 
 _TEX_SPECIAL = re.compile(r"([&%$#_{}])")
@@ -390,7 +442,8 @@ def to_latex(t: Table) -> str:
 
 
 CSV_FIELDS = ["table", "group", "sweep_id", "attack", "defense", "kind", "run_id", "picked_by", "note",
-              "ca", "asr", "r_asr", "q_asr", "bec", "failed", "collapsed", "best"]
+              "ca", "asr", "r_asr", "q_asr", "bec", "failed", "collapsed", "best", "n_seeds", "ca_std", "asr_std", "r_asr_std",
+              "q_asr_std", "bec_std"]
 
 
 def to_csv(tables: Sequence[Table], sweeps: Sequence[SweepResults]) -> str:
@@ -414,6 +467,8 @@ def to_csv(tables: Sequence[Table], sweeps: Sequence[SweepResults]) -> str:
                             **{m: repr(v) for m, v in vals.items()},
                             "failed": str(t.marked(label, key)).lower(),
                             "collapsed": str(t.collapsed(label, key)).lower(),
+                            "n_seeds": max((v[2] for v in c.spread.values()), default=""),
+                            **{f"{m}_std": repr(v[1]) for m, v in c.spread.items() if m in t.metrics},
                             "best": " ".join(m for m in t.metrics if (label, key, m) in t.best)})
     return buf.getvalue()
 
@@ -556,8 +611,10 @@ def report(sources: Sequence[str], *, out: str | Path | None = None, tracking_ur
 def cmd_report(args) -> int:
     if not 0.0 <= args.fail_asr <= 1.0:
         raise ConfigError(f"--fail-asr: {args.fail_asr}; a rate in [0, 1] (e.g. 0.2 for 20%)")
+    # -o DIR: the report goes to DIR only, unless --upload; the default folder is also attached to MLflow
+    upload = args.upload if args.upload is not None else args.out is None
     report(args.sources, out=args.out, tracking_uri=args.tracking_uri, overrides=args.overrides,
-           sweep_id=args.sweep, rule=args.rule, fail_asr=args.fail_asr, upload=not args.no_upload)
+           sweep_id=args.sweep, rule=args.rule, fail_asr=args.fail_asr, upload=upload)
     return 0
 
 
@@ -578,6 +635,12 @@ def add_report(subparsers) -> None:
     p.add_argument("--rule", help="export rule that picks each tuned defense's row (default: the spec's export_rule)")
     p.add_argument("--fail-asr", type=float, default=FAIL_ASR,
                    help=f"ASR, R-ASR or Q-ASR above this marks a failed defense (default {FAIL_ASR})")
-    p.add_argument("-o", "--out", help="folder to write (default: <sweep folder>/report, else reports/<sweep ids>)")
-    p.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run(s) in MLflow")
+    p.add_argument("-o", "--out", help="folder to write, and the only place written unless --upload (default: "
+                   "<sweep folder>/report, else reports/<sweep ids>, also attached to MLflow)")
+    up = p.add_mutually_exclusive_group()
+    up.add_argument("--upload", dest="upload", action="store_true", default=None,
+                    help="also attach the report to the parent run(s) in MLflow (under report/); the default "
+                    "without -o")
+    up.add_argument("--no-upload", dest="upload", action="store_false",
+                    help="do not attach the report to MLflow (the default with -o)")
     p.set_defaults(func=cmd_report)

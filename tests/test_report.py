@@ -60,7 +60,7 @@ def sweep(tmp_path_factory):
         lines: list[str] = []
         out = run_sweep(*load_spec(str(spec_file)), verbose=0, log=lines.append)
         other_file = tmp / "other.yaml"
-        other = {**SPEC, "name": "digits-report-ft", "storage": str(tmp / "store"), "attacks": ["badnets"],
+        other = {**SPEC, "name": "digits-report-ft", "storage": str(tmp / "store"), "attacks": ["badnets"], "export_rule": IMPOSSIBLE,
                  "defenses": [{"name": "ft", "fixed": {"epochs": 2, "batch_size": 64, "crop_padding": 0}}]}
         other_file.write_text(yaml.safe_dump(other))
         out2 = run_sweep(*load_spec(str(other_file)), verbose=0, log=lambda m: None)
@@ -95,6 +95,10 @@ def test_the_sweep_tags_its_picks_and_describes_them_in_mlflow(sweep):
     for r in picked:
         assert r.info.run_id in note
     met = {s["attack"]: s["provenance"]["picked_by"] == "rule" for s in selections}
+    for s in selections:  # the sweep's own export file warns as `bibau export` does
+        assert ("warning" in s) == (s["provenance"]["picked_by"] == "fallback"), s
+        if "warning" in s:
+            assert s["warning"].startswith(f"WARNING: {s['attack']}: no trial meets the rule") and "chance level" in s["warning"]
     assert parent.data.tags["export.rule_met"] == str(all(met.values())).lower()
     # the warning is loud where the rule was not met: in the summary and on the parent run
     text = "\n".join(sweep["lines"])
@@ -115,6 +119,14 @@ def test_the_sweep_tags_its_picks_and_describes_them_in_mlflow(sweep):
         assert min(Image.open(png).info["dpi"]) >= 199
 
 
+def test_the_sweeps_export_file_warns_as_bibau_export_does(sweep):
+    from orchestrator.export import read_export
+
+    (sel,) = read_export(sweep["out2"].export_file)["selections"]  # its spec's rule no trial can meet
+    assert sel["provenance"]["picked_by"] == "fallback"
+    assert sel["warning"].startswith("WARNING: badnets: no trial meets the rule") and "chance level 10.0%" in sel["warning"]
+
+
 def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
@@ -125,7 +137,7 @@ def test_report_tables_hold_mlflow_metrics_and_are_attached_to_the_parent_run(sw
     out = sweep["out"]
     client = client_of(out)
     dest = sweep["tmp"] / "rep"
-    assert main(["report", str(sweep["spec"]), "-o", str(dest)]) == 0
+    assert main(["report", str(sweep["spec"]), "-o", str(dest), "--upload"]) == 0
     for name in ("tables.md", "tables.csv", "table1_ca_asr.tex", "table2_rasr_qasr.tex", "pareto_grid.png",
                  "pareto_grid.pdf"):
         assert (dest / name).is_file(), name
@@ -230,6 +242,18 @@ def test_several_sweeps_make_one_table(sweep):
     assert gone["note"] == "not run" and gone["ca"] == ""
     tex = (dest / "table1_ca_asr.tex").read_text()
     assert r"\multicolumn{2}{c}{digits-report}" in tex and r"\cmidrule(lr){2-3}" in tex
+
+
+def test_report_with_an_out_folder_writes_only_there_unless_upload(sweep, capsys):
+    from orchestrator.cli import main
+
+    out2 = sweep["out2"]
+    dest = sweep["tmp"] / "rep-local"
+    assert main(["report", str(sweep["other"]), "-o", str(dest)]) == 0
+    assert (dest / "tables.md").is_file() and "attached" not in capsys.readouterr().out
+    client = client_of(out2)
+    assert not client.list_artifacts(out2.parent_run_id, "report")
+    assert "report" not in client.get_run(out2.parent_run_id).data.tags
 
 
 def test_export_says_loudly_when_no_trial_meets_the_rule_and_strict_fails(sweep, capsys):

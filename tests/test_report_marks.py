@@ -109,3 +109,35 @@ def test_the_grid_is_camera_ready_one_legend_outside_one_front_per_panel_truetyp
     (pdf,) = [f for f in save(fig, tmp_path / "grid") if f.suffix == ".pdf"]
     data = pdf.read_bytes()
     assert b"/Type3" not in data and (b"/TrueType" in data or b"/CIDFontType2" in data)
+
+
+def test_replicated_cells_are_mean_std_n_and_the_report_says_which_differ_beyond_their_spread(tmp_path):
+    from orchestrator.figures import grid_figure
+    from orchestrator.report import _spread, grid_rows, spread_notes
+    from orchestrator.replicates import differ, replicate_config, spread
+
+    assert spread([0.1, 0.3]) == pytest.approx((0.2, 0.1414213, 2))
+    assert differ((0.8, 0.01, 3), (0.5, 0.02, 3)) and not differ((0.8, 0.1, 3), (0.75, 0.1, 3))
+    cfg = replicate_config({"seed": 3, "evaluation": {"seed": 42}, "data": {"seed": 1}}, 2)
+    assert cfg["defense_seed"] == 5 and cfg["evaluation"]["seed"] == 44 and cfg["seed"] == 3 and cfg["data"]["seed"] == 1
+    sweep = _sweep()
+    # nc and ft on badnets, three seeds each: nc's ASR 5, 7, 3 (%), ft's 65.02, 60, 70
+    sweep.replicates = {"run3": {1: {"ca": 0.84, "asr": 0.07, "r_asr": 0.52, "q_asr": 0.41},
+                                 2: {"ca": 0.76, "asr": 0.03, "r_asr": 0.48, "q_asr": 0.39}},
+                        "run2": {1: {"ca": 0.86, "asr": 0.60, "r_asr": 0.91, "q_asr": 0.8},
+                                 2: {"ca": 0.84, "asr": 0.70, "r_asr": 0.89, "q_asr": 0.8}}}
+    view = sweep.views["badnets"]
+    view.spread = {r.run_id: _spread(r.metrics, sweep.replicates[r.run_id]) for r in view.records
+                   if r.run_id in sweep.replicates}
+    table1 = build_tables([sweep])[0]
+    md = to_markdown(table1)
+    assert _row(md, "NC")[0] == "**80.00 ± 4.00** / **5.00 ± 2.00** (n=3)"
+    assert _row(md, "FT")[0] == "85.00 ± 1.00 / 65.01 ± 5.00† (n=3)"
+    notes = spread_notes(table1)
+    assert any("BadNets, ASR: FT 65.01 ± 5.00 (n=3) vs NC 5.00 ± 2.00 (n=3): differ beyond their spread" in n
+               for n in notes), notes
+    assert any("BadNets, CA: FT" in n and "within their spread" in n for n in notes), notes
+    assert "differ beyond their spread" in md
+    fig = grid_figure(grid_rows([sweep]))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "mean ± std over the seeds" in labels
