@@ -60,7 +60,7 @@ def sweep(tmp_path_factory):
         lines: list[str] = []
         out = run_sweep(*load_spec(str(spec_file)), verbose=0, log=lines.append)
         other_file = tmp / "other.yaml"
-        other = {**SPEC, "name": "digits-report-ft", "storage": str(tmp / "store"), "attacks": ["badnets"], "export_rule": IMPOSSIBLE,
+        other = {**SPEC, "name": "digits-report-ft", "storage": str(tmp / "store"), "attacks": ["badnets"], "export_rule": IMPOSSIBLE, "replicates": 3,
                  "defenses": [{"name": "ft", "fixed": {"epochs": 2, "batch_size": 64, "crop_padding": 0}}]}
         other_file.write_text(yaml.safe_dump(other))
         out2 = run_sweep(*load_spec(str(other_file)), verbose=0, log=lambda m: None)
@@ -236,12 +236,38 @@ def test_several_sweeps_make_one_table(sweep):
     client = client_of(out2)
     (ft2,) = [r for r in rows if r["group"] == "digits-report-ft" and r["defense"] == "ft"
               and r["table"] == "table1_ca_asr"]
-    assert float(ft2["ca"]) == client.get_run(ft2["run_id"]).data.metrics["ca"]
+    exp = client.get_experiment_by_name("digits-report")
+    reps = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_id = '{out2.sweep_id}' and "
+                              f"tags.role = 'replicate' and tags.of_run = '{ft2['run_id']}'")
+    values = [client.get_run(ft2["run_id"]).data.metrics["ca"], *(r.data.metrics["ca"] for r in reps)]
+    assert float(ft2["ca"]) == pytest.approx(sum(values) / len(values))  # replicates: 3, the mean of the seeds
     (gone,) = [r for r in rows if r["group"] == "digits-report-ft" and r["defense"] == "bibau_u"
                and r["table"] == "table1_ca_asr"]
     assert gone["note"] == "not run" and gone["ca"] == ""
     tex = (dest / "table1_ca_asr.tex").read_text()
     assert r"\multicolumn{2}{c}{digits-report}" in tex and r"\cmidrule(lr){2-3}" in tex
+
+
+def test_replicates_rerun_the_baseline_with_other_seeds_and_the_report_gives_mean_std_n(sweep):
+    from orchestrator.cli import main
+
+    out2 = sweep["out2"]
+    client = client_of(out2)
+    exp = client.get_experiment_by_name("digits-report")
+    reps = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.sweep_id = '{out2.sweep_id}' and tags.role = 'replicate'")
+    assert len(reps) == 2 and {r.data.tags["status"] for r in reps} == {"completed"}  # FT on BadNets, 2 more seeds
+    assert {r.data.tags["replicate"] for r in reps} == {"1", "2"}
+    assert len({r.data.params["defense_seed"] for r in reps}) == 2
+    (searched,) = {r.data.tags["of_run"] for r in reps}
+    assert client.get_run(searched).data.tags["defense"] == "ft"
+    dest = sweep["tmp"] / "rep-seeds"
+    assert main(["report", str(sweep["other"]), "-o", str(dest)]) == 0
+    md = (dest / "tables.md").read_text()
+    (line,) = [x for x in md.splitlines() if x.startswith("| FT |")]
+    assert line.count(" ± ") >= 2 and "(n=3)" in line
+    rows = [r for r in _rows(dest / "tables.csv") if r["defense"] == "ft" and r["attack"] == "badnets"]
+    assert rows and all(r["n_seeds"] == "3" for r in rows)
 
 
 def test_report_with_an_out_folder_writes_only_there_unless_upload(sweep, capsys):
