@@ -3,6 +3,8 @@
 # free port, lets headless Chromium render the experiment's runs (optionally filtered), saves a PNG.
 #   docs/mlflow_screenshot.sh runs/sweeps/mlflow.db OUT.png [EXPERIMENT_ID] [FILTER]
 #   docs/mlflow_screenshot.sh runs/sweeps/mlflow.db docs/img/mlflow-quickstart.png 1 "tags.pareto = 'true'"
+#   RUN=<attack run id> docs/mlflow_screenshot.sh runs/sweeps/mlflow.db docs/img/mlflow-attack-run.png 1
+#     (an attack run's page: its description holds the Pareto figure and the front's linked table)
 # Needs chromium (Debian: apt-get install chromium).
 set -euo pipefail
 db=$(realpath "$1"); out=$2; exp=${3:-1}; filter=${4:-}
@@ -18,5 +20,5 @@ query="?workflowType=machine_learning"
 [ -n "$filter" ] && query="$query&searchFilter=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$filter")"
 mkdir -p "$(dirname "$out")"
 chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1000 \
-  --virtual-time-budget=20000 --screenshot="$out" "http://127.0.0.1:$port/#/experiments/$exp/runs$query" 2>/dev/null
+  --virtual-time-budget=20000 --screenshot="$out" "http://127.0.0.1:$port/#/experiments/$exp/runs${RUN:+/$RUN}$query" 2>/dev/null
 echo "wrote $out"

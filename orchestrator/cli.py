@@ -230,6 +230,9 @@ def _write_crash_log(command: str, argv: Sequence[str] | None) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .progress import plain_output
+
+    plain_output()  # no ANSI codes in a log file or a pipe
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

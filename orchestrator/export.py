@@ -132,6 +132,26 @@ def write_export(doc: dict, path: str | Path) -> Path:
     return path
 
 
+def add_warnings(doc: dict, views: dict) -> list[str]:
+    """Give each selection no trial met the rule for its ``warning`` (``results.fallback_warning``:
+    the pick, its CA drop, the chance level), in place; ``views``: attack -> ``AttackView``. One
+    function for ``bibau export`` and the sweep's own export file, so both say the same."""
+    from .results import fallback_warning
+
+    warnings = []
+    for sel in doc["selections"]:
+        view = views.get(sel["attack"])
+        if view is None or sel["provenance"]["picked_by"] == "rule":
+            continue
+        pick = next((p for p in ([view.pick] + list(view.picks.values())) if p and p.record.run_id ==
+                     sel["provenance"]["run_id"]), None)
+        text = fallback_warning(view, pick) if pick else None
+        if text:
+            sel["warning"] = text
+            warnings.append(text)
+    return warnings
+
+
 def read_export(path: str | Path) -> dict:
     """An export file, checked for its kind and version."""
     with open(path) as fh:
@@ -165,7 +185,7 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     """
     import os
 
-    from .results import attack_view, fallback_warning, tag_picks
+    from .results import attack_view, tag_picks
     from .spec import Objective
     from .tracking import open_sweep
 
@@ -187,17 +207,7 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     attack_runs = state.get("attack_runs", {})
     views = {a: attack_view(a, every, dict(tracker.client.get_run(run).data.metrics), parsed, objectives)
              for a, run in attack_runs.items()}
-    warnings = []
-    for sel in doc["selections"]:
-        view = views.get(sel["attack"])
-        if view is None or sel["provenance"]["picked_by"] == "rule":
-            continue
-        pick = next((p for p in ([view.pick] + list(view.picks.values())) if p and p.record.run_id ==
-                     sel["provenance"]["run_id"]), None)
-        text = fallback_warning(view, pick) if pick else None
-        if text:
-            sel["warning"] = text
-            warnings.append(text)
+    warnings = add_warnings(doc, views)
     if strict and warnings:
         raise RuleNotMet(f"--strict: no trial meets the rule {parsed.text!r} for "
                          f"{', '.join(sorted({s['attack'] for s in doc['selections'] if 'warning' in s}))}; "

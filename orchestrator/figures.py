@@ -1,9 +1,14 @@
 """Pareto figures: clean accuracy against each other objective, per attack, and the report's grid
 (attacks x objectives). Axes in words and %; the undefended model, chance-level CA, the clean
 reference model's value, the export rule's thresholds and the picked point drawn on every
-panel. Baselines are hollow markers drawn above the trials, so none hides a trial; trials that
-lack the panel's metric (gated after CA/ASR, failed) are left out and counted on the panel.
-Saved as PNG (200 dpi) and PDF.
+panel, with one front per panel: the 2-D front of that panel's two objectives. Baselines are
+hollow markers drawn above the trials, so none hides a trial; trials that lack the panel's
+metric (gated after CA/ASR, failed) are left out and counted on the panel. Attacks and defenses
+by their display names (``names.py``), each defense in one colour and marker across a grid.
+
+Camera-ready: the grid has one legend, below the panels (outside the data), panels sized for a
+two-column page, and the PDF embeds TrueType fonts (``pdf.fonttype`` 42), not the Type 3 fonts
+that IEEE's and ACM's checks reject. Saved as PNG (200 dpi) and PDF.
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .export import Rule
-from .pareto import TrialRecord, front_of, pareto_front
+from .names import display
+from .pareto import TrialRecord, pareto_front
 from .results import AttackView
 
 RATES = {"ca", "asr", "r_asr", "q_asr", "ra_clean_asr", "q_asr_clean_model"}  # in [0, 1], shown in %
@@ -53,7 +59,8 @@ def baseline_label(defense: str) -> str:
     from trainables.registry import DEFENSES
 
     use = DEFENSES.get(defense).declared_data_use() if defense in DEFENSES else "clean_split"
-    return f"{defense} (baseline)" if use == "clean_split" else f"{defense} (baseline; data: {use})"
+    name = display(defense)
+    return f"{name} (baseline)" if use == "clean_split" else f"{name} (baseline; data: {use})"
 
 
 def _finite(v) -> bool:
@@ -64,50 +71,68 @@ def _plottable(r: TrialRecord, x: str, y: str) -> bool:
     return r.status == "completed" and _finite(r.metrics.get(x)) and _finite(r.metrics.get(y))
 
 
+def styles(views: Sequence[AttackView]) -> dict[str, tuple[str, str]]:
+    """defense -> (colour, marker): tuned defenses filled circles of the first colours, baselines
+    hollow markers of the later ones, the same in every panel of a grid (one legend serves all)."""
+    tuned = sorted({r.defense for v in views for r in v.records if r.tuned})
+    fixed = sorted({r.defense for v in views for r in v.records if not r.tuned} - set(tuned))
+    out = {d: (f"C{i % 10}", "o") for i, d in enumerate(tuned)}
+    out |= {d: (f"C{(i + len(tuned)) % 10}", _BASELINE_MARKERS[i % len(_BASELINE_MARKERS)]) for i, d in enumerate(fixed)}
+    return out
+
+
 def draw_panel(ax, view: AttackView, x, y, objectives: Sequence, rule: Rule | None, *, title: str | None = None,
-               legend: bool = True) -> int:
-    """One Pareto panel of ``view``: objective ``y`` (CA) against objective ``x``. Returns how many
-    trials were left out for lacking ``x`` or ``y`` (gated, failed, diverged)."""
+               legend: bool = True, style: dict[str, tuple[str, str]] | None = None) -> int:
+    """One Pareto panel of ``view``: objective ``y`` (CA) against objective ``x``, with the 2-D front
+    of those two. Returns how many trials were left out for lacking ``x`` or ``y`` (gated, failed,
+    diverged). ``legend``: this panel's own legend, with each reference's value; without it
+    (a grid's shared legend) the labels name the references only, and the panel reads the values
+    off its axes."""
     sx, sy = scale(x.metric), scale(y.metric)
+    style = style or styles([view])
     pts = [r for r in view.records if _plottable(r, x.metric, y.metric)]
     left_out = len(view.records) - len(pts)
     tuned = [r for r in pts if r.tuned]
     for defense in sorted({r.defense for r in tuned}):
         mine = [r for r in tuned if r.defense == defense]
-        ax.scatter([sx * r.metrics[x.metric] for r in mine], [sy * r.metrics[y.metric] for r in mine], s=16,
-                   alpha=0.6, zorder=2, label=f"{defense} trials")
-    metrics, modes = [o.metric for o in objectives], [o.mode for o in objectives]
-    on_front = {r.trial_id for r in front_of(view.records, metrics, modes)}
-    ring = [r for r in pts if r.trial_id in on_front]
-    if ring:
-        ax.scatter([sx * r.metrics[x.metric] for r in ring], [sy * r.metrics[y.metric] for r in ring], s=55,
-                   facecolors="none", edgecolors="black", linewidths=0.8, zorder=3, label="Pareto (all objectives)")
+        ax.scatter([sx * r.metrics[x.metric] for r in mine], [sy * r.metrics[y.metric] for r in mine], s=14,
+                   alpha=0.6, zorder=2, color=style[defense][0], linewidths=0, label=f"{display(defense)} trials")
     xy = [(r.metrics[x.metric], r.metrics[y.metric]) for r in pts]
     if xy:
         stair = sorted(xy[i] for i in pareto_front(xy, [x.mode, y.mode]))
-        ax.step([sx * p[0] for p in stair], [sy * p[1] for p in stair], where="post", color="black", lw=0.7,
-                zorder=2.5, label=f"front in ({short(x.metric)}, {short(y.metric)})")
+        ax.step([sx * p[0] for p in stair], [sy * p[1] for p in stair], where="post", color="black", lw=0.8,
+                zorder=2.5, label="Pareto front of the panel's two objectives" if not legend
+                else f"front in ({short(x.metric)}, {short(y.metric)})")
     # baselines: hollow and above the trials, so a trial at the same place stays visible
-    for i, r in enumerate(sorted((r for r in pts if not r.tuned), key=lambda r: r.defense)):
-        ax.scatter([sx * r.metrics[x.metric]], [sy * r.metrics[y.metric]], marker=_BASELINE_MARKERS[i % 10], s=90,
-                   facecolors="none", edgecolors=f"C{(i + 5) % 10}", linewidths=1.6, zorder=4,
-                   label=baseline_label(r.defense))
+    for r in sorted((r for r in pts if not r.tuned), key=lambda r: r.defense):
+        color, marker = style[r.defense]
+        ax.scatter([sx * r.metrics[x.metric]], [sy * r.metrics[y.metric]], marker=marker, s=60,
+                   facecolors="none", edgecolors=color, linewidths=1.4, zorder=4, label=baseline_label(r.defense))
+    # seed replicates: the mean ± std of each replicated run (a pick, a baseline) as error bars
+    for r in pts:
+        sp = view.spread.get(r.run_id or "", {})
+        if sp.get(x.metric, (0, 0, 0))[2] > 1 and sp.get(y.metric, (0, 0, 0))[2] > 1:
+            (mx, ex, n), (my, ey, _) = sp[x.metric], sp[y.metric]
+            ax.errorbar([sx * mx], [sy * my], xerr=[sx * ex], yerr=[sy * ey], fmt="none", ecolor=style[r.defense][0],
+                        elinewidth=0.9, capsize=2, zorder=3.5, label="mean ± std over the seeds")
     # references
     base_y = view.undefended.get(y.metric)
     if base_y is not None:
         ax.axhline(sy * base_y, color="firebrick", ls="--", lw=0.9, zorder=1,
-                   label=f"undefended model: {short(y.metric)} {shown(y.metric, base_y)}"
+                   label="undefended model" if not legend else
+                   f"undefended model: {short(y.metric)} {shown(y.metric, base_y)}"
                    + (f", ASR {shown('asr', view.undefended['asr'])}" if "asr" in view.undefended else ""))
         if x.metric in view.undefended:
-            ax.scatter([sx * view.undefended[x.metric]], [sy * base_y], marker="X", s=80, facecolors="none",
-                       edgecolors="firebrick", linewidths=1.4, zorder=4, label="undefended model")
+            ax.scatter([sx * view.undefended[x.metric]], [sy * base_y], marker="X", s=60, facecolors="none",
+                       edgecolors="firebrick", linewidths=1.2, zorder=4, label="undefended model")
     if y.metric == "ca" and view.chance is not None:
         ax.axhline(sy * view.chance, color="gray", ls=":", lw=1.0, zorder=1,
-                   label=f"chance-level CA {shown('ca', view.chance)}")
+                   label="chance-level CA" if not legend else f"chance-level CA {shown('ca', view.chance)}")
     clean = view.clean_reference.get(x.metric)
     if clean is not None:
         ax.axvline(sx * clean, color="seagreen", ls="-.", lw=0.9, zorder=1,
-                   label=f"clean reference model: {short(x.metric)} {shown(x.metric, clean)}")
+                   label="clean reference model" if not legend else
+                   f"clean reference model: {short(x.metric)} {shown(x.metric, clean)}")
     for metric, op, bound in (rule.constraints if rule else []):
         text = f"rule: {short(metric)} {_OPS_TEXT[op]} {shown(metric, bound)}"
         if metric == x.metric:
@@ -117,9 +142,9 @@ def draw_panel(ax, view: AttackView, x, y, objectives: Sequence, rule: Rule | No
     pick = view.pick
     if pick is not None and _plottable(pick.record, x.metric, y.metric):
         px, py = sx * pick.record.metrics[x.metric], sy * pick.record.metrics[y.metric]
-        ax.scatter([px], [py], marker="o", s=240, facecolors="none", edgecolors="red", linewidths=2.0, zorder=6,
-                   label=f"picked ({pick.record.defense})" if pick.rule_met
-                   else f"picked ({pick.record.defense}; fallback: NO trial meets the rule)")
+        who = "" if not legend else f" ({display(pick.record.defense)})"
+        ax.scatter([px], [py], marker="o", s=150, facecolors="none", edgecolors="red", linewidths=1.8, zorder=6,
+                   label=f"picked{who}" if pick.rule_met else f"picked{who}; fallback: NO trial meets the rule")
     if x.metric in RATES:
         ax.set_xlim(-3, 103)
     if y.metric in RATES:
@@ -127,13 +152,14 @@ def draw_panel(ax, view: AttackView, x, y, objectives: Sequence, rule: Rule | No
     ax.set_xlabel(axis_label(x.metric), fontsize=8)
     ax.set_ylabel(axis_label(y.metric), fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title(title or view.attack, fontsize=9)
+    ax.set_title(title or display(view.attack), fontsize=9)
     ax.grid(alpha=0.3)
     if left_out:
         ax.text(0.99, 0.01, f"{left_out} trial(s) without {short(x.metric)} or {short(y.metric)} not shown",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=6, color="dimgray")
-    if legend:
-        ax.legend(fontsize=5.5, loc="best", framealpha=0.8, markerscale=0.6)
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5, color="dimgray")
+    if legend:  # outside the axes, to the right: nothing of the data under it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  frameon=False).set_in_layout(False)  # tight_layout keeps the axes' size; saving takes it in
     return left_out
 
 
@@ -143,6 +169,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # TrueType (42) instead of Type 3 fonts in PDF and PS: what IEEE's and ACM's PDF checks accept
+    matplotlib.rcParams["pdf.fonttype"] = 42
+    matplotlib.rcParams["ps.fonttype"] = 42
     return plt
 
 
@@ -152,9 +181,9 @@ def attack_figures(view: AttackView, objectives: Sequence, rule: Rule | None) ->
     figs = {}
     first = objectives[0]
     for o in objectives[1:]:
-        fig, ax = plt.subplots(figsize=(5.5, 4.4))
+        fig, ax = plt.subplots(figsize=(3.4, 2.8))
         draw_panel(ax, view, o, first, objectives, rule,
-                   title=f"{view.attack}: {short(first.metric)} against {short(o.metric)}")
+                   title=f"{display(view.attack)}: {short(first.metric)} against {short(o.metric)}")
         fig.tight_layout()
         figs[f"{first.metric}_vs_{o.metric}"] = fig
         plt.close(fig)
@@ -169,18 +198,28 @@ def grid_figure(rows: Sequence[tuple]):
     for _, _, objectives, _ in rows:
         for o in objectives[1:]:
             cols.setdefault(o.metric, o)
-    fig, axes = plt.subplots(max(1, len(rows)), max(1, len(cols)), figsize=(4.6 * max(1, len(cols)),
-                             3.9 * max(1, len(rows))), squeeze=False)
+    # 3.4 x 2.8 in a panel: two panels span a two-column page (7 in) with 7-9 pt text at print size
+    fig, axes = plt.subplots(max(1, len(rows)), max(1, len(cols)), figsize=(3.4 * max(1, len(cols)),
+                             2.8 * max(1, len(rows))), squeeze=False)
+    style = styles([view for _, view, _, _ in rows])
     for i, (title, view, objectives, rule) in enumerate(rows):
         for j, o in enumerate(cols.values()):
             if o.metric in {x.metric for x in objectives}:
-                draw_panel(axes[i][j], view, o, objectives[0], objectives, rule, title=f"{title}: {short(o.metric)}")
+                draw_panel(axes[i][j], view, o, objectives[0], objectives, rule, legend=False, style=style,
+                           title=f"{display(title)}: {short(o.metric)}")
             else:
                 axes[i][j].set_axis_off()
     if not rows or not cols:
         for ax in axes.flat:
             ax.set_axis_off()
     fig.tight_layout()
+    handles: dict[str, object] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:  # one legend for the grid, below the panels
+        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(3, len(handles)), fontsize=8, frameon=False)
     plt.close(fig)
     return fig
 
@@ -192,7 +231,8 @@ def save(fig, base: str | Path, formats: Sequence[str] = FORMATS, dpi: int = DPI
     out = []
     for fmt in formats:
         path = base.with_name(f"{base.name}.{fmt}")
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+        fig.savefig(path, dpi=dpi, bbox_inches="tight", bbox_extra_artists=legends)
         out.append(path)
     return out
 
@@ -206,7 +246,7 @@ def plot_growth(attack: str, curve: list[tuple[int, float]]):
     ax.plot([k for k, _ in curve], [v for _, v in curve], marker="o", ms=3)
     ax.set_xlabel("trials finished")
     ax.set_ylabel("hypervolume of the front")
-    ax.set_title(f"{attack}: hypervolume as the sweep goes")
+    ax.set_title(f"{display(attack)}: hypervolume as the sweep goes")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     plt.close(fig)

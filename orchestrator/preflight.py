@@ -133,6 +133,12 @@ def check_run(cfg, *, out: str | Path | None = None, out_field: str = "--out", d
         seen[model_key] = True
         if found:
             lines.append(found)
+    external = getattr(cfg.attack, "external_model", None)
+    if external is not None and ("external", external) not in seen:
+        from trainables.external import check_external
+
+        lines.append(check_external(external))
+        seen[("external", external)] = True
     clip = getattr(cfg, "clip", None)
     if clip is not None and ("clip", clip.weights, clip.captions) not in seen:
         # the contrastive setting's files: CLIP weights present, pickle-free, fitting clip.arch; every captioned image

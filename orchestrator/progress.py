@@ -26,6 +26,9 @@ _EVAL_END = re.compile(r"^\[eval\] (?P<name>[\w.-]+): (?!running)")
 # lines that end the stage a bar shows
 _ENDS = ("[attack] trained", "[attack] cache hit", "[defense] done", "[trial] ")
 FRAMEWORK_LOGGERS = ("ray.tune", "ray.train", "ray.air", "optuna")
+# until a bar has timed one step of its own, it shows no rate or time left: a bar opens on the
+# first "epoch k/N" line, so a rate then would divide the k epochs already done by no time at all
+NO_RATE_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 class RunProgress:
@@ -53,9 +56,13 @@ class RunProgress:
             key = " ".join(x for x in (self.stage, m["head"].strip().strip("[]")) if x)
             if self.bar is None or self.bar_key != key or k <= self.bar.n or self.bar.total != n:
                 self._close()
-                self.bar = tqdm(total=n, desc=key or "epochs", unit="epoch", leave=False, dynamic_ncols=True)
+                self.bar = tqdm(total=n, initial=k, desc=key or "epochs", unit="epoch", leave=False,
+                                dynamic_ncols=True, bar_format=NO_RATE_FORMAT)
                 self.bar_key = key
-            self.bar.update(k - self.bar.n)
+            elif k > self.bar.n:  # a step timed by this bar: its rate means something now
+                self.bar.bar_format = None
+                self.bar.update(k - self.bar.n)
+                self.bar.refresh()
             self.bar.set_postfix_str(m["rest"][:60])
             return
         start = _EVAL_START.match(line)
@@ -86,6 +93,19 @@ class RunProgress:
 
     def close(self) -> None:
         self._close()
+
+
+def plain_output(stream: TextIO | None = None) -> bool:
+    """Off a terminal (a file, a pipe, CI), ask the libraries that colour their output (Ray's
+    worker prefixes, anything honouring NO_COLOR) for plain text, so logs hold no ANSI codes.
+    Returns whether the output is plain. Set before Ray or a library reads it (``cli.main``)."""
+    import os
+
+    if _isatty(stream or sys.stdout):
+        return False
+    os.environ.setdefault("NO_COLOR", "1")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    return True
 
 
 def _isatty(stream) -> bool:

@@ -4,8 +4,11 @@ a figure grid from what one or more sweeps recorded in MLflow.
 Rows are the undefended model, each fixed baseline as it ran, and each tuned defense at the
 export rule's pick among its own trials; columns are the attacks (grouped by sweep, e.g. one
 per data set, when several are combined) and their average. A rate above the failure
-threshold is marked (a failed defense), the best value of each column is marked, and a pick
-the rule was not met for is marked too. Written as Markdown, LaTeX (booktabs) and CSV (one row
+threshold is marked (a failed defense), so is a CA below the attack's collapse floor
+(``results.ca_floor``: the gate's, else half way from chance to the undefended model), and a
+pick the rule was not met for. The best value of each column is bold, chosen only among the
+cells that carry no failure mark: a collapsed model's low ASR is never "best". Rows and columns
+use the display names of ``names.py``. Written as Markdown, LaTeX (booktabs) and CSV (one row
 per cell, the metrics at full precision, with the MLflow run they come from), plus the grid
 (attacks x the objectives after CA) as PNG and PDF, and attached to each sweep's parent run.
 """
@@ -23,7 +26,8 @@ from typing import Any, Sequence
 from trainables.config import ConfigError
 
 from .export import DEFAULT_RULE, Rule, parse_rule
-from .results import AttackView, attack_view
+from .names import display
+from .results import AttackView, attack_view, ca_floor, gate_of
 
 FAIL_ASR = 0.2  # default failure threshold: a defense leaving an ASR above 20% did not remove the backdoor
 FAIL_METRICS = ("asr", "r_asr", "q_asr")
@@ -56,14 +60,16 @@ class SweepResults:
     dataset: str
     folder: Path | None = None  # the sweep's folder, when it is on this machine
     group: str = ""  # the column group of a combined report
+    replicates: dict = field(default_factory=dict)  # searched run id -> replicate k -> its metrics
 
 
 @dataclass
 class Cell:
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the mean over the seeds when replicated
     run_id: str = ""
     note: str = ""  # "" | fallback (rule not met) | failed | gated | not run
     picked_by: str = ""
+    spread: dict[str, tuple[float, float, int]] = field(default_factory=dict)  # metric -> (mean, std, n)
 
 
 def load_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, fingerprint: str | None = None,
@@ -80,11 +86,14 @@ def load_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, finger
         raise ConfigError(str(exc)) from None
     state = tracker.state()
     records = tracker.records()
+    replicates = tracker.replicate_runs()
     views = {}
     for attack, run in state["attack_runs"].items():
         views[attack] = attack_view(attack, records, dict(tracker.client.get_run(run).data.metrics), parsed,
                                     objectives)
         views[attack].run_id = run
+        views[attack].spread = {r.run_id: _spread(r.metrics, replicates[r.run_id]) for r in views[attack].records
+                                if r.run_id in replicates}
     order = [_label(a) for a in spec.get("attacks") or []]
     views = dict(sorted(views.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     rows = []
@@ -96,7 +105,24 @@ def load_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, finger
     rows = [x for x in rows if x[1] == "baseline"] + [x for x in rows if x[1] == "tuned"]  # as the paper: ours last
     dataset = str(((spec.get("base") or {}).get("data") or {}).get("name", "cifar10"))
     return SweepResults(uri, experiment, tracker.sweep_id, state["parent_run_id"], spec, objectives, parsed, views,
-                        rows, dataset, folder)
+                        rows, dataset, folder, replicates=replicates)
+
+
+def _spread(searched: dict, replicates: dict[int, dict]) -> dict[str, tuple[float, float, int]]:
+    """metric -> (mean, std, n) over the searched run and its replicates."""
+    from .replicates import spread
+
+    runs = [searched, *replicates.values()]
+    return {m: spread([r.get(m, math.nan) for r in runs]) for m in NAMES if isinstance(searched.get(m), (int, float))}
+
+
+def _with_spread(c: Cell, view: AttackView) -> Cell:
+    """A cell of a replicated run: its numbers are the means over the seeds."""
+    got = view.spread.get(c.run_id)
+    if got:
+        c.spread = {m: v for m, v in got.items() if v[2] > 0}
+        c.metrics = {**c.metrics, **{m: v[0] for m, v in c.spread.items()}}
+    return c
 
 
 def _label(attack: Any) -> str:
@@ -120,14 +146,16 @@ def cell(sweep: SweepResults, attack: str, defense: str | None, kind: str) -> Ce
             gated = [r for r in ran if r.status == "gated" or (r.status == "completed" and r.metrics)]
             return Cell(note="gated" if gated else "failed" if ran else "not run")
         r = pick.record
-        return Cell(_numbers(r.metrics), r.run_id or "", "" if pick.rule_met else "fallback", pick.how)
+        return _with_spread(Cell(_numbers(r.metrics), r.run_id or "", "" if pick.rule_met else "fallback", pick.how),
+                            view)
     ran = sorted((r for r in view.records if r.defense == defense), key=lambda r: r.order)
     done = [r for r in ran if _numbers(r.metrics).get("ca") is not None and r.status in ("completed", "gated")]
     if not done:
         return Cell(note="failed" if ran else "not run", run_id=(ran[-1].run_id or "") if ran else "")
     r = done[-1]
     numbers = _numbers(r.metrics)
-    return Cell(numbers, r.run_id or "", "gated" if "r_asr" not in numbers and r.status == "gated" else "", "as run")
+    return _with_spread(Cell(numbers, r.run_id or "", "gated" if "r_asr" not in numbers and r.status == "gated" else "",
+                             "as run"), view)
 
 
 def _numbers(metrics: dict) -> dict[str, float]:
@@ -150,9 +178,31 @@ class Table:
     best: set[tuple[str, str, str]]  # (row, column key or "avg", metric)
     fail_asr: float
     groups: bool  # several sweeps: show the column groups
+    floors: dict[str, float | None] = field(default_factory=dict)  # column key -> the CA collapse floor
 
     def failed(self, metric: str, v: float | None) -> bool:
         return v is not None and metric in FAIL_METRICS and v > self.fail_asr
+
+    def collapsed(self, label: str, key: str) -> bool:
+        """The row's model at column ``key`` (``:avg``: at any column) has a CA below the floor."""
+        if key == ":avg":
+            return any(self.collapsed(label, _col_key(c)) for c in self.columns)
+        col = next((c for c in self.columns if _col_key(c) == key), None)
+        floor = self.floors.get(key)
+        ca = self.cells[(label, col)].metrics.get("ca") if col is not None else None
+        kind = dict(self.rows).get(label)
+        return kind != "undefended" and floor is not None and ca is not None and ca < floor
+
+    def marked(self, label: str, key: str) -> bool:
+        """The cell carries a failure mark: a collapsed model, or a shown rate above the threshold."""
+        if self.collapsed(label, key):
+            return True
+        if key == ":avg":
+            values = {m: v[0] for m, v in self.average.get(label, {}).items()}
+        else:
+            col = next(c for c in self.columns if _col_key(c) == key)
+            values = self.cells[(label, col)].metrics
+        return any(self.failed(m, values.get(m)) for m in self.metrics)
 
 
 def _better(metric: str) -> int:
@@ -188,20 +238,25 @@ def build_tables(sweeps: Sequence[SweepResults], fail_asr: float = FAIL_ASR) -> 
                 vals = [cells[(label, c)].metrics[m] for c in columns if m in cells[(label, c)].metrics]
                 if vals:
                     average.setdefault(label, {})[m] = (sum(vals) / len(vals), len(vals))
-        table = Table(stem, title, tuple(present), columns, rows, cells, average, set(), fail_asr, len(sweeps) > 1)
+        floors = {_col_key(c): ca_floor(by_group[c[0]].views[c[1]], gate_of(by_group[c[0]].spec))
+                  if c[1] in by_group[c[0]].views else None for c in columns}
+        table = Table(stem, title, tuple(present), columns, rows, cells, average, set(), fail_asr, len(sweeps) > 1,
+                      floors)
         table.best = _best(table)
         tables.append(table)
     return tables
 
 
 def _best(t: Table) -> set[tuple[str, str, str]]:
-    """Per column and metric, the best defense (the undefended model is the reference, never best);
-    CA's best among the defenses that did not fail on that column's ASR."""
+    """Per column and metric, the best defense (the undefended model is the reference, never best),
+    among the cells with no failure mark (no collapsed CA, no shown rate above the threshold); CA's
+    best also among the defenses that did not fail on that column's ASR. A column where every
+    defense failed has no best."""
     best = set()
     defended = [label for label, kind in t.rows if kind != "undefended"]
 
-    def pick(values: dict[str, float], metric: str, ok: set[str]) -> set[str]:
-        pool = {k: v for k, v in values.items() if k in ok} or values
+    def pick(values: dict[str, float], metric: str, ok: set[str], key: str) -> set[str]:
+        pool = {k: v for k, v in values.items() if k in ok and not t.marked(k, key)}
         if not pool:
             return set()
         target = max(pool.values()) if _better(metric) > 0 else min(pool.values())
@@ -217,7 +272,7 @@ def _best(t: Table) -> set[tuple[str, str, str]]:
                 values = {d: t.cells[(d, col)].metrics[m] for d in defended if m in t.cells[(d, col)].metrics}
                 asr = {d: t.cells[(d, col)].metrics.get("asr") for d in defended}
             ok = {d for d in values if asr.get(d) is None or asr[d] <= t.fail_asr} if m == "ca" else set(values)
-            best |= {(d, key, m) for d in pick(values, m, ok)}
+            best |= {(d, key, m) for d in pick(values, m, ok, key)}
     return best
 
 
@@ -234,8 +289,20 @@ def _avg_note(t: Table, label: str, metric: str) -> str:
     return "" if got is None or got[1] == len(t.columns) else f" ({got[1]}/{len(t.columns)})"
 
 
+MARKS = {  # mark -> (Markdown, LaTeX)
+    "failed": ("†", r"$^{\dagger}$"),
+    "collapsed": ("✗", r"$^{\times}$"),
+    "fallback": ("‡", r"$^{\ddagger}$"),
+}
+
+
+def _mark(name: str, fmt: str) -> str:
+    return MARKS[name][1 if fmt == "tex" else 0]
+
+
 def _entry(t: Table, label: str, col: tuple[str, str] | None, metric: str, fmt: str) -> str:
-    """One metric of a cell, with its marks: best (bold), failure (dagger)."""
+    """One metric of a cell, with the marks that qualify that number: best (bold), a rate above the
+    threshold (dagger), a CA below the collapse floor (cross)."""
     if col is None:
         got = t.average.get(label, {}).get(metric)
         v, key = (got[0] if got else None), ":avg"
@@ -244,22 +311,32 @@ def _entry(t: Table, label: str, col: tuple[str, str] | None, metric: str, fmt: 
     if v is None:
         return "--" if fmt == "tex" else "–"
     text = _num(metric, v)
-    fail = t.failed(metric, v)
-    if fmt == "tex":
-        text = (rf"\textbf{{{text}}}" if (label, key, metric) in t.best else text) + (r"$^{\dagger}$" if fail else "")
-    else:
-        text = (f"**{text}**" if (label, key, metric) in t.best else text) + ("†" if fail else "")
+    sp = t.cells[(label, col)].spread.get(metric) if col is not None else None
+    if sp and sp[2] > 1:  # mean ± std over the seeds; n after the cell
+        text += (r" $\pm$ " if fmt == "tex" else " ± ") + _num(metric, sp[1])
+    if (label, key, metric) in t.best:  # never on a marked cell (``_best``)
+        text = rf"\textbf{{{text}}}" if fmt == "tex" else f"**{text}**"
+    if t.failed(metric, v):
+        text += _mark("failed", fmt)
+    if metric == "ca" and t.collapsed(label, key):
+        text += _mark("collapsed", fmt)
     return text
 
 
 def _cell_text(t: Table, label: str, col: tuple[str, str] | None, fmt: str) -> str:
     parts = " / ".join(_entry(t, label, col, m, fmt) for m in t.metrics)
+    key = ":avg" if col is None else _col_key(col)
+    if "ca" not in t.metrics and t.collapsed(label, key):  # no CA number here to carry the mark
+        parts += " " + _mark("collapsed", fmt)
     if col is None:
         notes = {_avg_note(t, label, m) for m in t.metrics} - {""}
         return parts + (sorted(notes)[0] if notes else "")
     c = t.cells[(label, col)]
+    ns = {v[2] for m, v in c.spread.items() if m in t.metrics}
+    if ns and max(ns) > 1:
+        parts += f" (n={'/'.join(str(n) for n in sorted(ns))})"
     if c.note == "fallback":
-        parts += r"$^{\ddagger}$" if fmt == "tex" else "‡"
+        parts += _mark("fallback", fmt)
     elif c.note and not c.metrics:
         parts = c.note
     elif c.note == "gated" and not any(m in c.metrics for m in t.metrics):
@@ -268,18 +345,24 @@ def _cell_text(t: Table, label: str, col: tuple[str, str] | None, fmt: str) -> s
 
 
 def _legend(t: Table, fmt: str) -> str:
-    dagger, ddagger, bold = ("$^{\\dagger}$", "$^{\\ddagger}$", "bold") if fmt == "tex" else ("†", "‡", "**bold**")
+    dagger, cross, ddagger = (_mark(m, fmt) for m in ("failed", "collapsed", "fallback"))
+    bold = "bold" if fmt == "tex" else "**bold**"
+    floors = sorted({round(100 * f, 1) for f in t.floors.values() if f is not None})
+    floor_text = (f" ({', '.join(f'{f:g}%' for f in floors)})" if floors else "")
+    collapse = (f"{cross}: the model collapsed, its CA below the floor{floor_text}: the gate's, else half way "
+                "from chance to the undefended model's CA; its ASR says nothing about the backdoor"
+                + ("" if "ca" in t.metrics else " (marked after the cell, whose CA is in Table 1)") + ".")
     return (f"{' / '.join(NAMES[m] for m in t.metrics)}"
             + (" in %" if t.metrics != ("bec",) else "")
-            + f". {bold}: best of the column (CA: among the defenses whose ASR is at most "
-              f"{100 * t.fail_asr:.0f}%; the undefended model is the reference). {dagger}: above "
-              f"{100 * t.fail_asr:.0f}% (the defense failed). {ddagger}: no trial met the export rule; the "
-              "fallback's pick. Tuned defenses at the export rule's pick, baselines as run. "
+            + f". {bold}: best of the column among the defenses with no failure mark (CA: also among those "
+              f"whose ASR is at most {100 * t.fail_asr:.0f}%; the undefended model is the reference). {dagger}: "
+              f"above {100 * t.fail_asr:.0f}% (the defense failed). {collapse} {ddagger}: no trial met the export "
+              "rule; the fallback's pick. Tuned defenses at the export rule's pick, baselines as run. "
               "Avg: mean over the attacks (n/m: over the n of m that have it).")
 
 
 def _headers(t: Table) -> list[str]:
-    return [f"{g}: {a}" if t.groups else a for g, a in t.columns]
+    return [f"{g}: {display(a)}" if t.groups else display(a) for g, a in t.columns]
 
 
 def to_markdown(t: Table) -> str:
@@ -287,9 +370,31 @@ def to_markdown(t: Table) -> str:
     lines = [f"### {t.title}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for label, _ in t.rows:
         cells = [_cell_text(t, label, col, "md") for col in t.columns] + [_cell_text(t, label, None, "md")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display(label)} | " + " | ".join(cells) + " |")
     lines += ["", _legend(t, "md"), ""]
+    notes = spread_notes(t)
+    if notes:
+        lines += ["Seed replicates: mean ± std (n seeds). Two cells differ beyond their spread when their means are "
+                  "further apart than the sum of their standard deviations:", "", *notes, ""]
     return "\n".join(lines)
+
+
+def spread_notes(t: Table) -> list[str]:
+    """Per column and metric, each pair of replicated defenses: beyond or within their spread."""
+    from .replicates import differ
+
+    out = []
+    defended = [label for label, kind in t.rows if kind != "undefended"]
+    for col in t.columns:
+        for m in t.metrics:
+            cells = [(d, t.cells[(d, col)].spread.get(m)) for d in defended]
+            cells = [(d, s) for d, s in cells if s and s[2] > 1]
+            for i, (a, sa) in enumerate(cells):
+                for b, sb in cells[i + 1:]:
+                    verdict = "differ beyond their spread" if differ(sa, sb) else "within their spread (not told apart)"
+                    out.append(f"- {display(col[1])}, {NAMES[m]}: {display(a)} {_num(m, sa[0])} ± {_num(m, sa[1])} "
+                               f"(n={sa[2]}) vs {display(b)} {_num(m, sb[0])} ± {_num(m, sb[1])} (n={sb[2]}): {verdict}")
+    return out
 
 
 _TEX_SPECIAL = re.compile(r"([&%$#_{}])")
@@ -300,11 +405,16 @@ def tex_escape(text: str) -> str:
     return _TEX_SPECIAL.sub(r"\\\1", text)
 
 
+def _caption(title: str) -> str:
+    """The title without its "Table N:" (LaTeX's \\caption numbers the table itself)."""
+    return re.sub(r"^Table \d+:\s*", "", title)
+
+
 def to_latex(t: Table) -> str:
     """A booktabs table (needs ``\\usepackage{booktabs}``)."""
     n = len(t.columns)
     lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             rf"\caption{{{tex_escape(t.title)}. {_legend(t, 'tex').replace('%', chr(92) + '%')}}}",
+             rf"\caption{{{tex_escape(_caption(t.title))}. {_legend(t, 'tex').replace('%', chr(92) + '%')}}}",
              rf"\label{{tab:{t.stem}}}",
              r"\begin{tabular}{l" + "c" * (n + 1) + "}", r"\toprule"]
     if t.groups:
@@ -319,10 +429,10 @@ def to_latex(t: Table) -> str:
         lines.append(" & " + " & ".join(rf"\multicolumn{{{e - s + 1}}}{{c}}{{{tex_escape(g)}}}" for g, s, e in spans)
                      + r" & \\")
         lines.append("".join(rf"\cmidrule(lr){{{s + 2}-{e + 2}}}" for _, s, e in spans))
-    lines.append("Defense & " + " & ".join(tex_escape(a) for _, a in t.columns) + r" & Avg \\")
+    lines.append("Defense & " + " & ".join(tex_escape(display(a)) for _, a in t.columns) + r" & Avg \\")
     lines.append(r"\midrule")
     for i, (label, kind) in enumerate(t.rows):
-        row = [tex_escape(label)] + [_cell_text(t, label, col, "tex") for col in t.columns] \
+        row = [tex_escape(display(label))] + [_cell_text(t, label, col, "tex") for col in t.columns] \
             + [_cell_text(t, label, None, "tex")]
         lines.append(" & ".join(row) + r" \\")
         if kind == "undefended":
@@ -332,7 +442,8 @@ def to_latex(t: Table) -> str:
 
 
 CSV_FIELDS = ["table", "group", "sweep_id", "attack", "defense", "kind", "run_id", "picked_by", "note",
-              "ca", "asr", "r_asr", "q_asr", "bec", "failed", "best"]
+              "ca", "asr", "r_asr", "q_asr", "bec", "failed", "collapsed", "best", "n_seeds", "ca_std", "asr_std", "r_asr_std",
+              "q_asr_std", "bec_std"]
 
 
 def to_csv(tables: Sequence[Table], sweeps: Sequence[SweepResults]) -> str:
@@ -354,7 +465,10 @@ def to_csv(tables: Sequence[Table], sweeps: Sequence[SweepResults]) -> str:
                             "attack": attack, "defense": label, "kind": kind, "run_id": c.run_id,
                             "picked_by": c.picked_by, "note": c.note,
                             **{m: repr(v) for m, v in vals.items()},
-                            "failed": str(any(t.failed(m, v) for m, v in vals.items())).lower(),
+                            "failed": str(t.marked(label, key)).lower(),
+                            "collapsed": str(t.collapsed(label, key)).lower(),
+                            "n_seeds": max((v[2] for v in c.spread.values()), default=""),
+                            **{f"{m}_std": repr(v[1]) for m, v in c.spread.items() if m in t.metrics},
                             "best": " ".join(m for m in t.metrics if (label, key, m) in t.best)})
     return buf.getvalue()
 
@@ -497,8 +611,10 @@ def report(sources: Sequence[str], *, out: str | Path | None = None, tracking_ur
 def cmd_report(args) -> int:
     if not 0.0 <= args.fail_asr <= 1.0:
         raise ConfigError(f"--fail-asr: {args.fail_asr}; a rate in [0, 1] (e.g. 0.2 for 20%)")
+    # -o DIR: the report goes to DIR only, unless --upload; the default folder is also attached to MLflow
+    upload = args.upload if args.upload is not None else args.out is None
     report(args.sources, out=args.out, tracking_uri=args.tracking_uri, overrides=args.overrides,
-           sweep_id=args.sweep, rule=args.rule, fail_asr=args.fail_asr, upload=not args.no_upload)
+           sweep_id=args.sweep, rule=args.rule, fail_asr=args.fail_asr, upload=upload)
     return 0
 
 
@@ -519,6 +635,12 @@ def add_report(subparsers) -> None:
     p.add_argument("--rule", help="export rule that picks each tuned defense's row (default: the spec's export_rule)")
     p.add_argument("--fail-asr", type=float, default=FAIL_ASR,
                    help=f"ASR, R-ASR or Q-ASR above this marks a failed defense (default {FAIL_ASR})")
-    p.add_argument("-o", "--out", help="folder to write (default: <sweep folder>/report, else reports/<sweep ids>)")
-    p.add_argument("--no-upload", action="store_true", help="do not attach the report to the parent run(s) in MLflow")
+    p.add_argument("-o", "--out", help="folder to write, and the only place written unless --upload (default: "
+                   "<sweep folder>/report, else reports/<sweep ids>, also attached to MLflow)")
+    up = p.add_mutually_exclusive_group()
+    up.add_argument("--upload", dest="upload", action="store_true", default=None,
+                    help="also attach the report to the parent run(s) in MLflow (under report/); the default "
+                    "without -o")
+    up.add_argument("--no-upload", dest="upload", action="store_false",
+                    help="do not attach the report to MLflow (the default with -o)")
     p.set_defaults(func=cmd_report)

@@ -20,6 +20,10 @@ NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
 UNDEFENDED = {"ca": "backdoored_ca", "asr": "backdoored_asr"}  # objective -> the undefended model's metric
 CLEAN_REFERENCE = {"r_asr": "ra_clean_asr", "q_asr": "q_asr_clean_model"}  # objective -> the clean model's
 NAMES = {"ca": "CA", "asr": "ASR", "r_asr": "R-ASR", "q_asr": "Q-ASR"}
+# A defended model whose CA fell below this share of the way from chance to the undefended model's
+# CA has collapsed (when the sweep has no gate): its low ASR says nothing about the backdoor, so no
+# table calls it best. 0.5 on ten classes and an undefended CA of 90%: a floor of 50%.
+COLLAPSE_SHARE = 0.5
 
 
 @dataclass
@@ -45,6 +49,8 @@ class AttackView:
     pick: Pick | None = None  # the export rule's pick over all defenses (what the export file holds)
     picks: dict[str, Pick] = field(default_factory=dict)  # defense -> the rule's pick among its own trials
     run_id: str = ""  # the attack's MLflow run (its attack_stage/* metrics: the undefended model)
+    # seed replicates (replicates.py): searched run id -> metric -> (mean, std, n) over its seeds
+    spread: dict[str, dict[str, tuple[float, float, int]]] = field(default_factory=dict)
 
 
 def _finite(v: Any) -> bool:
@@ -93,6 +99,35 @@ def attack_view(attack: str, records: Sequence[TrialRecord], attack_metrics: dic
     return view
 
 
+def gate_of(spec: dict) -> dict | None:
+    """The gate a sweep's defense trials ran under (the spec's ``gate``, else ``base.evaluation.gate``)."""
+    gate = spec.get("gate") or (((spec.get("base") or {}).get("evaluation") or {}).get("gate"))
+    return gate if isinstance(gate, dict) else None
+
+
+def ca_floor(view: AttackView, gate: dict | None = None) -> float | None:
+    """The CA below which a defended model of ``view``'s attack counts as collapsed: the gate's floor
+    (``ca_min``, and ``ca_drop_max`` below the undefended model: the higher), else chance plus
+    ``COLLAPSE_SHARE`` of the way to the undefended model's CA (twice chance when that is unknown).
+    None when neither the gate, the chance level nor the undefended model is known."""
+    base = view.undefended.get("ca")
+    floors = []
+    if gate:
+        if _finite(gate.get("ca_min")):
+            floors.append(float(gate["ca_min"]))
+        if _finite(gate.get("ca_drop_max")) and base is not None:
+            floors.append(base - float(gate["ca_drop_max"]))
+    if floors:
+        return max(floors)
+    if view.chance is not None and base is not None:
+        return view.chance + COLLAPSE_SHARE * max(0.0, base - view.chance)
+    if view.chance is not None:
+        return min(1.0, 2 * view.chance)
+    if base is not None:
+        return COLLAPSE_SHARE * base
+    return None
+
+
 def pct(v: float | None) -> str:
     return "n/a" if v is None or not _finite(v) else f"{100 * v:.1f}%"
 
@@ -125,12 +160,28 @@ def _cell(v: Any, metric: str) -> str:
     return f"{100 * v:.1f}" if metric in ("ca", "asr", "r_asr", "q_asr") else f"{v:.3g}"
 
 
-def attack_note(view: AttackView, objectives: Sequence) -> str:
-    """The attack run's description: its Pareto table (%), the pick and how it was made."""
+def _run_link(run_id: str, name: str, experiment_id: str | None) -> str:
+    """A run's name linking to its page, relative to the UI (works under any host and prefix)."""
+    if not run_id or not experiment_id:
+        return name
+    return f"[{name}](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)"
+
+
+def attack_note(view: AttackView, objectives: Sequence, experiment_id: str | None = None) -> str:
+    """The attack run's description, what its page shows first: the Pareto figure (CA against the
+    second objective, the run's own artifact), the front's table with each run's name linking to
+    its page (%), the pick and how it was made."""
+    from .names import display
+
     metrics = [o.metric for o in objectives]
     modes = [o.mode for o in objectives]
     front = sorted(front_of(view.records, metrics, modes), key=lambda r: -r.metrics.get(metrics[0], 0.0))
-    lines = [f"### {view.attack}: Pareto front ({len(front)} of {len(view.records)} trials)", ""]
+    lines = [f"### {display(view.attack)}: Pareto front ({len(front)} of {len(view.records)} trials)", ""]
+    if view.run_id and len(metrics) > 1:  # served by the MLflow server's get-artifact route
+        figure = f"pareto/{metrics[0]}_vs_{metrics[1]}.png"
+        lines += [f"![{NAMES.get(metrics[0], metrics[0])} against {NAMES.get(metrics[1], metrics[1])}]"
+                  f"(get-artifact?path={figure.replace('/', '%2F')}&run_uuid={view.run_id})", "",
+                  "All figures: Artifacts, `pareto/`.", ""]
     if view.undefended:
         lines.append("Undefended model: " + ", ".join(f"{m.upper().replace('_', '-')} {pct(v)}"
                                                      for m, v in view.undefended.items())
@@ -141,7 +192,8 @@ def attack_note(view: AttackView, objectives: Sequence) -> str:
     lines.append("|---|---|" + "---:|" * len(metrics) + "---|")
     picked = view.pick.record.run_id if view.pick else None
     for r in front:
-        lines.append(f"| {r.defense} | {r.run_id or r.trial_id} | "
+        name = f"{r.study}/{r.trial_id}"  # the run's name in MLflow
+        lines.append(f"| {display(r.defense)} | {_run_link(r.run_id or '', name, experiment_id)} | "
                      + " | ".join(_cell(r.metrics.get(m), m) for m in metrics)
                      + f" | {'**yes**' if picked and r.run_id == picked else ''} |")
     lines.append("")
@@ -193,7 +245,8 @@ def tag_picks(client, views: Sequence[AttackView], rule: str, attack_runs: dict[
     for v in views:
         run = attack_runs.get(v.attack)
         if run:
-            client.set_tag(run, NOTE_TAG, attack_note(v, objectives))
+            v.run_id = v.run_id or run
+            client.set_tag(run, NOTE_TAG, attack_note(v, objectives, experiment_id))
             client.set_tag(run, "export.rule_met", "n/a" if v.pick is None else str(v.pick.rule_met).lower())
         w = fallback_warning(v)
         if w:

@@ -254,6 +254,9 @@ class SweepSpec(Config):
                                     "a trial whose CA fails it skips RA, QRA and BEC and is recorded as gated "
                                     "(Optuna: pruned); None: every trial is evaluated fully")
     export_rule: str = param(DEFAULT_RULE, "rule the sweep's own export picks configurations by (see bibau export --help)")
+    replicates: int = param(1, "seeds each picked configuration and each baseline is run with, counting the searched "
+                            "run: N > 1 re-runs them N - 1 times after the search with other seeds of the defense and "
+                            "the evaluation (same attacked model); bibau report then gives mean ± std (n)", low=1, high=100)
     replay: list[dict[str, Any]] = param([], "fixed runs {attack, defense, config}, filled from a bibau export file")
 
     def check(self, path: str) -> None:

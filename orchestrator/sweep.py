@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shlex
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -387,6 +388,11 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
             fronts = tracker.finish(records, spec.objectives, export_file=export_file, rule=rule,
                                     extra_metrics=attack_timing, failed_attacks=failed_attacks,
                                     status="FAILED" if stopped else "FINISHED")  # a stopped sweep stays resumable
+            if spec.replicates > 1 and not stopped:  # seed replicates of the picks and baselines (replicates.py)
+                from .replicates import run_replicates
+
+                run_replicates(spec, tracker, records, sweep_dir, backend, log)
+                clock.lap("replicates")
             clock.lap("fronts and export")
             log("time: " + clock.text())
             outcome = SweepOutcome(sweep_id, sweep_dir, uri, spec.experiment, state["parent_run_id"], records, fronts,
@@ -467,18 +473,19 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
             lines.append(f"  {r.defense:<14} {r.trial_id:<14} "
                          + " ".join(f"{r.metrics.get(m, float('nan')):8.4f}" for m in metrics) + f"  {params}")
     lines.append(f"results:   {out.folder}  (trial logs: trials/<trial id>/trial.log; Ray and Optuna: sweep.log)")
-    lines.append(f"Optuna:    optuna-dashboard sqlite:///{out.folder / 'optuna.db'}  (each trial's mlflow_run_id as a user attr)")
-    if out.tracking_uri.startswith("sqlite:"):
-        lines.append(f"MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri}  (experiment {out.experiment!r}; "
-                     "MLflow 3.17 may open its GenAI view: choose 'Model training' at the top left)")
-    else:
-        lines.append(f"MLflow:    {out.tracking_uri} (experiment {out.experiment!r})")
+    optuna_db = shlex.quote(f"sqlite:///{out.folder / 'optuna.db'}")
+    lines.append(f"Optuna:    optuna-dashboard {optuna_db}  (each trial's mlflow_run_id as a user attr)")
+    from .tracking import ui_lines
+
+    state_file = out.folder / "state.json"
+    lines += ui_lines(out.tracking_uri, out.experiment,
+                      read_state(state_file).get("experiment_id") if state_file.is_file() else None)
     lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
     if out.export_file and out.exported:
         attack = out.exported[0]  # an attack with a selection: a failed one has none
         # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
-        lines.append(f"reproduce: bibau run {out.export_file} --attack {attack}")
-    lines.append(f"tables:    bibau report {out.folder}  (Tables 1 and 2, the figure grid; attached to the parent run)")
+        lines.append(f"reproduce: bibau run {shlex.quote(str(out.export_file))} --attack {shlex.quote(attack)}")
+    lines.append(f"tables:    bibau report {shlex.quote(str(out.folder))}  (Tables 1 and 2, the figure grid; attached to the parent run)")
     if out.warnings:  # last, where nobody misses them
         lines += ["", *out.warnings, "(tagged export.rule_met=false on the sweep's parent run in MLflow)"]
     return "\n".join(lines)

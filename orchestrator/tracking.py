@@ -50,6 +50,10 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value
 _TIME_KEYS = {"trial_start_ts", "trial_end_ts"}
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3: which UI an experiment opens in
 EXPERIMENT_KIND = "custom_model_development"
+UI_PORT = 5000  # ``mlflow ui``'s default port
+# MLflow 3 opens an experiment in the GenAI or the model-training view by this query parameter
+# (it overrides the choice the browser remembers; the experiment's kind tag only sets a default)
+UI_VIEW = "workflowType=machine_learning"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 HP_PREFIX = "hp."  # the searched values, apart from the hundred-odd fixed params
 
@@ -280,6 +284,40 @@ class SweepTracker:
     def records(self) -> list[TrialRecord]:
         return [record_from_run(r) for r in self.trial_runs().values()]
 
+    # -- seed replicates (replicates.py) ------------------------------------------------------------
+    def replicate_runs(self) -> dict[str, dict[int, dict[str, float]]]:
+        """Searched run id -> replicate index -> that replicate's metrics (runs tagged ``role =
+        replicate``)."""
+        state = self.state()
+        if "experiment_id" not in state:
+            return {}
+        runs = self.client.search_runs(
+            [state["experiment_id"]], filter_string=f"tags.sweep_id = '{self.sweep_id}' and tags.role = 'replicate'",
+            max_results=50000)
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for r in runs:
+            tags = r.data.tags
+            if tags.get("status") == "completed" and "of_run" in tags:
+                out.setdefault(tags["of_run"], {})[int(tags.get("replicate", 0))] = dict(r.data.metrics)
+        return out
+
+    def log_replicate(self, rec: TrialRecord, k: int, config: dict, report: dict) -> str:
+        """Replicate ``k`` of the searched run ``rec`` as a run beside it (under the attack's run)."""
+        state = self.state()
+        status = str(report.get(STATUS_KEY, "failed")) if "error" not in report else "failed"
+        tags = {"mlflow.parentRunId": state["attack_runs"][rec.attack], "role": "replicate", "sweep_id": self.sweep_id,
+                "attack": rec.attack, "defense": rec.defense, "of_run": rec.run_id or "", "replicate": str(k),
+                "trial_id": f"{rec.trial_id}-r{k}", "status": status, "tuned": str(rec.tuned).lower(),
+                **({"error": str(report["error"])[:5000]} if "error" in report else {})}
+        run_id = self.client.create_run(state["experiment_id"], run_name=f"{rec.study}/{rec.trial_id}/replicate-{k}",
+                                        tags=tags).info.run_id
+        metrics = {k2: float(v) for k2, v in report.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self._log_batch(run_id, metrics=metrics, params={"defense_seed": config.get("defense_seed"),
+                                                        "evaluation.seed": (config.get("evaluation") or {}).get("seed")})
+        self.client.set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
+        return run_id
+
     def _trial_tags(self, rec: TrialRecord, parent: str) -> dict[str, str]:
         commit = self.state().get("git_commit")
         return {"mlflow.parentRunId": parent, "role": "trial", "sweep_id": self.sweep_id, "trial_id": rec.trial_id,
@@ -406,6 +444,11 @@ class SweepTracker:
         allf = [r for f in fronts.values() for r in f]
         self.client.log_text(parent, records_csv(allf, metrics), "pareto/fronts.csv")
         if export_file is not None and Path(export_file).is_file():
+            from .export import add_warnings, read_export, write_export
+
+            doc = read_export(export_file)  # the same warning: lines as `bibau export` writes
+            if add_warnings(doc, {v.attack: v for v in views}):
+                write_export(doc, export_file)
             self.client.log_artifact(parent, str(export_file), "export")
         self._log_batch(parent, metrics={"trials": len(records),
                                          "trials_gated": sum(r.status == "gated" for r in records),
@@ -738,3 +781,24 @@ class TrackingCallback(tune.Callback):
             if self.log(trial_id, cfg, metrics, None if res.error is None else f"{type(res.error).__name__}: {res.error}"):
                 fixed += 1
         return fixed
+
+
+def ui_url(base: str, experiment_id: str | None, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (its runs, in the model-training view) or of one run."""
+    base = base.rstrip("/")
+    if not experiment_id:
+        return f"{base}/#/experiments?{UI_VIEW}"
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{base}/#/experiments/{experiment_id}/{page}?{UI_VIEW}"
+
+
+def ui_lines(tracking_uri: str, experiment: str, experiment_id: str | None) -> list[str]:
+    """What the sweep prints to open its results in MLflow: the server command for a local store,
+    and the experiment's URL in the model-training view."""
+    import shlex
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return [f"MLflow:    {ui_url(tracking_uri, experiment_id)}  (experiment {experiment!r})"]
+    return [f"MLflow UI: mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port {UI_PORT}",
+            f"           then open {ui_url(f'http://127.0.0.1:{UI_PORT}', experiment_id)}  (experiment "
+            f"{experiment!r}; each attack run's page: its Pareto front, figure and table)"]

@@ -185,6 +185,6 @@ def test_a_trial_hands_ep_a_poisoned_batch_and_reports_its_findings(tmp_path):
 def test_pareto_plots_label_a_baseline_with_the_data_it_saw_beyond_the_clean_split():
     from orchestrator.tracking import baseline_label
 
-    assert baseline_label("nc") == "nc (baseline)"
-    assert baseline_label("ep") == "ep (baseline; data: poisoned_batch)"
-    assert baseline_label("clp") == "clp (baseline; data: none)"
+    assert baseline_label("nc") == "NC (baseline)"
+    assert baseline_label("ep") == "EP (baseline; data: poisoned_batch)"
+    assert baseline_label("clp") == "CLP (baseline; data: none)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,27 @@ def test_run_progress_plain_lines_off_a_terminal_bars_on_one(capsys):
     for desc, done in (("training", "3/3"), ("defense ft", "2/2"), ("eval qra", "20/20")):
         assert f"{desc}: 100%" in bars and done in bars, desc
     assert "eval qra: running" in bars
+
+
+def test_a_bar_shows_no_rate_before_it_timed_a_step_and_plain_output_asks_for_no_colour(capsys, monkeypatch):
+    import os
+
+    from orchestrator.progress import RunProgress, plain_output
+
+    log = RunProgress(stream=io.StringIO(), bars=True)
+    log("[attack] cache miss (k): training small_resnet under badnets")
+    log("[train] epoch 1/5: loss 2.0")
+    first = capsys.readouterr().err
+    assert "1/5" in first and not re.search(r"epoch/s|s/epoch|<", first), first  # no rate, no time left
+    time.sleep(0.2)
+    log("[train] epoch 2/5: loss 1.0")
+    later = capsys.readouterr().err
+    log.close()
+    assert "2/5" in later and re.search(r"\d+(\.\d+)?(epoch/s|s/epoch)", later), later
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    assert plain_output(io.StringIO())
+    assert os.environ["NO_COLOR"] == "1" and os.environ["RAY_COLOR_PREFIX"] == "0"
 
 
 def test_sweep_progress_line():

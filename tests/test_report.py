@@ -60,7 +60,7 @@ def sweep(tmp_path_factory):
         lines: list[str] = []
         out = run_sweep(*load_spec(str(spec_file)), verbose=0, log=lines.append)
         other_file = tmp / "other.yaml"
-        other = {**SPEC, "name": "digits-report-ft", "storage": str(tmp / "store"), "attacks": ["badnets"],
+        other = {**SPEC, "name": "digits-report-ft", "storage": str(tmp / "store"), "attacks": ["badnets"], "export_rule": IMPOSSIBLE, "replicates": 3,
                  "defenses": [{"name": "ft", "fixed": {"epochs": 2, "batch_size": 64, "crop_padding": 0}}]}
         other_file.write_text(yaml.safe_dump(other))
         out2 = run_sweep(*load_spec(str(other_file)), verbose=0, log=lambda m: None)
@@ -95,6 +95,10 @@ def test_the_sweep_tags_its_picks_and_describes_them_in_mlflow(sweep):
     for r in picked:
         assert r.info.run_id in note
     met = {s["attack"]: s["provenance"]["picked_by"] == "rule" for s in selections}
+    for s in selections:  # the sweep's own export file warns as `bibau export` does
+        assert ("warning" in s) == (s["provenance"]["picked_by"] == "fallback"), s
+        if "warning" in s:
+            assert s["warning"].startswith(f"WARNING: {s['attack']}: no trial meets the rule") and "chance level" in s["warning"]
     assert parent.data.tags["export.rule_met"] == str(all(met.values())).lower()
     # the warning is loud where the rule was not met: in the summary and on the parent run
     text = "\n".join(sweep["lines"])
@@ -115,6 +119,14 @@ def test_the_sweep_tags_its_picks_and_describes_them_in_mlflow(sweep):
         assert min(Image.open(png).info["dpi"]) >= 199
 
 
+def test_the_sweeps_export_file_warns_as_bibau_export_does(sweep):
+    from orchestrator.export import read_export
+
+    (sel,) = read_export(sweep["out2"].export_file)["selections"]  # its spec's rule no trial can meet
+    assert sel["provenance"]["picked_by"] == "fallback"
+    assert sel["warning"].startswith("WARNING: badnets: no trial meets the rule") and "chance level 10.0%" in sel["warning"]
+
+
 def _rows(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
@@ -125,7 +137,7 @@ def test_report_tables_hold_mlflow_metrics_and_are_attached_to_the_parent_run(sw
     out = sweep["out"]
     client = client_of(out)
     dest = sweep["tmp"] / "rep"
-    assert main(["report", str(sweep["spec"]), "-o", str(dest)]) == 0
+    assert main(["report", str(sweep["spec"]), "-o", str(dest), "--upload"]) == 0
     for name in ("tables.md", "tables.csv", "table1_ca_asr.tex", "table2_rasr_qasr.tex", "pareto_grid.png",
                  "pareto_grid.pdf"):
         assert (dest / name).is_file(), name
@@ -149,7 +161,8 @@ def test_report_tables_hold_mlflow_metrics_and_are_attached_to_the_parent_run(sw
         assert metrics, row
         for m in metrics:
             assert float(row[m]) == logged[m], (row, m)  # exactly MLflow's numbers
-        assert row["failed"] == str(any(float(row[m]) > 0.2 for m in metrics if m != "ca")).lower()
+        rates_failed = any(float(row[m]) > 0.2 for m in metrics if m != "ca")
+        assert row["failed"] == str(rates_failed or row["collapsed"] == "true").lower()
         seen.add((row["table"], row["attack"], row["defense"]))
     assert {(t, a, d) for t in ("table1_ca_asr", "table2_rasr_qasr") for a in ("badnets", "blended")
             for d in ("bibau_u", "ft")} <= seen
@@ -177,7 +190,9 @@ def test_report_tables_hold_mlflow_metrics_and_are_attached_to_the_parent_run(sw
                  and r["attack"] != "average" and r["ca"]]
         assert float(row["ca"]) == pytest.approx(sum(cells) / len(cells))
     md = (dest / "tables.md").read_text()
-    assert "| No defense |" in md and "| bibau_u |" in md and "| ft |" in md and "**" in md
+    assert "| No defense |" in md and "| BI-BAU (U) |" in md and "| FT |" in md
+    for line in (x for x in md.splitlines() if x.startswith("| ")):  # bold never beside a failure mark
+        assert not any("**" in c and re.search("[†✗]", c) for c in line.split("|")), line
     # attached to the sweep's parent run
     files = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/tables.md", "report/tables.csv", "report/table1_ca_asr.tex", "report/pareto_grid.png",
@@ -221,12 +236,50 @@ def test_several_sweeps_make_one_table(sweep):
     client = client_of(out2)
     (ft2,) = [r for r in rows if r["group"] == "digits-report-ft" and r["defense"] == "ft"
               and r["table"] == "table1_ca_asr"]
-    assert float(ft2["ca"]) == client.get_run(ft2["run_id"]).data.metrics["ca"]
+    exp = client.get_experiment_by_name("digits-report")
+    reps = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_id = '{out2.sweep_id}' and "
+                              f"tags.role = 'replicate' and tags.of_run = '{ft2['run_id']}'")
+    values = [client.get_run(ft2["run_id"]).data.metrics["ca"], *(r.data.metrics["ca"] for r in reps)]
+    assert float(ft2["ca"]) == pytest.approx(sum(values) / len(values))  # replicates: 3, the mean of the seeds
     (gone,) = [r for r in rows if r["group"] == "digits-report-ft" and r["defense"] == "bibau_u"
                and r["table"] == "table1_ca_asr"]
     assert gone["note"] == "not run" and gone["ca"] == ""
     tex = (dest / "table1_ca_asr.tex").read_text()
     assert r"\multicolumn{2}{c}{digits-report}" in tex and r"\cmidrule(lr){2-3}" in tex
+
+
+def test_replicates_rerun_the_baseline_with_other_seeds_and_the_report_gives_mean_std_n(sweep):
+    from orchestrator.cli import main
+
+    out2 = sweep["out2"]
+    client = client_of(out2)
+    exp = client.get_experiment_by_name("digits-report")
+    reps = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.sweep_id = '{out2.sweep_id}' and tags.role = 'replicate'")
+    assert len(reps) == 2 and {r.data.tags["status"] for r in reps} == {"completed"}  # FT on BadNets, 2 more seeds
+    assert {r.data.tags["replicate"] for r in reps} == {"1", "2"}
+    assert len({r.data.params["defense_seed"] for r in reps}) == 2
+    (searched,) = {r.data.tags["of_run"] for r in reps}
+    assert client.get_run(searched).data.tags["defense"] == "ft"
+    dest = sweep["tmp"] / "rep-seeds"
+    assert main(["report", str(sweep["other"]), "-o", str(dest)]) == 0
+    md = (dest / "tables.md").read_text()
+    (line,) = [x for x in md.splitlines() if x.startswith("| FT |")]
+    assert line.count(" ± ") >= 2 and "(n=3)" in line
+    rows = [r for r in _rows(dest / "tables.csv") if r["defense"] == "ft" and r["attack"] == "badnets"]
+    assert rows and all(r["n_seeds"] == "3" for r in rows)
+
+
+def test_report_with_an_out_folder_writes_only_there_unless_upload(sweep, capsys):
+    from orchestrator.cli import main
+
+    out2 = sweep["out2"]
+    dest = sweep["tmp"] / "rep-local"
+    assert main(["report", str(sweep["other"]), "-o", str(dest)]) == 0
+    assert (dest / "tables.md").is_file() and "attached" not in capsys.readouterr().out
+    client = client_of(out2)
+    assert not client.list_artifacts(out2.parent_run_id, "report")
+    assert "report" not in client.get_run(out2.parent_run_id).data.tags
 
 
 def test_export_says_loudly_when_no_trial_meets_the_rule_and_strict_fails(sweep, capsys):
@@ -334,13 +387,13 @@ def test_a_panel_skips_gated_trials_keeps_baselines_hollow_above_trials_and_draw
     left_out = draw_panel(ax, view, objectives[1], objectives[0], objectives, rule)
     assert left_out == 1  # the gated trial has no R-ASR
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "bibau_u trials" in labels and any(t.startswith("ft (baseline)") for t in labels)
+    assert "BI-BAU (U) trials" in labels and any(t.startswith("FT (baseline)") for t in labels)
     assert any("undefended model: CA 92.0%" in t for t in labels)
     assert "chance-level CA 10.0%" in labels and "clean reference model: R-ASR 3.0%" in labels
-    assert any(t.startswith("rule: R-ASR") and "10.0%" in t for t in labels) and "picked (bibau_u)" in labels
+    assert any(t.startswith("rule: R-ASR") and "10.0%" in t for t in labels) and "picked (BI-BAU (U))" in labels
     assert ax.get_xlabel() == "ASR after the retuning attack, R-ASR (%)" and ax.get_ylabel() == "clean accuracy, CA (%)"
     by_label = {c.get_label(): c for c in ax.collections}
-    trials, baseline = by_label["bibau_u trials"], next(c for k, c in by_label.items() if k.startswith("ft"))
+    trials, baseline = by_label["BI-BAU (U) trials"], next(c for k, c in by_label.items() if k.startswith("FT"))
     assert baseline.get_zorder() > trials.get_zorder()
     assert len(baseline.get_facecolors()) == 0 or baseline.get_facecolors()[0][3] == 0  # hollow: trial 1 shows
     assert [tuple(p) for p in trials.get_offsets()] == [(5.0, 80.0), (50.0, 90.0)]  # in %

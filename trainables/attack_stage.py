@@ -75,6 +75,7 @@ class AttackStage:
     data_fingerprint: str = ""
     meta: dict = field(default_factory=dict)
     seconds: float = 0.0
+    source: str = "trained"  # trained | cache | external (attack.external_model: trained elsewhere)
 
     @property
     def clean_split(self) -> ImageSet:
@@ -125,6 +126,8 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
     task = task_for(cfg)
     rest_index, clean_index = defender_split(dataset.train, cfg.data.clean_fraction, cfg.data.seed)
     attack = build_attack(cfg.attack, dataset)
+    if cfg.attack.external_model is not None:
+        return _external_stage(cfg, dataset, attack, rest_index, clean_index, device, log, start)
     key_payload = attack_key(cfg, dataset, device, task)
     key = content_hash(key_payload)
     entry = cache_root(cfg) / key
@@ -173,7 +176,40 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
                        poison_index=index, poisoned_train=poisoned_train, poisoned_test=poisoned_test,
                        metrics=metrics, history=history, cache_hit=cached is not None, cache_key=key,
                        cache_dir=entry, data_fingerprint=key_payload["data_fingerprint"], meta=meta,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, source="cache" if cached is not None else "trained")
+
+
+def _external_stage(cfg: RunConfig, dataset: Dataset, attack: Attack, rest_index: torch.Tensor,
+                    clean_index: torch.Tensor, device: torch.device, log: Log, start: float) -> AttackStage:
+    """The suspicious model of ``attack.external_model`` in place of a trained one: the trigger is
+    what the attack's settings and the run's seed draw (``prepare`` and the poisoned samples RA and
+    QRA use, as a model trained here would have had), nothing is trained or cached."""
+    from .external import load_external
+    from .models.base import ModelConfig
+
+    path = cfg.attack.external_model
+    model = load_external(path, cfg.model, dataset.num_classes, dataset.image_shape[0], dataset.mean, dataset.std,
+                          device)
+    attack.prepare(dataset.train, model, device, seeded_generator(cfg.seed, "attack_prepare"))
+    poisoned_train, index = attack.poison_trainset(dataset.train, seeded_generator(cfg.seed, "poison"),
+                                                   exclude=clean_index)
+    poisoned_test = attack.poison_testset(dataset.test)
+    extra = attack.extra_test_sets(dataset.test)
+    metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
+               "backdoored_asr": attack_success_rate(model, poisoned_test, device),
+               **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
+    digest = weights_digest(ModelConfig(name=cfg.model.name, weights=path))
+    meta = {**model_meta(cfg, dataset, model), "stage": "attack", "source": "external", "external_model": str(path),
+            "external_model_sha256": digest, "attack": to_dict(cfg.attack), "data": to_dict(cfg.data),
+            "seed": cfg.seed, "data_fingerprint": dataset.fingerprint(), "device": str(device), "metrics": metrics,
+            "history": [], "n_poisoned": len(index)}
+    log(f"[attack] external model {path} ({cfg.model.name}): attack stage skipped, the trigger is {cfg.attack.name}'s "
+        f"(target {cfg.attack.target}): CA {metrics['backdoored_ca']:.4f}, ASR {metrics['backdoored_asr']:.4f}")
+    return AttackStage(dataset=dataset, attack=attack, model=model, rest_index=rest_index, clean_index=clean_index,
+                       poison_index=index, poisoned_train=poisoned_train, poisoned_test=poisoned_test,
+                       metrics=metrics, cache_key=f"external-{digest[:16]}", cache_dir=None,
+                       data_fingerprint=meta["data_fingerprint"], meta=meta, seconds=time.perf_counter() - start,
+                       source="external")
 
 
 def clean_reference(cfg: RunConfig, dataset: Dataset, log: Log = print,

@@ -68,7 +68,7 @@ class TrialBackend:
         stage = attack_stage(run_cfg, trial_dataset(run_cfg), resolve_device(run_cfg.device), log)
         info = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, (int, float))}
         return {**info, "num_classes": stage.dataset.num_classes,  # the chance level of CA, for the figures
-                "cached": bool(stage.cache_hit), "cache_key": stage.cache_key,
+                "cached": bool(stage.cache_hit), "cache_key": stage.cache_key, "source": stage.source,
                 "cache_dir": str(stage.cache_dir), "n_poisoned": int(len(stage.poison_index)),
                 "history": json_safe(stage.history)}
 
@@ -208,4 +208,33 @@ def run_attack_stages(jobs: list[tuple[str, str, dict]], *, cpus: float, gpus: f
             out[label] = {"ok": False, "error": f"{type(cause).__name__}: {cause}"[:4000],
                           "reason": (f"{type(cause).__name__}: {str(cause).strip()}".splitlines() or [""])[0][:500]}
             log(f"attack stage {label} failed: {out[label]['reason']}")
+    return out
+
+
+def run_trials(jobs: list[tuple[str, dict, str]], *, cpus: float, gpus: float, objectives: list[dict],
+               backend: TrialBackend | None = None, log: Callable[[str], None] = print,
+               retries: int = 3) -> dict[str, dict]:
+    """Run ``(label, run config, out_dir)`` trials as parallel Ray tasks, outside any Tune search
+    (a sweep's seed replicates). Returns label -> the trial's Tune-style report (``make_report``),
+    or ``{"error": ...}`` for one that raised; each trial's log goes to ``<out_dir>/trial.log``."""
+    import ray
+
+    backend = backend or TrialBackend()
+
+    @ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
+    def trial(cfg: dict, out_dir: str) -> dict:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "trial.log", "a", buffering=1) as fh:
+            report = backend.run(cfg, out, lambda msg: fh.write(msg + "\n"))
+        return json_safe(make_report(report, objectives))
+
+    futures = {label: trial.remote(cfg, out_dir) for label, cfg, out_dir in jobs}
+    out: dict[str, dict] = {}
+    for label, fut in futures.items():
+        try:
+            out[label] = ray.get(fut)
+        except Exception as exc:  # one failed replicate does not stop the others
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+            log(f"replicate {label} failed: {out[label]['error'].splitlines()[0]}")
     return out

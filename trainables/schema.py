@@ -139,6 +139,8 @@ class RunConfig(Config):
     """One trial. Missing sections take their defaults; ``defense: null`` evaluates the attack alone."""
 
     seed: int = param(0, "seed of training, poisoning and defense", low=0)
+    defense_seed: int | None = param(None, "seed of the defense alone (a seed replicate re-runs a defense on the same "
+                                     "attacked model with another); None: seed", low=0)
     device: str = param("auto", "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     data: DataConfig = param(factory=DataConfig, help="data set and splits")
     model: ModelConfig = param(factory=ModelConfig, help="architecture")
@@ -220,6 +222,9 @@ def check_setting(self: RunConfig, path: str) -> None:
                           f"{', '.join(n for n in ATTACKS if ATTACKS.get(n).serves(contrastive))}")
     if not contrastive:
         return
+    if self.attack.external_model is not None:
+        raise ConfigError(f"{where('attack.external_model')}: {self.attack.external_model!r}; a suspicious model from a "
+                          "file serves the classifier setting only (no clip section)")
     if to_dict(self.model) != to_dict(ModelConfig()):
         raise ConfigError(f"{where('model')}: {to_dict(self.model)} is not used in the contrastive setting (the CLIP is "
                           "clip.arch and clip.weights); remove the model section")

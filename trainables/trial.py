@@ -125,11 +125,14 @@ def defense_stage(cfg: RunConfig, stage: AttackStage, device: torch.device, log:
     build_defense = getattr(defenses, "build_defense", None)
     defense = build_defense(cfg.defense) if build_defense else DEFENSES.get(cfg.defense.name)(cfg.defense)
     data_use = type(defense).declared_data_use()
-    ctx = DefenseContext(device=device, num_classes=stage.dataset.num_classes, seed=cfg.seed,
+    seed = cfg.seed if cfg.defense_seed is None else cfg.defense_seed
+    if cfg.defense_seed is not None:  # a replicate: the defense's own draws from its own seed
+        seed_everything(seed)
+    ctx = DefenseContext(device=device, num_classes=stage.dataset.num_classes, seed=seed,
                          hflip=stage.dataset.hflip,
                          target=stage.attack.target if defense.needs_target else None,
                          poisoned=stage.poisoned_samples() if defense.uses_poisoned_data else None,
-                         poisoned_batch=poisoned_batch(stage, getattr(cfg.defense, "batch_size", 256), cfg.seed)
+                         poisoned_batch=poisoned_batch(stage, getattr(cfg.defense, "batch_size", 256), seed)
                          if data_use == "poisoned_batch" else None, log=log,
                          on_epoch=gate_check(cfg, stage, device, log))
     clean = stage.clean_split
@@ -267,6 +270,7 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         "n_train": len(dataset.train), "n_test": len(dataset.test), "n_clean": len(stage.clean_index),
         "n_poisoned": len(stage.poison_index), "n_cover": len(stage.attack.cover_index), "n_poisoned_test": len(stage.poisoned_test),
         "cache_hit": stage.cache_hit, "cache_key": stage.cache_key, "cache_dir": str(stage.cache_dir),
+        "attack_source": stage.source,  # external: a model trained elsewhere, no attack stage
         "data_fingerprint": stage.data_fingerprint, "code_version": code_version(),
         "time_data_s": time_data, "time_attack_s": stage.seconds,
         "time_defense_s": defended.seconds if defended is not None else 0.0, "time_eval_s": time_eval,

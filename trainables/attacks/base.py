@@ -43,6 +43,9 @@ class AttackConfig(Config):
     name: str = param("badnets", "registered attack", registry=ATTACKS)
     target: int = param(0, "target class of the all-to-one backdoor", low=0)
     poison_rate: float = param(0.1, "fraction of the training set poisoned (clean-label: still of the whole set)", low=0.0, high=1.0)
+    external_model: str | None = param(None, "a suspicious model trained elsewhere, to check: a safetensors state dict "
+                                       "of model (pickles are refused). The attack stage is skipped and this section "
+                                       "only describes the trigger (ASR, RA, QRA); None: train the attacked model")
 
     def check_image(self, image_shape: tuple[int, ...], path: str) -> None:
         """Refuse, with a :class:`ConfigError` naming the field, an image shape (C, H, W) this

@@ -103,6 +103,8 @@ class RetuningAttack(Evaluation):
                "ra_ca": clean_accuracy(tuned, ctx.dataset.test, ctx.device),
                "ra_poison_count": float(poison_count(ctx))}
         if ctx.cfg.ra_on_clean:
+            ctx.log("[eval] ra: retuning the clean reference model too (evaluation.ra_on_clean): it is trained "
+                    "first, the attack stage's schedule without the attack, unless the model cache holds it")
             clean = retuned(ctx, "clean")
             out["ra_clean_asr"] = attack_success_rate(clean, ctx.poisoned_test, ctx.device)
             out["ra_clean_ca"] = clean_accuracy(clean, ctx.dataset.test, ctx.device)
