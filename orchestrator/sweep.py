@@ -32,7 +32,7 @@ from trainables.config import ConfigError, to_dict
 from .export import build_export, parse_rule, write_export
 from .pareto import TrialRecord
 from .progress import quiet_frameworks
-from .spec import Plan, SweepSpec
+from .spec import Plan, SweepSpec, tuned_trials
 
 
 @dataclass
@@ -89,6 +89,8 @@ def spec_fingerprint(spec: SweepSpec) -> str:
     data = to_dict(spec)
     for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule"):
         data.pop(k, None)  # may change between a sweep and its resumption
+    if data.get("equal_budget") is None:  # unset: the fingerprint of a spec written before the field existed
+        data.pop("equal_budget", None)
     return content_hash(data)
 
 
@@ -241,7 +243,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         summary = {"sweep_id": sweep_id, "spec_fingerprint": fingerprint, "code_version": version,
                    "studies": ", ".join(s.key for s in plan.studies),
                    "objectives": ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
-                   "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency}
+                   "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency,
+                   "tuned_trials": tuning_text(spec)}
         clock = _Clock()
         backend = backend or TrialBackend(save_models=spec.save_models)
         # MLflow's first use (imports, schema migration of a new SQLite file) takes seconds; it runs in a
@@ -393,6 +396,13 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
 
 
+def tuning_text(spec: SweepSpec) -> str:
+    """Which defenses were tuned, with how many trials per attack (the fair-tuning budget)."""
+    trials = tuned_trials(to_dict(spec))
+    text = ", ".join(f"{k} {v}" for k, v in trials.items()) or "none"
+    return text + (f" (equal budget: {spec.equal_budget}'s)" if spec.equal_budget else "")
+
+
 def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     metrics = spec.metrics
     failed = sum(r.status not in ("completed", "gated") for r in out.records)
@@ -401,6 +411,7 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
                  f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC"
                  + (f"; {stopped} of them stopped during the defense" if stopped else "")
                  + f"), {failed} failed or diverged ==="]
+    lines.append(f"tuned defenses (trials per attack): {tuning_text(spec)}")
     t = out.attack_timing
     if t:
         lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "
