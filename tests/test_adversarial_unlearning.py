@@ -19,13 +19,13 @@ from trainables.registry import DEFENSES
 # -- I-BAU --------------------------------------------------------------------------------------------
 
 
-def _tiny_problem(reg=0.5):
+def _tiny_problem(reg=1.0):
     """A linear softmax classifier on 6 points in 5 dimensions; I-BAU's inner loss with a weight on ||δ||²
     large enough that the inner problem is strongly convex (a unique δ*), its outer loss with δ on every x."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    w = torch.randn(5, 3, generator=g, dtype=torch.float64).mul_(0.5).requires_grad_(True)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64).mul_(0.3).requires_grad_(True)
     b = torch.randn(3, generator=g, dtype=torch.float64).mul_(0.1).requires_grad_(True)
     model = lambda inputs: inputs @ w + b  # noqa: E731
 
@@ -38,7 +38,7 @@ def _tiny_problem(reg=0.5):
 
     def solve():
         d = torch.zeros(1, 5, dtype=torch.float64)
-        for _ in range(3000):
+        for _ in range(300):  # a contraction (factor about 0.8): converged to float64 precision
             d = fp_map(d.requires_grad_(True)).detach()
         return d
 
@@ -48,29 +48,29 @@ def _tiny_problem(reg=0.5):
 def test_ibau_hypergradient_matches_finite_differences():
     w, b, fp_map, outer, solve = _tiny_problem()
     delta = solve()
-    hyper = fixed_point_hypergradient(delta, [w, b], fp_map, outer, steps=500)
+    hyper = fixed_point_hypergradient(delta, [w, b], fp_map, outer, steps=300)
     partial = torch.autograd.grad(outer(delta), [w, b])  # without the implicit term through δ*(θ)
 
     def total(param, index, h):
         with torch.no_grad():
             param.view(-1)[index] += h
-        value = float(outer(solve()))
+        value = float(outer(solve()).detach())
         with torch.no_grad():
             param.view(-1)[index] -= h
         return value
 
     h = 1e-5
-    for param, grad, naive in ((w, hyper[0], partial[0]), (b, hyper[1], partial[1])):
-        fd = torch.tensor([(total(param, i, h) - total(param, i, -h)) / (2 * h) for i in range(param.numel())],
-                          dtype=torch.float64).view_as(param)
-        assert torch.allclose(grad, fd, atol=1e-6, rtol=1e-4), (grad, fd)
-        assert (naive - fd).abs().max() > 1e-3, "the implicit term should matter on this problem"
+    for param, grad, naive, coords in ((w, hyper[0], partial[0], (0, 4, 8, 13)), (b, hyper[1], partial[1], (0, 1, 2))):
+        fd = torch.tensor([(total(param, i, h) - total(param, i, -h)) / (2 * h) for i in coords], dtype=torch.float64)
+        got, plain = grad.flatten()[list(coords)], naive.flatten()[list(coords)]
+        assert torch.allclose(got, fd, atol=1e-7, rtol=1e-5), (got, fd)
+        assert (plain - fd).abs().max() > 1e-3, "the implicit term should matter on this problem"
 
 
 def test_ibau_hypergradient_truncated_at_k_steps_approaches_it():
     w, b, fp_map, outer, solve = _tiny_problem()
     delta = solve()
-    exact = fixed_point_hypergradient(delta, [w, b], fp_map, outer, steps=500)
+    exact = fixed_point_hypergradient(delta, [w, b], fp_map, outer, steps=300)
     errors = [max(float((g - e).abs().max()) for g, e in zip(
         fixed_point_hypergradient(delta, [w, b], fp_map, outer, steps=k), exact)) for k in (0, 1, 5, 20)]
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0] / 5
@@ -94,7 +94,7 @@ def test_sar_loss_is_zero_without_potential_poison_and_flat_where_the_models_dis
     loss, poison = sar_loss(disagree, fooled, y.clone(), y)
     assert poison.all()
     floor = -(torch.log(torch.tensor(1e-6 + 0.999)) + torch.log(torch.tensor(1 + 1e-6 - 0.001))) / 2
-    assert loss.item() == pytest.approx(floor.item(), rel=1e-5) and loss.item() < 1.1e-3
+    assert loss.item() == pytest.approx(floor.item(), rel=1e-4) and loss.item() < 1.1e-3
     (grad,) = torch.autograd.grad(loss, disagree)
     assert torch.count_nonzero(grad) == 0
     # f_θ agrees with f_ref's adversarial label (a shared adversarial example): a real loss and a push

@@ -128,3 +128,45 @@ def test_clp_prunes_trigger_driven_channels_without_data(bd):
         change = (acts[name][0] - acts[name][1]).abs().mean((0, 2, 3))  # trigger-activated change per channel
         cut = purified_layers[name].weight == 0
         assert change[cut].mean() > 1.5 * change.mean(), f"{name}: pruned {change[cut]} vs mean {change.mean()}"
+
+
+# -- Baselines II (issue 30): I-BAU, SAU, PAM, FST at CI size. Measured on the shared model (CA 0.398,
+# ASR 0.947 on this machine; the second decimal of each number moves with the thread count):
+# * I-BAU, 3 rounds, batch 100, δ on 10% of each batch (the reference's 1% of a batch of 100 puts δ on
+#   1 image; at this batch size int(B·0.01) = 0 images would turn it into plain fine-tuning): ASR 0.56, CA 0.29.
+# * SAU, 3 epochs of Adam at lr 2e-3 (the reference: 100 epochs at 1e-4), batch 64: lr 1e-3 left ASR 0.72,
+#   3e-3 for 4 epochs took it to 0.00 at CA 0.24.
+# * PAM, 2 rounds of BTI-DBF's inversion (its target detection misses at this scale, as BTI-DBF(U)'s
+#   does) and 4 path-aware epochs: ρ 1.0 gave ASR 0.33 at CA 0.15.
+# * FST, 5 epochs at lr 0.01: ASR 0.01, CA 0.19 (a new head on a 40%-accurate model and 300 images).
+
+
+def test_ibau_unlearns_a_universal_perturbation_and_lowers_asr(bd):
+    result, ca, asr = purify(bd, "ibau", epochs=3, batch_size=100, portion=0.1)
+    assert result.findings["delta_moved"] > 0.5  # δ is a universal adversarial perturbation of the model
+    assert asr < bd.asr - 0.2, f"ASR {bd.asr:.3f} -> {asr:.3f}"
+    assert ca > 0.2
+
+
+def test_sau_unlearns_shared_adversarial_examples_and_lowers_asr(bd):
+    result, ca, asr = purify(bd, "sau", epochs=3, batch_size=64, lr=2e-3)
+    f = result.findings
+    assert 0 < f["potential_poison"] <= 1 and 1 <= f["pgd_steps"] <= 5
+    assert asr < bd.asr - 0.3, f"ASR {bd.asr:.3f} -> {asr:.3f}"
+    assert ca > 0.2
+
+
+def test_pam_unlearns_the_inverted_trigger_along_the_path_and_lowers_asr(bd):
+    result, ca, asr = purify(bd, "pam", rounds=2, pretrain_epochs=1, mask_epochs=3, invert_epochs=3, epochs=4,
+                             batch_size=64, unet_width=16, rho=0.5)
+    assert 0 <= result.findings["detected_target"] < 10
+    assert [r["phase"] for r in result.history].count("unlearn") == 2 * 4
+    assert asr < bd.asr - 0.2, f"ASR {bd.asr:.3f} -> {asr:.3f}"
+    assert ca > 0.12  # above chance (0.10)
+
+
+def test_fst_shifts_the_head_and_lowers_asr(bd):
+    result, ca, asr = purify(bd, "fst", epochs=10, batch_size=64, alpha=0.1)
+    assert result.findings["head_cosine"] < 0.5  # the new head does not return to the backdoored one
+    assert asr < bd.asr - 0.5, f"ASR {bd.asr:.3f} -> {asr:.3f}"
+    assert ca > 0.12

@@ -86,7 +86,9 @@ def fixed_point_hypergradient(delta: torch.Tensor, params: Sequence[torch.Tensor
 def inner_loss(f: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor,
                reg: float) -> torch.Tensor:
     """-CE(f(x + δ), labels) + reg·||δ||²: the perturbation that most changes f's labels, kept small."""
-    return -F.cross_entropy(f(x + delta).float(), labels) + reg * delta.float().pow(2).sum()
+    logits = f(x + delta)
+    wide = torch.promote_types(logits.dtype, torch.float32)  # bf16 under autocast -> float32; float64 stays
+    return -F.cross_entropy(logits.to(wide), labels) + reg * delta.to(wide).pow(2).sum()
 
 
 @DEFENSES.register("ibau")
