@@ -55,6 +55,8 @@ class SauConfig(SGDDefenseConfig):
                            low=0.0, low_open=True, high=1.0)
     pgd_step: float = param(0.2, "shared PGD step (adv_lr), [0, 1] pixel units", low=0.0, low_open=True)
     pgd_steps: int = param(5, "shared PGD steps at most (adv_steps); fewer once all samples are shared", low=1)
+    pgd_early_exit: bool = param(True, "end the shared PGD once every sample is a shared adversarial example "
+                                 "(the reference)")
     pgd_start: str = param("max", "start of δ: max (+ε everywhere, the reference), zero or random", choices=PGD_STARTS)
     beta1: float = param(0.01, "weight β1 of L_adv in the shared PGD", low=0.0)
     beta2: float = param(1.0, "weight β2 of L_share (JS divergence of the two models) in the shared PGD", low=0.0)
@@ -180,7 +182,8 @@ class SharedAdversarialUnlearning(Defense):
                 return shared_pgd_loss(logits, logits_ref, clean_pred, clean_pred_ref, y, cfg.beta1, cfg.beta2)
 
             delta = pgd.initial(x.shape, device, x, gen)
-            delta, last = pgd.run(delta, objective, x, stop=lambda s: bool(s["shared"].all()))
+            stop = (lambda s: bool(s["shared"].all())) if cfg.pgd_early_exit else None
+            delta, last = pgd.run(delta, objective, x, stop=stop)
         return delta, {"l_adv": last["l_adv"].detach(), "l_share": last["l_share"].detach(),
                        "shared": last["shared"].float().mean(), "pgd_steps": torch.tensor(float(count["steps"]), device=device)}
 
