@@ -125,6 +125,18 @@ def _with_spread(c: Cell, view: AttackView) -> Cell:
     return c
 
 
+def tuning_line(spec: dict) -> str:
+    """Which defenses were tuned and with how many trials each, which ran once at fixed settings."""
+    from .spec import tuned_trials
+
+    trials = tuned_trials(spec)
+    fixed = [str(d.get("label") or d["name"]) for d in spec.get("defenses") or [] if not d.get("space")]
+    ref = spec.get("equal_budget")
+    return ("tuned (trials per attack): " + (", ".join(f"{k} {v}" for k, v in trials.items()) or "none")
+            + (f", each with {ref}'s budget" if ref in trials else "")
+            + "; fixed settings, one run per attack: " + (", ".join(fixed) or "none"))
+
+
 def _label(attack: Any) -> str:
     if isinstance(attack, str):
         return attack
@@ -537,6 +549,7 @@ def write_report(sweeps: list[SweepResults], out: Path, fail_asr: float = FAIL_A
     for s in sweeps:
         md.append(f"- sweep `{s.sweep_id}`: experiment `{s.experiment}` at `{s.uri}`, parent run `{s.parent_run_id}`, "
                   f"export rule `{s.rule.text}`")
+        md.append(f"  - {tuning_line(s.spec)}")
     md.append("")
     for t in tables:
         md.append(to_markdown(t))

@@ -257,6 +257,8 @@ class SweepSpec(Config):
     replicates: int = param(1, "seeds each picked configuration and each baseline is run with, counting the searched "
                             "run: N > 1 re-runs them N - 1 times after the search with other seeds of the defense and "
                             "the evaluation (same attacked model); bibau report then gives mean ± std (n)", low=1, high=100)
+    equal_budget: str | None = param(None, "label of a tuned defense (e.g. bibau_u) whose trials every tuned defense "
+                                     "runs, so each has the same search budget (fair tuning); None: each its own trials")
     replay: list[dict[str, Any]] = param([], "fixed runs {attack, defense, config}, filled from a bibau export file")
 
     def check(self, path: str) -> None:
@@ -282,6 +284,9 @@ class SweepSpec(Config):
         for i, m in enumerate(metrics):
             if m in metrics[:i]:
                 raise ConfigError(f"{p}objectives[{i}].metric: {m!r} is listed twice")
+        if self.equal_budget is not None and self.equal_budget not in {d.key for d in self.defenses if d.tuned}:
+            raise ConfigError(f"{p}equal_budget: {self.equal_budget!r} is not a tuned defense of the spec; allowed: "
+                              + (", ".join(d.key for d in self.defenses if d.tuned) or "none (no defense has a space)"))
         for i, entry in enumerate(self.replay):
             for key in ("attack", "defense", "config"):
                 if key not in entry:
@@ -313,6 +318,15 @@ class SweepSpec(Config):
     @property
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
+
+
+def tuned_trials(spec: Mapping) -> dict[str, int]:
+    """Trials per attack of each tuned defense of a spec mapping (label -> trials), ``equal_budget`` applied:
+    what the plan runs and the report states."""
+    tuned = {str(d.get("label") or d["name"]): int(d.get("trials", 20))
+             for d in spec.get("defenses") or [] if d.get("space")}
+    ref = spec.get("equal_budget")
+    return {k: tuned[ref] for k in tuned} if ref in tuned else tuned
 
 
 def attack_sections(entries: list[Any], path: str = "attacks", grid: "Grid | None" = None) -> list[dict]:
@@ -438,6 +452,7 @@ def plan(spec: SweepSpec) -> Plan:
                 cfg[key] = _section_over(cfg.get(key) or {}, section)
             attacks[a["label"]] = AttackStage(a["label"], _resolve(cfg, f"attacks[{i}] ({a['label']})"))
         index = 0
+        budget = tuned_trials(to_dict(spec))
         for j, d in enumerate(spec.defenses):
             for label, stage in attacks.items():
                 defense = merge(d.fixed, {"name": d.name})
@@ -450,7 +465,7 @@ def plan(spec: SweepSpec) -> Plan:
                 resolved = _resolve(merge(trial, {"defense": defense}), f"defenses[{j}] ({d.key}) with attack {label}")
                 studies.append(Study(
                     key=f"{label}/{d.key}", attack=label, defense=d.key, config=resolved, space=dict(d.space),
-                    trials=d.trials if d.tuned else 1, concurrency=d.concurrency, sampler=d.sampler,
+                    trials=budget[d.key] if d.tuned else 1, concurrency=d.concurrency, sampler=d.sampler,
                     startup_trials=d.startup_trials, population=d.population,
                     seed=d.seed if d.seed is not None else spec.seed + index))
                 index += 1

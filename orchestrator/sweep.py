@@ -33,7 +33,7 @@ from trainables.config import ConfigError, to_dict
 from .export import build_export, parse_rule, write_export
 from .pareto import TrialRecord
 from .progress import quiet_frameworks
-from .spec import Plan, SweepSpec
+from .spec import Plan, SweepSpec, tuned_trials
 
 
 @dataclass
@@ -99,6 +99,8 @@ def spec_fingerprint(spec: SweepSpec) -> str:
     for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule",
               "pending_timeout_s"):
         data.pop(k, None)  # may change between a sweep and its resumption
+    if data.get("equal_budget") is None:  # unset: the fingerprint of a spec written before the field existed
+        data.pop("equal_budget", None)
     return content_hash(data)
 
 
@@ -253,7 +255,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
         summary = {"sweep_id": sweep_id, "spec_fingerprint": fingerprint, "code_version": version,
                    "studies": ", ".join(s.key for s in plan.studies),
                    "objectives": ", ".join(f"{o.mode} {o.metric}" for o in spec.objectives),
-                   "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency}
+                   "budget": sum(s.trials for s in plan.studies), "concurrency": spec.concurrency,
+                   "tuned_trials": tuning_text(spec)}
         clock = _Clock()
         backend = backend or TrialBackend(save_models=spec.save_models)
         # MLflow's first use (imports, schema migration of a new SQLite file) takes seconds; it runs in a
@@ -445,6 +448,13 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
 
 
+def tuning_text(spec: SweepSpec) -> str:
+    """Which defenses were tuned, with how many trials per attack (the fair-tuning budget)."""
+    trials = tuned_trials(to_dict(spec))
+    text = ", ".join(f"{k} {v}" for k, v in trials.items()) or "none"
+    return text + (f" (equal budget: {spec.equal_budget}'s)" if spec.equal_budget else "")
+
+
 def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
     metrics = spec.metrics
     failed = sum(r.status not in ("completed", "gated") for r in out.records)
@@ -455,6 +465,7 @@ def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
                  + (f"; {stopped} of them stopped during the defense" if stopped else "")
                  + f"), {failed} failed or diverged"
                  + (f"; {len(broken)} attack stage(s) failed, their studies not run" if broken else "") + " ==="]
+    lines.append(f"tuned defenses (trials per attack): {tuning_text(spec)}")
     lines += [f"FAILED attack stage {label}: {reason}" for label, reason in sorted(broken.items())]
     if out.stopped:
         lines.append(f"STOPPED defense stage: {out.stopped}")

@@ -151,3 +151,21 @@ def test_quickstart_time_reads_the_attack_stage_timing_from_the_sweep_run(tmp_pa
     assert contents["stage"] == {"attack_stage_wall_s": 40.0, "attack_stage_tasks_s": 70.0,
                                  "attack_stage_parallelism": 1.75}
     assert contents["roles"]["sweep"] == 1
+
+
+def test_cifar10_small_runs_issue_30s_baselines_with_their_cpu_scale():
+    assert {"ibau", "sau", "pam", "fst"} <= set(cifar10_small.DEFENSES)
+    assert "epochs=25" in cifar10_small.CPU_SCALE["sau"] and "rounds=3" in cifar10_small.CPU_SCALE["pam"]
+
+
+def test_unlearning_epoch_cost_tiny_records_the_ratios(tmp_path, capsys):
+    from benchmarks import unlearning_epoch_cost
+
+    doc = tmp_path / "benchmarks.md"
+    assert unlearning_epoch_cost.main(["--tiny", "--doc", str(doc)]) == 0
+    out = capsys.readouterr().out
+    assert "SAU / BI-BAU(U) = " in out and "I-BAU / BI-BAU(U) = " in out
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 1 and "small_resnet w8" in rows[0]
+    with pytest.raises(SystemExit):
+        unlearning_epoch_cost.main(["--pgd-steps", "0"])

@@ -90,7 +90,7 @@ def snapshot(model):
 
 def test_registered_defenses():
     assert {"bibau_t", "bibau_u", "bibau_t_kd", "bibau_u_kd", "ft", "ibu", "nc", "btidbf_u", "anp", "ep", "rnp",
-            "clp"} <= set(NAMES)
+            "clp", "ibau", "sau", "pam", "fst"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

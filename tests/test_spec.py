@@ -173,3 +173,31 @@ def test_tracking_falls_back_to_the_mlflow_environment_then_to_sqlite(monkeypatc
     # the spec's own values win over the environment
     spec = build(SweepSpec, {**data, "tracking": {"uri": "sqlite:////tmp/own.db", "experiment": "own"}})
     assert spec.tracking_uri == "sqlite:////tmp/own.db" and spec.experiment == "own"
+
+
+def test_equal_budget_gives_every_tuned_defense_the_named_defenses_trials(tmp_path):
+    from orchestrator.report import tuning_line
+    from orchestrator.spec import tuned_trials
+    from trainables.config import to_dict
+
+    def change(d):
+        d["defenses"].append({"label": "ft_tuned", "name": "ft", "space": {"lr": {"low": 1e-3, "high": 1e-1, "log": True}},
+                              "trials": 3})
+        d["equal_budget"] = "bibau_u"
+
+    spec, p = load_spec(write(tmp_path, {**edited(change), "storage": str(tmp_path / "store")}))
+    assert p.study("badnets/ft_tuned").trials == 6 == p.study("badnets/bibau_u").trials
+    assert p.study("badnets/ft").trials == 1  # a fixed baseline still runs once
+    assert tuned_trials(to_dict(spec)) == {"bibau_u": 6, "ft_tuned": 6}
+    line = tuning_line(to_dict(spec))
+    assert "bibau_u 6, ft_tuned 6" in line and "bibau_u's budget" in line and "one run per attack: ft" in line
+    # without it each keeps its own trials
+    spec, p = load_spec(write(tmp_path, {**edited(lambda d: change(d) or d.pop("equal_budget")),
+                                         "storage": str(tmp_path / "store")}, "own.yaml"))
+    assert p.study("badnets/ft_tuned").trials == 3
+
+
+@pytest.mark.parametrize("label", ["ft", "nope"])
+def test_equal_budget_must_name_a_tuned_defense(tmp_path, label):
+    with pytest.raises(ConfigError, match=rf"equal_budget: '{label}' is not a tuned defense.*allowed: bibau_u"):
+        load_spec(write(tmp_path, edited(lambda d: d.update(equal_budget=label))))

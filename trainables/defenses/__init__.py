@@ -1,8 +1,9 @@
 """Defenses: a Defense subclass per method, registered in DEFENSES (BI-BAU, FT, the IBU reference, the
-baselines NC, BTI-DBF(U), ANP, EP, RNP, CLP; for a CLIP: CleanCLIP and BI-BAU-CLIP)."""
+baselines NC, BTI-DBF(U), ANP, EP, RNP, CLP, I-BAU, SAU, PAM, FST; for a CLIP: CleanCLIP and BI-BAU-CLIP)."""
 from ..config import build
 from ..registry import DEFENSES
-from . import anp, bibau, bibau_clip, btidbf, cleanclip, clp, ep, finetune, nc, rnp  # noqa: F401  (fill the registry)
+from . import (anp, bibau, bibau_clip, btidbf, cleanclip, clp, ep, finetune, fst, ibau, nc, pam, rnp,  # noqa: F401
+               sau)  # (fill the registry)
 from .base import Defense, DefenseConfig, DefenseContext, DefenseResult
 
 

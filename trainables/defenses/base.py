@@ -216,3 +216,13 @@ def sgd(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):
     """SGD and its per-step lr schedule over ``cfg.epochs``, built by the training loop's helpers."""
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     return optimizer, make_scheduler(optimizer, cfg, steps_per_epoch)
+
+
+def sgd_or_adam(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):
+    """The optimiser ``cfg.optimizer`` names (``sgd``: :func:`sgd`; ``adam``: betas 0.9/0.999, weight decay
+    as set; a config without the field gets SGD) and its per-step lr schedule over ``cfg.epochs``."""
+    if getattr(cfg, "optimizer", "sgd") == "sgd":
+        return sgd(model, cfg, steps_per_epoch)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                           weight_decay=cfg.weight_decay)
+    return opt, make_scheduler(opt, cfg, steps_per_epoch)

@@ -150,13 +150,18 @@ class BtiDbfUnlearning(Defense):
             target, share = self._detect_target(snap, g, clean, cfg, ctx, gen)
             g.eval()
             ctx.log(f"{self.name} {prefix}detected target {target} ({share:.2f} of G(x) land there)")
-            history += unlearn_with_triggers(f, clean, lambda x: g(x), cfg, ctx, gen, self.name, plus_one=True,
-                                             feature_weight=cfg.feature_weight, feature_map=cfg.features == "map",
-                                             log_prefix=prefix)
+            history += self._unlearn(model, f, clean, g, cfg, ctx, gen, prefix)
             findings = {"detected_target": float(target), "target_share": share, "rounds": float(rnd)}
         findings.update(self._trigger_norms(g, clean, cfg, ctx))
         f.eval()
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started, findings=findings)
+
+    def _unlearn(self, model: Classifier, f: Classifier, clean: ImageSet, g: UNet, cfg: BtiDbfConfig,
+                 ctx: DefenseContext, gen: torch.Generator, prefix: str) -> list[dict]:
+        """One round's unlearning of the inverted trigger (PAM replaces it; ``model`` is θ_bd)."""
+        return unlearn_with_triggers(f, clean, lambda x: g(x), cfg, ctx, gen, self.name, plus_one=True,
+                                     feature_weight=cfg.feature_weight, feature_map=cfg.features == "map",
+                                     log_prefix=prefix)
 
     def _decouple(self, f: Classifier, epoch_batches, cfg: BtiDbfConfig, ctx: DefenseContext,
                   gen: torch.Generator, record, prefix: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +44,20 @@ def _cycle(images: ImageSet, cfg: SGDDefenseConfig, ctx: DefenseContext, gen: to
 
 
 def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]], cfg: SGDDefenseConfig,
-             ctx: DefenseContext, gen: torch.Generator, name: str) -> tuple[Classifier, list[dict]]:
-    """Fine-tune a copy of ``model`` on Σ_s weight_s · CE(stream s); ``streams`` maps a name to
-    (images, weight, augment).
+             ctx: DefenseContext, gen: torch.Generator, name: str, *,
+             prepare: Callable[[Classifier], None] | None = None,
+             penalty: Callable[[Classifier], torch.Tensor] | None = None,
+             after_step: Callable[[Classifier], None] | None = None) -> tuple[Classifier, list[dict]]:
+    """Fine-tune a copy of ``model`` on Σ_s weight_s · CE(stream s) (+ ``penalty(f)``); ``streams`` maps
+    a name to (images, weight, augment).
 
     Each step takes one batch from every stream, in one forward; an epoch is one pass over the
-    largest stream.
+    largest stream. ``prepare(f)`` runs on the copy before the optimiser is built (FST re-initialises
+    the head), ``after_step(f)`` after each optimiser step (FST's norm projection).
     """
     f = trainable_copy(model, ctx.device)
+    if prepare is not None:
+        prepare(f)
     streams = {k: (images.to(ctx.device), wt, aug) for k, (images, wt, aug) in streams.items()}
     steps = max(math.ceil(len(images) / cfg.batch_size) for images, _, _ in streams.values())
     optimizer, scheduler = sgd(f, cfg, steps)
@@ -65,7 +71,7 @@ def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]]
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        sums = torch.zeros(len(streams) + 1, device=ctx.device)  # on the device: one sync per epoch
+        sums = torch.zeros(len(streams) + 2, device=ctx.device)  # on the device: one sync per epoch
         for _ in range(steps):
             parts = [next(it) for it in iters.values()]
             sizes = [len(y) for _, y in parts]
@@ -73,13 +79,18 @@ def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]]
                 logits = f(prepare_batch(torch.cat([x for x, _ in parts]), ctx.device)).float()
             ces = torch.stack([F.cross_entropy(chunk, y) for chunk, (_, y) in zip(logits.split(sizes), parts)])
             loss = (ces * weights).sum()
+            extra = penalty(f) if penalty is not None else loss.new_zeros(())
+            loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            sums += torch.cat([ces.detach(), loss.detach().view(1)])
+            if after_step is not None:
+                after_step(f)
+            sums += torch.cat([ces.detach(), extra.detach().view(1), loss.detach().view(1)])
         means = (sums / steps).tolist()
-        row = {"epoch": epoch, "lr": lr, **{f"ce_{k}": v for k, v in zip(streams, means)}, "loss": means[-1],
+        row = {"epoch": epoch, "lr": lr, **{f"ce_{k}": v for k, v in zip(streams, means)},
+               **({"penalty": means[-2]} if penalty is not None else {}), "loss": means[-1],
                "seconds": time.perf_counter() - t0}
         history.append(row)
         ctx.log(f"{name} epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))

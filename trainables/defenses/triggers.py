@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from ..config import param
 from ..data import ImageSet, batches
 from ..models.base import Classifier
-from ..optim import make_scheduler
 from ..runtime import autocast, prepare_batch
-from .base import DefenseContext, SGDDefenseConfig, sgd, train_mode
+from .base import DefenseContext, SGDDefenseConfig, sgd_or_adam, train_mode
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]  # x in [0, 1] -> triggered x in [0, 1]
 
@@ -48,29 +47,26 @@ class UnlearnConfig(SGDDefenseConfig):
                                     low=0.0, high=1.0)
 
 
-def _optimizer(model: torch.nn.Module, cfg: UnlearnConfig, steps: int):
-    if cfg.optimizer == "sgd":
-        return sgd(model, cfg, steps)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                           weight_decay=cfg.weight_decay)
-    return opt, make_scheduler(opt, cfg, steps)
-
-
 def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg: UnlearnConfig, ctx: DefenseContext,
                           gen: torch.Generator, name: str, *, epochs: int | None = None, plus_one: bool = False,
                           feature_weight: float = 0.0, feature_map: bool = False, phase: str = "unlearn",
-                          log_prefix: str = "") -> list[dict]:
+                          log_prefix: str = "", path_anchor: Mapping[str, torch.Tensor] | None = None,
+                          rho: float = 0.0) -> list[dict]:
     """Fine-tune ``f`` (in place) for ``epochs`` (default ``cfg.epochs``) passes over ``clean``:
     loss = CE(f(x̃), y) + feature_weight·MSE(h(x̃), h(x)), where x̃ is the (augmented) batch with
     its first ``n_triggered`` images replaced by ``trigger(x)``; the batch order is shuffled, so
     which images get the trigger is random. h is the penultimate vector, or the last feature map
-    before the pool when ``feature_map`` (BTI-DBF's reference)."""
+    before the pool when ``feature_map`` (BTI-DBF's reference).
+
+    With ``path_anchor`` (θ_bd's parameters) and ``rho``, each step is PAM's path-aware step: the
+    gradient is taken at θ + ρ·d/||d||, d = θ_bd - θ over the parameters (a fixed distance toward the
+    backdoored model), then θ is restored and the optimiser steps from it (plain steps while d = 0)."""
     epochs = cfg.epochs if epochs is None else epochs
     crop, flip = cfg.augmentation(ctx.hflip)
     clean = clean.to(ctx.device)
     drop_last = len(clean) % cfg.batch_size == 1  # a lone image would break BatchNorm
     steps = max(1, len(clean) // cfg.batch_size if drop_last else math.ceil(len(clean) / cfg.batch_size))
-    optimizer, scheduler = _optimizer(f, cfg, steps)
+    optimizer, scheduler = sgd_or_adam(f, cfg, steps)
     history = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -85,6 +81,7 @@ def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg:
             else:
                 x_tilde = x
             train_mode(f, cfg)
+            restore = _toward(f, path_anchor, rho) if path_anchor is not None and rho > 0 else None
             with autocast(ctx.device):
                 if feature_weight > 0:
                     both = prepare_batch(torch.cat([x_tilde, x]), ctx.device)
@@ -98,6 +95,8 @@ def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg:
             loss = ce + feature_weight * feat
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if restore is not None:
+                restore()
             optimizer.step()
             scheduler.step()
             sums += torch.stack([ce.detach(), feat.detach(), loss.detach()])
@@ -112,3 +111,22 @@ def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg:
                                      f"{loss_m} (lr {lr:.4g}); lower defense.lr")
     f.eval()
     return history
+
+
+@torch.no_grad()
+def _toward(f: torch.nn.Module, anchor: Mapping[str, torch.Tensor], rho: float) -> Callable[[], None]:
+    """Move f's parameters by ρ·d/||d|| with d = anchor - θ (||d|| over all parameters); returns the undo."""
+    params = dict(f.named_parameters())
+    d = {n: anchor[n].to(p.dtype) - p for n, p in params.items()}
+    norm = torch.sqrt(sum((v.float() ** 2).sum() for v in d.values()))
+    scale = rho / (norm + 1e-12)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.add_(d[n] * scale)
+
+    @torch.no_grad()
+    def restore() -> None:
+        for n, p in params.items():
+            p.copy_(saved[n])
+
+    return restore
