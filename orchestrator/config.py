@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from trainables.config import ConfigError, build, load_yaml, merge, parse_overrides
 from trainables.schema import RunConfig
 
-from .export import EXPORT_KIND, EXPORT_VERSION
+from .export_file import EXPORT_KIND, EXPORT_VERSION
 
 
 def _label(selection: Mapping) -> str:

@@ -1,166 +1,25 @@
-"""``bibau export``: pick configurations from each attack's Pareto front by a rule, and write
-them with their provenance to a YAML file that ``bibau run`` and ``bibau sweep`` accept.
-
-A rule is a ``;``-separated list of clauses::
-
-    max ca; r_asr <= 0.1; q_asr <= 0.1; fallback nearest
-
-``max M`` / ``min M`` is what is optimised among the front's points that meet every
-constraint (``M <= v``, ``M >= v``, ``M < v``, ``M > v``); ties go to the point nearest the
-ideal. When no point meets the constraints, ``fallback nearest`` (the default) takes the point
-nearest the ideal (each objective's best value: 1 for a maximised rate, 0 for a minimised
-one), ``fallback none`` takes nothing.
+"""``bibau export``: pick configurations from each attack's Pareto front by a rule (``rules.py``),
+and write them with their provenance to the export file (``export_file.py``) that ``bibau run``
+and ``bibau sweep`` accept. The rule language and the file's format are importable from here too.
 """
 from __future__ import annotations
 
-import math
-import operator
-import re
-from dataclasses import dataclass, field
+import os
+import sys
 from pathlib import Path
-from typing import Any, Sequence
 
-import yaml
+from trainables.config import ConfigError
 
-from .pareto import TrialRecord, front_of
+from .export_file import EXPORT_KIND, EXPORT_VERSION, build_export, read_export, write_export
+from .objectives import Objective
+from .results import add_warnings, attack_view, tag_picks
+from .rules import DEFAULT_RULE, Rule, distance_to_ideal, parse_rule, select
+from .spec import load_spec, spec_fingerprint
+from .tracking_read import open_sweep
 
-EXPORT_KIND = "bibau-export"
-EXPORT_VERSION = 1
-DEFAULT_RULE = "max ca; r_asr <= 0.1; q_asr <= 0.1; fallback nearest"
-
-_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-_CONSTRAINT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)$")
-
-
-@dataclass
-class Rule:
-    direction: str  # max | min
-    metric: str
-    constraints: list[tuple[str, str, float]] = field(default_factory=list)
-    fallback: str = "nearest"  # nearest | none
-    text: str = DEFAULT_RULE
-
-    def feasible(self, r: TrialRecord) -> bool:
-        for metric, op, bound in self.constraints:
-            v = r.metrics.get(metric)
-            if v is None or not math.isfinite(v) or not _OPS[op](v, bound):
-                return False
-        return True
-
-
-def parse_rule(text: str, objectives: Sequence[str] | None = None) -> Rule:
-    """Parse a selection rule; errors say which clause is wrong and what is allowed."""
-    target = None
-    constraints, fallback = [], "nearest"
-    for clause in (c.strip() for c in re.split(r"[;,]", text)):
-        if not clause:
-            continue
-        words = clause.split()
-        if words[0] in ("max", "min") and len(words) == 2:
-            if target is not None:
-                raise ValueError(f"rule {text!r}: two targets ({target[0]} {target[1]}, {clause}); give one max or min")
-            target = (words[0], words[1])
-        elif words[0] == "fallback" and len(words) == 2 and words[1] in ("nearest", "none"):
-            fallback = words[1]
-        elif m := _CONSTRAINT.match(clause):
-            try:
-                bound = float(m.group(3))
-            except ValueError:
-                raise ValueError(f"rule {text!r}: clause {clause!r}: {m.group(3)!r} is not a number") from None
-            constraints.append((m.group(1), m.group(2), bound))
-        else:
-            raise ValueError(f"rule {text!r}: clause {clause!r} not understood; allowed: 'max METRIC', 'min METRIC', "
-                             "'METRIC <= VALUE' (or >=, <, >), 'fallback nearest', 'fallback none'")
-    if target is None:
-        raise ValueError(f"rule {text!r}: no target; start with 'max METRIC' or 'min METRIC'")
-    if objectives is not None and target[1] not in objectives:
-        raise ValueError(f"rule {text!r}: target {target[1]!r} is not an objective; objectives: {', '.join(objectives)}")
-    return Rule(target[0], target[1], constraints, fallback, text)
-
-
-def distance_to_ideal(r: TrialRecord, metrics: Sequence[str], ideal: Sequence[float]) -> float:
-    return math.sqrt(sum((v - b) ** 2 for v, b in zip(r.values(metrics), ideal)))
-
-
-def select(records: Sequence[TrialRecord], rule: Rule, metrics: Sequence[str], modes: Sequence[str],
-           ideal: Sequence[float]) -> tuple[TrialRecord, str] | None:
-    """The record the rule picks from the Pareto front of ``records``, and how ("rule" or
-    "fallback"); None when the front is empty or the fallback is "none"."""
-    front = front_of(records, metrics, modes)
-    if not front:
-        return None
-    near = lambda r: distance_to_ideal(r, metrics, ideal)  # noqa: E731
-    ok = [r for r in front if rule.feasible(r) and math.isfinite(r.metrics.get(rule.metric, math.nan))]
-    if ok:
-        sign = -1.0 if rule.direction == "max" else 1.0
-        return min(ok, key=lambda r: (sign * r.metrics[rule.metric], near(r), r.order)), "rule"
-    if rule.fallback == "none":
-        return None
-    return min(front, key=lambda r: (near(r), r.order)), "fallback"
-
-
-def build_export(records: Sequence[TrialRecord], rule: Rule, metrics: Sequence[str], modes: Sequence[str],
-                 ideal: Sequence[float], provenance: dict[str, Any], per_defense: bool = False) -> dict:
-    """The export document: per attack (or per attack x defense) the selected configuration."""
-    groups: dict[tuple, list[TrialRecord]] = {}
-    for r in records:
-        groups.setdefault((r.attack, r.defense) if per_defense else (r.attack,), []).append(r)
-    selections = []
-    for key in groups:
-        picked = select(groups[key], rule, metrics, modes, ideal)
-        if picked is None:
-            continue
-        r, how = picked
-        selections.append({
-            "attack": r.attack,
-            "defense": r.defense,
-            "config": r.config,
-            "metrics": {k: float(v) for k, v in sorted(r.metrics.items())
-                        if isinstance(v, (int, float)) and not k.startswith("curve/")},
-            "provenance": {**provenance, "run_id": r.run_id, "trial_id": r.trial_id, "rule": rule.text,
-                           "picked_by": how},
-        })
-    return {"kind": EXPORT_KIND, "version": EXPORT_VERSION, "selections": selections}
-
-
-def write_export(doc: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(path)
-    return path
-
-
-def add_warnings(doc: dict, views: dict) -> list[str]:
-    """Give each selection no trial met the rule for its ``warning`` (``results.fallback_warning``:
-    the pick, its CA drop, the chance level), in place; ``views``: attack -> ``AttackView``. One
-    function for ``bibau export`` and the sweep's own export file, so both say the same."""
-    from .results import fallback_warning
-
-    warnings = []
-    for sel in doc["selections"]:
-        view = views.get(sel["attack"])
-        if view is None or sel["provenance"]["picked_by"] == "rule":
-            continue
-        pick = next((p for p in ([view.pick] + list(view.picks.values())) if p and p.record.run_id ==
-                     sel["provenance"]["run_id"]), None)
-        text = fallback_warning(view, pick) if pick else None
-        if text:
-            sel["warning"] = text
-            warnings.append(text)
-    return warnings
-
-
-def read_export(path: str | Path) -> dict:
-    """An export file, checked for its kind and version."""
-    with open(path) as fh:
-        doc = yaml.safe_load(fh)
-    if not isinstance(doc, dict) or doc.get("kind") != EXPORT_KIND:
-        raise ValueError(f"{path}: not a {EXPORT_KIND} file (kind: {doc.get('kind') if isinstance(doc, dict) else None!r})")
-    if doc.get("version") != EXPORT_VERSION:
-        raise ValueError(f"{path}: version {doc.get('version')!r}; this code reads version {EXPORT_VERSION}")
-    return doc
+__all__ = ["DEFAULT_RULE", "EXPORT_KIND", "EXPORT_VERSION", "Rule", "RuleNotMet", "add_export", "add_warnings",
+           "build_export", "cmd_export", "distance_to_ideal", "export_sweep", "parse_rule", "read_export", "select",
+           "write_export"]
 
 
 # -- bibau export ---------------------------------------------------------------------------------
@@ -183,12 +42,6 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
     picks in MLflow (``picked``; per attack, or per attack and defense with ``per_defense``) and write
     them as the runs' descriptions.
     """
-    import os
-
-    from .results import attack_view, tag_picks
-    from .spec import Objective
-    from .tracking import open_sweep
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     tracker, spec = open_sweep(uri, experiment, sweep_id, fingerprint)
     objectives = [Objective(**o) for o in spec["objectives"]]
@@ -237,14 +90,9 @@ def export_sweep(uri: str, experiment: str, *, sweep_id: str | None = None, rule
 
 
 def cmd_export(args) -> int:
-    from trainables.config import ConfigError
-
     uri, experiment = args.tracking_uri, args.experiment
     fingerprint = None
     if args.spec:
-        from .spec import load_spec
-        from .sweep import spec_fingerprint
-
         spec, _ = load_spec(args.spec, args.overrides)
         uri, experiment = uri or spec.tracking_uri, experiment or spec.experiment
         fingerprint = spec_fingerprint(spec)  # the sweeps of this spec, not the experiment's newest
@@ -254,8 +102,6 @@ def cmd_export(args) -> int:
         export_sweep(uri, experiment, sweep_id=args.sweep, rule=args.rule, per_defense=args.per_defense, out=args.out,
                      fingerprint=fingerprint, strict=args.strict)
     except RuleNotMet as exc:
-        import sys
-
         print(f"bibau export: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:

@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .export import Rule
 from .names import display
 from .pareto import TrialRecord, pareto_front
 from .results import AttackView
+from .rules import Rule
 
 RATES = {"ca", "asr", "r_asr", "q_asr", "ra_clean_asr", "q_asr_clean_model"}  # in [0, 1], shown in %
 WORDS = {

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from . import console
+
 _EPOCH = re.compile(r"^(?P<head>.*?)\bepoch (?P<k>\d+)/(?P<n>\d+)\b:?\s*(?P<rest>.*)$")
 _EVAL_START = re.compile(r"^\[eval\] (?P<name>[\w.-]+): running")
 _EVAL_END = re.compile(r"^\[eval\] (?P<name>[\w.-]+): (?!running)")
@@ -120,16 +122,14 @@ def quiet_frameworks(logfile: Path, log: Callable[[str], None] = print) -> Itera
     """Inside: stdout, stderr and the loggers of Ray Tune/Train and Optuna go to ``logfile``
     (appended); yields ``say``, which writes a line to the user's terminal (through ``log``) and
     to the file. Everything is restored on exit."""
-    from . import tracking
-
     logfile = Path(logfile)
     logfile.parent.mkdir(parents=True, exist_ok=True)
-    console = sys.stdout
+    terminal = sys.stdout
     with open(logfile, "a", buffering=1) as fh:
         def say(message: str) -> None:
             # stdout is redirected to the file in here: the user's line goes to the real console,
             # whatever ``log`` prints with
-            with contextlib.redirect_stdout(console):
+            with contextlib.redirect_stdout(terminal):
                 log(message)
             fh.write(message + "\n")
 
@@ -141,12 +141,12 @@ def quiet_frameworks(logfile: Path, log: Callable[[str], None] = print) -> Itera
             saved.append((lg, lg.handlers[:], lg.propagate))
             lg.handlers = [handler]
             lg.propagate = False
-        previous = tracking.CONSOLE
-        tracking.CONSOLE = say
+        previous = console.CONSOLE
+        console.CONSOLE = say
         try:
             with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
                 yield say
         finally:
-            tracking.CONSOLE = previous
+            console.CONSOLE = previous
             for lg, handlers, propagate in saved:
                 lg.handlers, lg.propagate = handlers, propagate

@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .export import parse_rule
 from .pareto import TrialRecord
 from .results import AttackView, attack_view
+from .rules import parse_rule
 
 
 def targets(views: Sequence[AttackView]) -> list[TrialRecord]:

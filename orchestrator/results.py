@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .export import Rule, select
+from .names import display
 from .pareto import TrialRecord, front_of
+from .rules import Rule, select
 
 PICK_TAG = "picked"  # 'true' on the runs the export rule picked: filter ``tags.picked = 'true'``
 NOTE_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
@@ -151,6 +152,24 @@ def fallback_warning(view: AttackView, pick: Pick | None = None) -> str | None:
     return " ".join(parts) + (f"; {others}" if others else "") + ". Relax the rule or search further before using it."
 
 
+def add_warnings(doc: dict, views: dict) -> list[str]:
+    """Give each selection no trial met the rule for its ``warning`` (:func:`fallback_warning`:
+    the pick, its CA drop, the chance level), in place; ``views``: attack -> ``AttackView``. One
+    function for ``bibau export`` and the sweep's own export file, so both say the same."""
+    warnings = []
+    for sel in doc["selections"]:
+        view = views.get(sel["attack"])
+        if view is None or sel["provenance"]["picked_by"] == "rule":
+            continue
+        pick = next((p for p in ([view.pick] + list(view.picks.values())) if p and p.record.run_id ==
+                     sel["provenance"]["run_id"]), None)
+        text = fallback_warning(view, pick) if pick else None
+        if text:
+            sel["warning"] = text
+            warnings.append(text)
+    return warnings
+
+
 # -- MLflow ------------------------------------------------------------------------------------------
 
 
@@ -171,8 +190,6 @@ def attack_note(view: AttackView, objectives: Sequence, experiment_id: str | Non
     """The attack run's description, what its page shows first: the Pareto figure (CA against the
     second objective, the run's own artifact), the front's table with each run's name linking to
     its page (%), the pick and how it was made."""
-    from .names import display
-
     metrics = [o.metric for o in objectives]
     modes = [o.mode for o in objectives]
     front = sorted(front_of(view.records, metrics, modes), key=lambda r: -r.metrics.get(metrics[0], 0.0))

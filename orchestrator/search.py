@@ -29,14 +29,13 @@ from ray.tune.search import Searcher
 
 from trainables.config import merge
 
-from .spec import Objective, Study
+from .keys import MLFLOW_RUN_ATTR, STATUS_KEY, TUNE_TRIAL_ATTR  # noqa: F401 (re-exported)
+from .objectives import Objective
+from .plan import Study
 
 log = logging.getLogger(__name__)
 
-STATUS_KEY = "trial_status"  # what ray_adapters reports: completed | diverged | gated | invalid
 GATE_CONSTRAINT = "gate"  # the Optuna constraint a gated trial violates (> 0) and a passing one meets
-TUNE_TRIAL_ATTR = "tune_trial_id"  # Optuna user attrs linking a trial to Tune and MLflow
-MLFLOW_RUN_ATTR = "mlflow_run_id"
 
 
 def fit_to_space(space, value: Any) -> Any:

@@ -15,53 +15,32 @@ sweep's folder, the same MLflow runs).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import shlex
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from trainables.cache import code_version as _training_code_version
 from trainables.cache import content_hash
-from trainables.config import ConfigError, to_dict
+from trainables.config import to_dict
 
-from .export import build_export, parse_rule, write_export
-from .pareto import TrialRecord
+from .export_file import build_export, write_export
+from .plan import Plan, smoke_plan
 from .progress import quiet_frameworks
-from .spec import Plan, SweepSpec, tuned_trials
+from .resume import check_resumable, find_resumable
+from .rules import parse_rule
+from .spec import spec_fingerprint
+from .spec_sections import SweepSpec
+from .summary import SweepOutcome, summary_text, tuning_text
+from .tracking_read import read_state
 
-
-@dataclass
-class SweepOutcome:
-    sweep_id: str
-    folder: Path
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str
-    records: list[TrialRecord]
-    fronts: dict[str, list[TrialRecord]]
-    export_file: Path | None
-    attack_stage: dict[str, dict] = field(default_factory=dict)
-    resumed: bool = False
-    warnings: list[str] = field(default_factory=list)  # attacks whose export rule no trial met
-    attack_timing: dict[str, float] = field(default_factory=dict)  # see stage_timing
-    exported: list[str] = field(default_factory=list)  # attacks with a selection in the export file
-    stopped: str | None = None  # why the defense stage stopped early (trials pending past the limit)
-
-    def count(self, status: str) -> int:
-        return sum(r.status == status for r in self.records)
-
-    @property
-    def failed_stages(self) -> dict[str, str]:
-        """Attack-stage tasks (attacks, clean references) that failed -> the reason, one line."""
-        return {label: info.get("reason") or (str(info.get("error") or "failed").splitlines() or ["failed"])[0]
-                for label, info in self.attack_stage.items() if not info.get("ok")}
-
+# the names tests and tools import from here: the sweep's pieces now live in the modules above
+__all__ = ["SweepOutcome", "add_sweep", "check_resumable", "cmd_sweep", "code_version", "find_resumable",
+           "needs_clean_reference", "read_state", "run_sweep", "smoke_plan", "spec_fingerprint", "sqlite_path",
+           "stage_timing", "summary_text", "tuning_text"]
 
 def code_version() -> str:
     """The training code's version (package + source hash), plus the git commit when known."""
@@ -92,62 +71,6 @@ def needs_clean_reference(cfg: dict) -> bool:
     ev = cfg["evaluation"]
     metrics = set(ev["metrics"])
     return bool(metrics & {"qra", "bec"}) or ("ra" in metrics and ev.get("ra_on_clean", False))
-
-
-def spec_fingerprint(spec: SweepSpec) -> str:
-    data = to_dict(spec)
-    for k in ("concurrency", "max_failures", "resources", "attack_resources", "tracking", "export_rule",
-              "pending_timeout_s"):
-        data.pop(k, None)  # may change between a sweep and its resumption
-    if data.get("equal_budget") is None:  # unset: the fingerprint of a spec written before the field existed
-        data.pop("equal_budget", None)
-    return content_hash(data)
-
-
-def read_state(state_file: Path) -> dict:
-    """A sweep's ``state.json`` (JSON data only); a ConfigError when it is not readable as such."""
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{state_file}: not a readable sweep state ({type(exc).__name__}); "
-                          "start a new sweep or remove that folder") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{state_file}: not a sweep state (expected a JSON object)")
-    return state
-
-
-def find_resumable(folder: Path, name: str, which: str | bool, fingerprint: str | None = None) -> Path:
-    """The folder of the sweep to resume: ``which`` is a sweep id, or True for the newest unfinished
-    one started from the spec with ``fingerprint`` (specs sharing a name share the folder)."""
-    if isinstance(which, str):
-        d = folder / which
-        if "/" in which or which in ("", ".", "..") or not (d / "state.json").is_file():
-            raise ConfigError(f"--resume {which}: no sweep {which!r} under {folder}")
-        return d
-    candidates = []
-    for state_file in folder.glob("*/state.json"):
-        try:
-            state = read_state(state_file)
-        except ConfigError:
-            continue
-        if state.get("status") != "finished" and (fingerprint is None or state.get("spec_fingerprint") == fingerprint):
-            candidates.append((state_file.stat().st_mtime, state_file.parent))
-    if not candidates:
-        raise ConfigError(f"--resume: no unfinished sweep of this spec (name {name!r}, fingerprint {fingerprint}) "
-                          f"under {folder}; start one without --resume, or name one: --resume SWEEP_ID")
-    return max(candidates)[1]
-
-
-def check_resumable(sweep_dir: Path, fingerprint: str) -> dict:
-    """The saved state of a sweep to resume, refused unless it names this spec's fingerprint."""
-    saved = read_state(sweep_dir / "state.json")
-    if saved.get("spec_fingerprint") != fingerprint:
-        if saved.get("spec_fingerprint") is None:
-            raise ConfigError(f"--resume: {sweep_dir / 'state.json'} names no spec fingerprint, so it cannot be "
-                              "checked to belong to this spec; start a new sweep instead")
-        raise ConfigError(f"--resume: sweep {sweep_dir.name} was started from a different spec (its studies, "
-                          "budgets or configs changed); start a new sweep instead")
-    return saved
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -204,7 +127,8 @@ def run_sweep(spec: SweepSpec, plan: Plan, *, resume: bool | str = False, backen
     from trainables.ray_adapters import TrialBackend, defense_trainable, run_attack_stages
 
     from .search import StudySearcher, trial_dirname
-    from .tracking import SweepTracker, TrackingCallback
+    from .tracking_callback import TrackingCallback
+    from .tracking_write import SweepTracker
 
     from .capacity import PendingLimit, node_fit_warnings
     from .preflight import check_sweep, remote_cluster
@@ -448,78 +372,7 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.rsplit("-", 1)[-1]
 
 
-def tuning_text(spec: SweepSpec) -> str:
-    """Which defenses were tuned, with how many trials per attack (the fair-tuning budget)."""
-    trials = tuned_trials(to_dict(spec))
-    text = ", ".join(f"{k} {v}" for k, v in trials.items()) or "none"
-    return text + (f" (equal budget: {spec.equal_budget}'s)" if spec.equal_budget else "")
-
-
-def summary_text(out: SweepOutcome, spec: SweepSpec) -> str:
-    metrics = spec.metrics
-    failed = sum(r.status not in ("completed", "gated") for r in out.records)
-    stopped = sum(r.status == "gated" and "gate_stopped_epoch" in r.metrics for r in out.records)
-    broken = out.failed_stages
-    lines = ["", f"=== sweep {out.sweep_id} finished: {len(out.records)} trials, {out.count('completed')} evaluated "
-                 f"fully, {out.count('gated')} gated after CA/ASR (no RA, QRA, BEC"
-                 + (f"; {stopped} of them stopped during the defense" if stopped else "")
-                 + f"), {failed} failed or diverged"
-                 + (f"; {len(broken)} attack stage(s) failed, their studies not run" if broken else "") + " ==="]
-    lines.append(f"tuned defenses (trials per attack): {tuning_text(spec)}")
-    lines += [f"FAILED attack stage {label}: {reason}" for label, reason in sorted(broken.items())]
-    if out.stopped:
-        lines.append(f"STOPPED defense stage: {out.stopped}")
-    t = out.attack_timing
-    if t:
-        lines.append(f"attack stage: {int(t['attack_stage_tasks'])} task(s), {int(t['attack_stage_cached'])} from the "
-                     f"cache, {t['attack_stage_wall_s']:.1f}s wall for {t['attack_stage_tasks_s']:.1f}s of tasks")
-    for attack, front in out.fronts.items():
-        if attack in broken:
-            continue
-        lines.append(f"Pareto front for {attack} ({len(front)} trials):")
-        header = f"  {'defense':<14} {'trial':<14} " + " ".join(f"{m:>8}" for m in metrics) + "  params"
-        lines.append(header)
-        for r in sorted(front, key=lambda r: -r.metrics.get(metrics[0], 0.0)):
-            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items())
-            lines.append(f"  {r.defense:<14} {r.trial_id:<14} "
-                         + " ".join(f"{r.metrics.get(m, float('nan')):8.4f}" for m in metrics) + f"  {params}")
-    lines.append(f"results:   {out.folder}  (trial logs: trials/<trial id>/trial.log; Ray and Optuna: sweep.log)")
-    optuna_db = shlex.quote(f"sqlite:///{out.folder / 'optuna.db'}")
-    lines.append(f"Optuna:    optuna-dashboard {optuna_db}  (each trial's mlflow_run_id as a user attr)")
-    from .tracking import ui_lines
-
-    state_file = out.folder / "state.json"
-    lines += ui_lines(out.tracking_uri, out.experiment,
-                      read_state(state_file).get("experiment_id") if state_file.is_file() else None)
-    lines.append(f"exported:  {out.export_file if out.export_file else '(nothing on any front)'}")
-    if out.export_file and out.exported:
-        attack = out.exported[0]  # an attack with a selection: a failed one has none
-        # the exported config holds the trial's thread count: the re-run uses it and matches bit for bit
-        lines.append(f"reproduce: bibau run {shlex.quote(str(out.export_file))} --attack {shlex.quote(attack)}")
-    lines.append(f"tables:    bibau report {shlex.quote(str(out.folder))}  (Tables 1 and 2, the figure grid; attached to the parent run)")
-    if out.warnings:  # last, where nobody misses them
-        lines += ["", *out.warnings, "(tagged export.rule_met=false on the sweep's parent run in MLflow)"]
-    return "\n".join(lines)
-
-
 # -- bibau sweep ----------------------------------------------------------------------------------
-
-
-def smoke_plan(plan: Plan) -> Plan:
-    """At most 2 trials per study on the trial's smoke-test sizes (a quick end-to-end check)."""
-    from trainables.config import build
-    from trainables.schema import RunConfig
-    from trainables.trial import smoke_config
-
-    def shrink(cfg: dict) -> dict:
-        return to_dict(smoke_config(build(RunConfig, cfg)))
-
-    for a in plan.attacks:
-        a.config = shrink(a.config)
-    for s in plan.studies:
-        s.config = shrink(s.config)
-        s.trials = min(s.trials, 2)
-    return plan
 
 
 def cmd_sweep(args) -> int:

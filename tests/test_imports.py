@@ -143,9 +143,39 @@ def test_no_import_circles_in_trainables():
     assert not found, "import circles in trainables (every import counted):\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="the orchestrator's eight-module circle (spec, search, sweep, tracking, "
-                   "export, results, figures, progress) is removed when the orchestrator is put in layers "
-                   "(issue 27, a later change)")
 def test_no_import_circles_in_orchestrator():
     found = circles_in("orchestrator")
     assert not found, "import circles in orchestrator (every import counted):\n" + "\n".join(found)
+
+
+def test_the_orchestrator_imports_only_its_own_and_lower_layers():
+    """Each module of ``orchestrator`` stands in one layer of ``orchestrator.LAYERS`` and imports
+    (anywhere in the file) only modules of its own layer or a lower one."""
+    from orchestrator import LAYERS
+
+    layer_of = {f"orchestrator.{m}": i for i, (_, mods) in enumerate(LAYERS) for m in mods}
+    graph = import_graph()
+    modules = {m for m in graph if m.startswith("orchestrator.")}
+    assert modules == set(layer_of), (f"not in a layer: {sorted(modules - set(layer_of))}; "
+                                      f"listed but missing: {sorted(set(layer_of) - modules)}")
+    upward = [f"{a} ({LAYERS[layer_of[a]][0]}) imports {b} ({LAYERS[layer_of[b]][0]})"
+              for a in sorted(modules) for b in sorted(graph[a]) if b in layer_of and layer_of[b] > layer_of[a]]
+    assert not upward, "imports into a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path):
+    pkg = tmp_path / "orchestrator"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "rules.py").write_text("def f():\n    from .sweep import run_sweep  # late, still upward\n")
+    (pkg / "sweep.py").write_text("from .rules import f\n")
+    graph = import_graph(tmp_path, ("orchestrator",))
+    assert graph["orchestrator.rules"] == {"orchestrator.sweep"}  # what the layer test reads as upward
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_modules_are_short(package):
+    """No module over 450 lines: a longer one holds more than one thing, split by what it holds."""
+    long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / package).rglob("*.py"))
+            if (n := len(f.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines: {long}"

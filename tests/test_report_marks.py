@@ -113,7 +113,8 @@ def test_the_grid_is_camera_ready_one_legend_outside_one_front_per_panel_truetyp
 
 def test_replicated_cells_are_mean_std_n_and_the_report_says_which_differ_beyond_their_spread(tmp_path):
     from orchestrator.figures import grid_figure
-    from orchestrator.report import _spread, grid_rows, spread_notes
+    from orchestrator.report import grid_rows, spread_notes
+    from orchestrator.report_tables import _spread
     from orchestrator.replicates import differ, replicate_config, spread
 
     assert spread([0.1, 0.3]) == pytest.approx((0.2, 0.1414213, 2))

@@ -193,9 +193,9 @@ def test_trial_runs_open_when_tune_starts_them_and_close_when_they_end(tmp_path)
                            artifact_root=tmp_path / "artifacts")
     tracker.start(name="s", attacks=["badnets"], spec={"name": "s"}, code_version="v", summary={})
     lines: list[str] = []
-    import orchestrator.tracking as tracking
+    import orchestrator.console as console
 
-    tracking.CONSOLE = lines.append
+    console.CONSOLE = lines.append
     try:
         callback = TrackingCallback(tracker, spec.objectives, total=4, optuna_url=url)
         callback.setup()
@@ -227,7 +227,7 @@ def test_trial_runs_open_when_tune_starts_them_and_close_when_they_end(tmp_path)
         trials[1].status = "ERROR"
         callback.drain()
     finally:
-        tracking.CONSOLE = None
+        console.CONSOLE = None
     run = client.get_run(running)
     assert run.info.status == "FINISHED" and run.info.end_time == int(t0.last_result["trial_end_ts"] * 1000)
     assert run.info.start_time <= int(begin * 1000) and run.info.end_time - run.info.start_time >= 300
