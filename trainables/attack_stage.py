@@ -23,7 +23,7 @@ from .config import to_dict
 from .data import defender_split, seeded_generator
 from .data.base import Dataset, ImageSet
 from .evaluation.metrics import attack_success_rate, clean_accuracy
-from .models.base import Classifier
+from .models.base import Classifier, weights_digest
 from .predict import accuracy
 from .runtime import resolve_device
 from .schema import RunConfig
@@ -199,7 +199,7 @@ def _external_stage(cfg: RunConfig, dataset: Dataset, attack: Attack, rest_index
                "backdoored_asr": attack_success_rate(model, poisoned_test, device),
                **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
     digest = weights_digest(ModelConfig(name=cfg.model.name, weights=path))
-    meta = {**model_meta(cfg, dataset, model), "stage": "attack", "source": "external", "external_model": str(path),
+    meta = {**task_for(cfg).meta(dataset, model), "stage": "attack", "source": "external", "external_model": str(path),
             "external_model_sha256": digest, "attack": to_dict(cfg.attack), "data": to_dict(cfg.data),
             "seed": cfg.seed, "data_fingerprint": dataset.fingerprint(), "device": str(device), "metrics": metrics,
             "history": [], "n_poisoned": len(index)}
