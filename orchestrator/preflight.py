@@ -204,8 +204,11 @@ def check_resources(spec, capacity: dict[str, float], where: str) -> list[str]:
         for key in ("cpus", "gpus"):
             want, have = float(getattr(res, key)), capacity[key]
             if want > have:
+                # a cluster spec checked on a laptop lands here: say how to check it for its cluster
                 raise ConfigError(f"{field}.{key}: {want:g} per trial, but {where} has {have:g}; allowed: at most "
-                                  f"{have:g} (or join a larger cluster with --address)")
+                                  f"{have:g} (or run on a larger cluster with --address HEAD; to check a cluster's "
+                                  "spec from this machine: bibau sweep SPEC --check --address HEAD, which skips "
+                                  "this machine's size)")
     return [f"resources: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU per trial fit {where} "
             f"({capacity['cpus']:g} CPU, {capacity['gpus']:g} GPU)"]
 
@@ -225,6 +228,9 @@ def check_sweep(spec, plan, *, address: str | None = None, num_cpus: int | None 
     lines = [f"storage {spec.storage_path}: writable"]
     if not remote_cluster(address):
         lines += check_resources(spec, local_capacity(num_cpus, num_gpus), "the local Ray")
+    else:
+        lines.append(f"resources: {spec.resources.cpus:g} CPU, {spec.resources.gpus:g} GPU per trial not checked here "
+                     "(a remote cluster: the sweep warns when it joins one without a node that size)")
     field = "tracking.uri" if spec.tracking.uri else "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") \
         else "storage (its mlflow.db)"
     lines.append(f"tracking: {check_tracking(spec.tracking_uri, field)}: reachable")

@@ -3,17 +3,22 @@ the sweep's exit code), a resumed search proposes nothing it already proposed, a
 refusal says what it is, and resources no node has are refused or warned about.
 
 The trials are ``test_sweep.StandIn`` (a test fixture: a cheap function of the config), so what is
-measured is the orchestration.
+measured is the orchestration. What costs time here is starting processes (Ray, its workers, a
+second driver), so the file starts one local Ray, runs each sweep scenario once and asserts
+everything that scenario shows on it, and proves arithmetic (the reseeding, the pending rule, the
+searcher's restore) without Ray; exactly one test kills a real driver and resumes its sweep.
 """
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,8 @@ import yaml
 
 import test_sweep
 from test_sweep import StandIn, mlflow_runs, spec_dict, write_spec
+
+from orchestrator.search import STATUS_KEY, StudySearcher
 
 from orchestrator.spec import load_spec
 
@@ -61,8 +68,9 @@ def test_a_failed_attack_stage_fails_its_attack_and_the_sweep(tmp_path, local_ra
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAY_ADDRESS", "")
-    data = {**spec_dict(tmp_path / "store", trials=2), "defenses": [spec_dict(tmp_path)["defenses"][0], {"name": "ft"}]}
-    data["base"]["evaluation"]["metrics"] = ["ca", "asr", "ra", "qra"]
+    # one sweep for every sign of the failure; the smallest that has another attack whose results
+    # must be kept: one baseline trial, one trial actor
+    data = {**spec_dict(tmp_path / "store"), "defenses": [{"name": "ft"}], "concurrency": 1}
     path = write_spec(tmp_path, data)
     backend = BlendedStageFails(str(tmp_path / "markers"))
     monkeypatch.setattr(ray_adapters, "TrialBackend", lambda **kw: backend)
@@ -97,50 +105,93 @@ DRIVER = textwrap.dedent("""
     from orchestrator.spec import load_spec
     from orchestrator.sweep import run_sweep
     spec, plan = load_spec({spec!r})
-    run_sweep(spec, plan, backend=test_sweep.StandIn({markers!r}, sleep=3.0), num_cpus=2, verbose=0)
+    run_sweep(spec, plan, backend=test_sweep.StandIn({markers!r}, sleep=3.0), address={address!r}, verbose=0)
 """)
 
 
+def completed_optuna_trials(store: Path) -> int:
+    """Trials the sweeps under ``store`` have told Optuna as complete (read-only, no MLflow)."""
+    n = 0
+    for db in store.glob("*/*/optuna.db"):
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)) as con:
+                n += con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.Error:  # not created yet, or being created
+            pass
+    return n
+
+
 def test_a_resumed_search_repeats_no_parameters(tmp_path, local_ray):
-    """Kill the driver after a few trials, resume: every trial of the study has its own parameters
-    (before, each sampler restarted its random stream and proposed trials #1 and #2 again)."""
+    """The one real kill and resume: a driver (a process of its own, on this test's Ray, as a
+    driver on a cluster) is killed with SIGKILL mid-search; the sweep is resumed here. Every trial
+    of the study then has its own parameters (before, each sampler restarted its random stream and
+    proposed trial #1's parameters again: the first trial is the defense's defaults, so any trial
+    asked after the resume repeated an earlier one)."""
     import optuna
+    import ray
 
     from orchestrator.sweep import run_sweep
 
-    tuned = {**spec_dict(tmp_path, 6)["defenses"][0], "startup_trials": 4}
-    data = {**spec_dict(tmp_path / "store", trials=6), "attacks": ["badnets"], "defenses": [tuned], "concurrency": 1}
+    # 4 random trials, one at a time: killed after 2, the resumed driver asks at least one more
+    tuned = {**spec_dict(tmp_path, 4)["defenses"][0], "startup_trials": 4}
+    data = {**spec_dict(tmp_path / "store", trials=4), "attacks": ["badnets"], "defenses": [tuned], "concurrency": 1}
     path = write_spec(tmp_path, data)
     spec, plan = load_spec(path)
     script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(tests=str(ROOT / "tests"), spec=path, markers=str(tmp_path / "markers")))
+    script.write_text(DRIVER.format(tests=str(ROOT / "tests"), spec=path, markers=str(tmp_path / "markers"),
+                                    address=ray.get_runtime_context().gcs_address))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     proc = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 600  # a loaded machine starts Ray slowly
-        while time.time() < deadline:  # kill the driver once two trials are logged, mid-search
-            done = [r for r in mlflow_runs(spec.tracking_uri, "stand-in") if r.data.tags.get("role") == "trial"
-                    and r.data.tags.get("status") == "completed"]
-            if len(done) >= 2 or proc.poll() is not None:
+        deadline = time.time() + 600  # only a bound: a loaded machine starts processes slowly
+        done = 0
+        while time.time() < deadline:  # kill the driver once two trials are told, mid-search
+            done = completed_optuna_trials(tmp_path / "store")
+            if done >= 2 or proc.poll() is not None:
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the driver finished before it could be killed"
-        assert len(done) >= 2, "no trials were logged in time"
+        assert done >= 2, "no trials were completed in time"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its trials with it
         proc.wait()
     out = run_sweep(spec, plan, resume=True, backend=StandIn(str(tmp_path / "markers")), log=lambda m: None,
                     verbose=0)
     assert out.resumed
     study = optuna.load_study(study_name=f"{out.sweep_id}/badnets/bibau_u", storage=f"sqlite:///{out.folder / 'optuna.db'}")
     asked = [tuple(sorted(t.params.items())) for t in study.trials if t.params]
-    assert len(study.trials) >= 6
+    assert len(study.trials) >= 4
     assert len(set(asked)) == len(asked), asked  # no parameter set proposed twice, over both drivers
     kept = [r for r in mlflow_runs(spec.tracking_uri, "stand-in")
             if r.data.tags.get("role") == "trial" and r.data.tags["status"] == "completed"]
     evaluated = [json.dumps(json.loads(r.data.tags["params_json"]), sort_keys=True) for r in kept]
-    assert len(kept) >= 6 and len(set(evaluated)) == len(evaluated), evaluated
+    assert len(kept) >= 4 and len(set(evaluated)) == len(evaluated), evaluated
+
+
+def test_a_restored_searcher_asks_no_parameters_it_asked_before(tmp_path):
+    """The same at the searcher, without Ray: restored from its snapshot into a new searcher (its
+    samplers rebuilt from their seeds), it proposes nothing the study already has."""
+    data = spec_dict(tmp_path / "store", trials=6)
+    data.update(attacks=["badnets"], defenses=[{**data["defenses"][0], "startup_trials": 6}])
+    spec, plan = load_spec(write_spec(tmp_path, data))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ok = {"ca": 0.5, "r_asr": 0.5, "q_asr": 0.5, STATUS_KEY: "completed"}
+
+    def searcher() -> StudySearcher:
+        return StudySearcher(plan.studies, spec.objectives, storage_url=url, prefix="unit", trials_dir=tmp_path)
+
+    first = searcher()
+    before = []
+    for i in range(3):  # the defaults, then two random draws
+        before.append(first.suggest(f"t{i}")["params"])
+        first.on_trial_complete(f"t{i}", ok)
+    first.save(str(tmp_path / "searcher.json"))
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.json"))
+    after = [restored.suggest(f"u{i}")["params"] for i in range(3)]
+    seen = [tuple(sorted(p.items())) for p in before + after]
+    assert len(set(seen)) == len(seen), seen
 
 
 def test_the_resumed_stream_is_new_and_reproducible():
@@ -201,8 +252,11 @@ def test_resources_beyond_a_local_cluster_are_refused_with_its_size(tmp_path, ca
     assert main(["sweep", path, "--check", "--num-cpus", "2"]) == 2
     err = capsys.readouterr().err
     assert "resources.cpus: 3 per trial, but the local Ray has 2" in err, err
+    assert "bibau sweep SPEC --check --address HEAD" in err  # how a cluster spec is checked from a laptop
     assert main(["sweep", path, "--check", "--num-cpus", "4"]) == 0
     assert "fit the local Ray (4 CPU" in capsys.readouterr().out
+    assert main(["sweep", path, "--check", "--num-cpus", "2", "--address", "ray://head:10001"]) == 0
+    assert "resources: 3 CPU, 0 GPU per trial not checked here (a remote cluster" in capsys.readouterr().out
     assert main(["sweep", path, "--num-cpus", "2"]) == 2  # a real start: refused before anything
     assert not (tmp_path / "store" / "mlflow.db").exists()
 
