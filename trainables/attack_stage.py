@@ -17,6 +17,7 @@ import torch
 
 from .attacks import build_attack
 from .attacks.base import Attack
+from .attacks.coupling import feature_distance
 from .cache import code_version, content_hash, write_entry
 from .checkpoint import DIR_MODE, CheckpointError, load_checkpoint, load_tensors, save_checkpoint, save_tensors, write_json
 from .config import to_dict
@@ -172,7 +173,10 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
         else:
             model = create_model(cfg.model, dataset.num_classes, dataset.image_shape[0], dataset.mean, dataset.std,
                                  generator=seeded_generator(cfg.seed, "model_init"))
+        attack.state_cache = cache_root(cfg)  # trained parts (encoder, surrogate) cached by content hash
+        prepare_start = time.perf_counter()
         attack.prepare(dataset.train, model, device, seeded_generator(cfg.seed, "attack_prepare"))
+        prepare_seconds = time.perf_counter() - prepare_start
         poisoned_train, index = attack.poison_trainset(dataset.train, seeded_generator(cfg.seed, "poison"),
                                                        exclude=clean_index)
     poisoned_test = attack.poison_testset(dataset.test)
@@ -199,7 +203,17 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
                                   eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
                    "backdoored_asr": attack_success_rate(model, poisoned_test, device),
-                   **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
+                   **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()},
+                   # what the attack's own parts cost and found (an encoder's bit accuracy)
+                   "attack_prepare_seconds": prepare_seconds,
+                   **{f"attack_{name}": value for name, value in attack.findings().items()}}
+        if cfg.clip is None and attack.build_time and len(index):
+            # how far the poisoned samples sit from the target class in feature space (feature coupling)
+            target_rows = dataset.train.y.cpu() == attack.target
+            target_rows[index.cpu()] = False
+            target_rows[attack.cover_index.cpu()] = False
+            metrics["backdoored_feature_distance"] = feature_distance(
+                model, poisoned_train.subset(index), dataset.train.subset(target_rows.nonzero().flatten()), device)
         meta = {**model_meta(cfg, dataset, model), "stage": "attack", "cache_key": key,
                 "attack": to_dict(cfg.attack), "data": to_dict(cfg.data), "train": to_dict(cfg.train),
                 "seed": cfg.seed, "data_fingerprint": key_payload["data_fingerprint"],
