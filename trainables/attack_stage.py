@@ -201,6 +201,9 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
             history = train_model(model, poisoned_train, cfg.train, device, generator=seeded_generator(cfg.seed, "train"),
                                   attack=attack, hflip_allowed=dataset.hflip, protected=clean_index,
                                   eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
+        if attack.learns_while_training:  # IAD's generator changed during training: trigger the test set anew
+            poisoned_test = attack.poison_testset(dataset.test)
+            extra = attack.extra_test_sets(dataset.test)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
                    "backdoored_asr": attack_success_rate(model, poisoned_test, device),
                    **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()},

@@ -113,6 +113,7 @@ class Attack(abc.ABC):
     standard_augmentation: bool = True  # False: the trainer skips crop/flip (the attack augments itself)
     adopts_state: bool = False  # load_state adopts saved tensors (drawn from the run's seed or data) instead of comparing
     contrastive_only: bool = False  # an attack on a CLIP's training (BadCLIP): the contrastive setting only
+    learns_while_training: bool = False  # the trigger changes during training (IAD's G): test sets are made after it
 
     @classmethod
     def serves(cls, contrastive: bool) -> bool:

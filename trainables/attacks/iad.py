@@ -33,7 +33,8 @@ Decisions (recorded in docs/attacks.md):
 
 * **The second loader.** The reference pairs each batch with a batch of an independently shuffled
   loader; here the partner of a row is the row at the same place in a random permutation of the
-  same batch (drawn from the run's generator): the same distribution of pairs, no second pass.
+  same batch along a random cycle (drawn from the run's generator), so no row is its own partner
+  (the diversity loss divides by the pair's distance): nearly the reference's pairs, no second pass.
 * **Which data M learns on.** ``prepare`` gets the training split; M sees every image of it (the
   defender's clean split included: a mask density regulariser learns nothing about labels).
 * **Cross samples** come from the rows the attacker controls after the backdoor rows, as in
@@ -43,6 +44,9 @@ Decisions (recorded in docs/attacks.md):
   through G and M (on-the-fly poisoning touches other images each epoch), as for WaNet.
 * **Sizes.** Three poolings need sides divisible by 8 (32 and 64 px are served); grey images get a
   one-channel G (the models see three channels: G has the data's channels).
+* **Test sets after training.** G changes while the classifier trains, so the attack stage
+  triggers the test set again after training (``learns_while_training``); the per-epoch ASR in the
+  training history is measured on the set made before training and means little for IAD.
 * ``extra_test_sets``: ``cross_acc``, every test image with the trigger of another test image,
   true labels (the original's cross accuracy).
 """
@@ -127,8 +131,8 @@ class Generator(nn.Module):
 
 
 def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample root mean squared difference."""
-    return (a - b).flatten(1).pow(2).mean(1).sqrt()
+    """Per-sample root mean squared difference (its gradient kept finite where a pair coincides)."""
+    return (a - b).flatten(1).pow(2).mean(1).clamp_min(1e-12).sqrt()
 
 
 @ATTACKS.register("iad")
@@ -137,6 +141,7 @@ class IAD(Attack):
     cfg: IADConfig
     build_time = False
     adopts_state = True
+    learns_while_training = True
 
     def __init__(self, cfg: IADConfig, image_shape: tuple[int, int, int], num_classes: int):
         super().__init__(cfg, image_shape, num_classes)
@@ -226,7 +231,11 @@ class IAD(Attack):
         n_bd = min(int(self.cfg.poison_rate * b), len(rows))
         n_cross = min(int(self.cfg.cross_rate * b), len(rows) - n_bd)
         bd, cross = rows[:n_bd], rows[n_bd:n_bd + n_cross]
-        partner = torch.randperm(b, generator=generator).to(x.device)
+        # every row's partner is another row (a random cycle): a row paired with itself has no diversity
+        order = torch.randperm(b, generator=generator)
+        partner = torch.empty_like(order)
+        partner[order] = order.roll(1)
+        partner = partner.to(x.device)
         training = self._opt_g is not None and torch.is_grad_enabled()
         self._on(x)
         self.pattern.train(training)
