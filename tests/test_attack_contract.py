@@ -371,3 +371,43 @@ def test_blended_alphas_and_image_file(tmp_path):
 def test_blended_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build(AttackConfig, {"name": "blended", **options}, "attack", registry=ATTACKS)
+
+
+# -- Attacks II: bad input names the field --------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"name": "narcissus", "pood": "digits", "pood_root": "/nonexistent/pood"}, "attack.pood_root"),
+    ({"name": "narcissus", "pood": "no-such-set"}, "attack.pood"),
+    ({"name": "issba", "bits": 0}, "attack.bits"),
+    ({"name": "adaptive_blend", "coupling_weight": -0.1}, "attack.coupling_weight"),
+    ({"name": "adaptive_patch_fc", "rates": "half"}, "attack.rates"),
+    ({"name": "iad", "poison_rate": 0.6, "cross_rate": 0.6}, "attack.cross_rate"),
+])
+def test_attacks_ii_bad_options_name_the_field(options, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build(AttackConfig, options, "attack", registry=ATTACKS)
+
+
+def test_feature_coupling_is_refused_where_it_cannot_work():
+    from trainables.schema import RunConfig
+
+    with pytest.raises(ConfigError, match=r"attack\.coupling_weight"):
+        build(RunConfig, {"data": {"name": "digits"}, "attack": {"name": "wanet", "coupling_weight": 0.1}})
+    with pytest.raises(ConfigError, match=r"attack\.coupling_weight"):
+        make_attack("iad", dataset(), coupling_weight=0.1)
+
+
+@pytest.mark.parametrize("name, side", [("iad", 36), ("issba", 40)])
+def test_learned_attacks_refuse_sizes_their_networks_cannot_take(name, side):
+    with pytest.raises(ConfigError, match=r"attack\.name"):
+        make_attack(name, dataset(side))
+
+
+def test_adaptive_rates_preset():
+    data = dataset()
+    assert (make_attack("adaptive_blend", data).cfg.poison_rate, make_attack("adaptive_blend", data).cfg.cover_rate) \
+        == (0.1, 0.1)
+    patch = make_attack("adaptive_patch", data, rates="original")
+    assert (patch.cfg.poison_rate, patch.cfg.cover_rate) == (0.003, 0.006)
+    assert make_attack("adaptive_patch", data, rates="original", cover_rate=0.01).cfg.cover_rate == 0.01
