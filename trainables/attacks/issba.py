@@ -26,7 +26,7 @@ trained in code, on the training split, in ``prepare``, and cached by content ha
 Recorded with every run (``attack_stage``): ``attack_bit_accuracy`` (the decoder on the
 fingerprint-encoded held-out images: the first 512 test-set images are not seen here, so the
 training images' last 512 are used) and ``attack_psnr`` (dB, encoded vs clean), and
-``attack_prepare_seconds``.
+the trial's ``time_attack_prepare_s``.
 
 Decisions: reduced ``encoder_epochs`` at the CPU scale are a config value (a deviation recorded
 in the run's config); images whose sides are not multiples of 16 are refused (the fingerprint's
