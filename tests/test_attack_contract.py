@@ -32,8 +32,26 @@ def dataset(size: int = 32) -> Dataset:
                    classes=[f"c{i}" for i in range(NUM_CLASSES)])
 
 
+# options every contract test gives an attack: a POOD data set that is on every machine, and
+# learned parts small enough to train in a second
+CONTRACT_OPTIONS = {
+    "iad": {"width": 4, "mask_epochs": 1, "batch_size": 64},
+    "issba": {"width": 4, "bits": 8, "encoder_epochs": 1},
+    "narcissus": {"pood": "digits", "pood_size": 60, "surrogate_epochs": 1, "surrogate_batch": 64,
+                  "warmup_epochs": 1, "trigger_epochs": 2},
+}
+
+
 def make_attack(name: str, data: Dataset, **options):
+    options = {**CONTRACT_OPTIONS.get(name, {}), **options}
     return build_attack(build(AttackConfig, {"name": name, **options}, "attack", registry=ATTACKS), data)
+
+
+def tiny_model(data: Dataset):
+    from trainables.models import ModelConfig, create_model
+
+    return create_model(ModelConfig(name="small_resnet", width=4, depth=2), data.num_classes, mean=data.mean,
+                        std=data.std, generator=gen(12))
 
 
 def gen(seed: int) -> torch.Generator:
@@ -109,9 +127,24 @@ def test_same_seed_same_poison_and_declared_indices(name):
     if fixed_trigger(attack):
         expected_x = to_uint8(attack.apply_trigger(to_float(data.train.x[index_a]), train=True))
         assert torch.equal(a.x[index_a], expected_x)
-    else:  # drawn per image from the generator: the same draw for the same seed only
-        again = to_uint8(attack.poison_images(to_float(data.train.x[index_a]), gen(3), train=True))
-        assert torch.equal(again, to_uint8(attack.poison_images(to_float(data.train.x[index_a]), gen(3), train=True)))
+    else:  # drawn per image from the generator: replay poison_trainset's draws and compare
+        replay = gen(3)
+        first = attack.select_poison(data.train.y, replay)
+        attack.select_cover(data.train.y, replay, first)
+        expected_x = to_uint8(attack.poison_images(to_float(data.train.x[index_a]), replay, train=True))
+        assert torch.equal(a.x[index_a], expected_x), "the poisoned training images are not the attack's poison_images"
+        if len(cover):
+            expected_cover = to_uint8(attack.cover_images(to_float(data.train.x[cover]), replay))
+            assert torch.equal(a.x[cover], expected_cover), "the cover images are not the attack's cover_images"
+    # the trigger, not any change: the poisoned images move towards the triggered test-time image
+    # (the train-time trigger may be weaker or partial, never unrelated)
+    clean = to_float(data.train.x[index_a]).double()
+    test_time = attack.apply_trigger(to_float(data.train.x[index_a]), train=False).double()
+    moved = (to_float(a.x[index_a]).double() - clean).flatten(1)
+    toward = (test_time - clean).flatten(1)
+    along = (moved * toward).sum(1)
+    # (Adaptive-Patch: a training trigger may share no pixel with the test triggers)
+    assert (along >= 0).all() and along.mean() > 0, "poisoned images move away from the trigger"
 
     real = attack.poisoned_samples(data.train, a, index_a)
     if attack.clean_label:  # the trigger on as many non-target images, true labels (what IBU unlearns)
@@ -168,9 +201,11 @@ def test_state_tensors_survive_a_file_and_are_checked(name, tmp_path):
     again.load_state(load_tensors(save_tensors(tmp_path / "attack.safetensors", state)) if state else {})
     x = torch.rand(4, 3, 32, 32, generator=gen(1))
     assert torch.equal(again.apply_trigger(x), attack.apply_trigger(x))
-    for key, value in state.items():
-        if not value.is_floating_point():
-            continue
+    floats = [k for k, v in state.items() if v.is_floating_point() and v.dim() and len(v) > 1]  # [:1] reshapes
+    # a learned network (IAD's G and M) has hundreds of tensors: its first, middle and last stand for them
+    checked = floats if len(floats) <= 8 else [floats[0], floats[len(floats) // 2], floats[-1]]
+    for key in checked:
+        value = state[key]
         if attack.adopts_state:  # drawn from the run (seed, data): a saved state is taken over
             again.load_state({**state, key: value + 0.01})
             assert not torch.equal(again.apply_trigger(x), attack.apply_trigger(x)), f"{key} was not adopted"
@@ -180,6 +215,36 @@ def test_state_tensors_survive_a_file_and_are_checked(name, tmp_path):
         else:  # computed from the config: a different saved one is caught
             with pytest.raises(ValueError, match=key):
                 again.load_state({**state, key: value + 0.5})
+
+
+def test_learned_state_round_trip(name, tmp_path):
+    """After ``prepare`` (the trained parts: IAD's G and M, ISSBA's encoder, Narcissus' delta, a
+    drawn warp field), the state saved as safetensors rebuilds the same triggers in a fresh attack,
+    and for attacks that adopt their state the trained trigger is not the placeholder's."""
+    if ATTACKS.get(name).contrastive_only:
+        pytest.skip("prepared with a CLIP (tests/test_contrastive.py)")
+    data = dataset()
+    attack = make_attack(name, data, poison_rate=0.1)
+    placeholder = make_attack(name, data, poison_rate=0.1)
+    attack.prepare(data.train, tiny_model(data), torch.device("cpu"), gen(11))
+    state = attack.state_tensors()
+    fresh = make_attack(name, data, poison_rate=0.1)
+    fresh.load_state(load_tensors(save_tensors(tmp_path / "attack.safetensors", state)) if state else {})
+    x = torch.rand(6, 3, 32, 32, generator=gen(13))
+    for train in (True, False):
+        assert torch.equal(fresh.apply_trigger(x, train=train), attack.apply_trigger(x, train=train))
+        assert torch.equal(fresh.poison_images(x, gen(14), train=train), attack.poison_images(x, gen(14), train=train))
+    if attack.adopts_state:
+        assert not torch.equal(attack.apply_trigger(x), placeholder.apply_trigger(x)), "prepare learned nothing"
+    cache = tmp_path / "parts"
+    cached = make_attack(name, data, poison_rate=0.1)
+    cached.state_cache = cache
+    cached.prepare(data.train, tiny_model(data), torch.device("cpu"), gen(11))
+    again = make_attack(name, data, poison_rate=0.1)
+    again.state_cache = cache
+    again.prepare(data.train, tiny_model(data), torch.device("cpu"), gen(11))  # from the cache where one was written
+    assert torch.equal(again.apply_trigger(x), cached.apply_trigger(x))
+    assert torch.equal(cached.apply_trigger(x), attack.apply_trigger(x)), "caching changed what prepare makes"
 
 
 def test_target_must_be_a_class(name):
@@ -306,3 +371,43 @@ def test_blended_alphas_and_image_file(tmp_path):
 def test_blended_bad_options_name_the_field(options, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         build(AttackConfig, {"name": "blended", **options}, "attack", registry=ATTACKS)
+
+
+# -- Attacks II: bad input names the field --------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"name": "narcissus", "pood": "digits", "pood_root": "/nonexistent/pood"}, "attack.pood_root"),
+    ({"name": "narcissus", "pood": "no-such-set"}, "attack.pood"),
+    ({"name": "issba", "bits": 0}, "attack.bits"),
+    ({"name": "adaptive_blend", "coupling_weight": -0.1}, "attack.coupling_weight"),
+    ({"name": "adaptive_patch_fc", "rates": "half"}, "attack.rates"),
+    ({"name": "iad", "poison_rate": 0.6, "cross_rate": 0.6}, "attack.cross_rate"),
+])
+def test_attacks_ii_bad_options_name_the_field(options, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build(AttackConfig, options, "attack", registry=ATTACKS)
+
+
+def test_feature_coupling_is_refused_where_it_cannot_work():
+    from trainables.schema import RunConfig
+
+    with pytest.raises(ConfigError, match=r"attack\.coupling_weight"):
+        build(RunConfig, {"data": {"name": "digits"}, "attack": {"name": "wanet", "coupling_weight": 0.1}})
+    with pytest.raises(ConfigError, match=r"attack\.coupling_weight"):
+        make_attack("iad", dataset(), coupling_weight=0.1)
+
+
+@pytest.mark.parametrize("name, side", [("iad", 36), ("issba", 40)])
+def test_learned_attacks_refuse_sizes_their_networks_cannot_take(name, side):
+    with pytest.raises(ConfigError, match=r"attack\.name"):
+        make_attack(name, dataset(side))
+
+
+def test_adaptive_rates_preset():
+    data = dataset()
+    assert (make_attack("adaptive_blend", data).cfg.poison_rate, make_attack("adaptive_blend", data).cfg.cover_rate) \
+        == (0.1, 0.1)
+    patch = make_attack("adaptive_patch", data, rates="original")
+    assert (patch.cfg.poison_rate, patch.cfg.cover_rate) == (0.003, 0.006)
+    assert make_attack("adaptive_patch", data, rates="original", cover_rate=0.01).cfg.cover_rate == 0.01

@@ -1,6 +1,7 @@
 """Loading a run config: defaults < YAML < --set, every error names its field, exports."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,11 @@ def test_unknown_key_names_the_field_and_lists_allowed_keys(tmp_path):
 
 
 def test_unknown_name_lists_the_known_ones(tmp_path):
+    # every registered attack, sorted (the registry grows: the list is read from it, not copied here)
+    known = ", ".join(sorted(ATTACKS.names()))
+    assert known.startswith("adaptive_blend, ") and ", badnets, blended, " in known
     fails(tmp_path, {"attack": {"name": "badnet"}},
-          match=r"^attack\.name: unknown attack 'badnet'; did you mean 'badnets'\? known: adaptive_blend, adaptive_patch, "
-          r"badclip, badnets, blended, clean, ")
+          match=r"^attack\.name: unknown attack 'badnet'; did you mean 'badnets'\? known: " + re.escape(known) + "$")
     fails(tmp_path, {"model": {"name": "resnet1"}},
           match=r"^model\.name: unknown model 'resnet1'; did you mean 'resnet18'\? known: .*small_resnet")
     fails(tmp_path, {"data": {"name": "mnist"}}, match=r"^data\.name: unknown dataset 'mnist'; known: .*digits")
@@ -127,7 +130,14 @@ def test_export_errors_name_the_field(tmp_path):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("run_*.yaml")),
                          ids=lambda p: p.name)
 def test_example_run_configs_are_valid(path):
-    cfg = load_run_config(str(path))
+    try:
+        cfg = load_run_config(str(path))
+    except ConfigError as exc:
+        # Narcissus' POOD (Tiny-ImageNet) is checked on disk and is not on every machine: the refusal
+        # must name the field, and the rest of the file must be valid with a POOD that is here
+        if not re.match(r"attack\.pood: .* is not on disk", str(exc)):
+            raise
+        cfg = load_run_config(str(path), ["attack.pood=digits"])
     assert cfg.attack.name in ATTACKS and cfg.attack.name != "clean" and cfg.train.epochs >= 1
     if path.name.endswith("_cifar10.yaml"):  # the benchmark's run files: named for their attack
         assert path.name == f"run_{cfg.attack.name}_cifar10.yaml"

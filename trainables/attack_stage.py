@@ -17,6 +17,7 @@ import torch
 
 from .attacks import build_attack
 from .attacks.base import Attack
+from .attacks.coupling import feature_distance
 from .cache import DEFAULT_CACHE, cache_root, content_hash, write_entry  # noqa: F401  (cache_root: preflight)
 from .checkpoint import DIR_MODE, CheckpointError, load_checkpoint, load_tensors, save_checkpoint, save_tensors, write_json
 from .config import to_dict
@@ -144,7 +145,10 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
         log(f"[attack] cache miss ({key}): training {task.model_label} under {cfg.attack.name} "
             f"on {len(dataset.train)} images for {cfg.train.epochs} epochs on {device}")
         model = task.initial_model(dataset, device, log)
+        attack.state_cache = cache_root(cfg)  # trained parts (encoder, surrogate) cached by content hash
+        prepare_start = time.perf_counter()
         attack.prepare(dataset.train, model, device, seeded_generator(cfg.seed, "attack_prepare"))
+        prepare_seconds = time.perf_counter() - prepare_start
         poisoned_train, index = attack.poison_trainset(dataset.train, seeded_generator(cfg.seed, "poison"),
                                                        exclude=clean_index)
     poisoned_test = attack.poison_testset(dataset.test)
@@ -161,14 +165,28 @@ def attack_stage(cfg: RunConfig, dataset: Dataset, device: torch.device, log: Lo
         history = task.fit(model, poisoned_train, dataset, device, generator=seeded_generator(cfg.seed, "train"),
                            attack=attack, protected=clean_index,
                            eval_sets={"ca": dataset.test, "asr": poisoned_test, **extra}, log=log)
+        if attack.learns_while_training:  # IAD's generator changed during training: trigger the test set anew
+            poisoned_test = attack.poison_testset(dataset.test)
+            extra = attack.extra_test_sets(dataset.test)
         metrics = {"backdoored_ca": clean_accuracy(model, dataset.test, device),
                    "backdoored_asr": attack_success_rate(model, poisoned_test, device),
-                   **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()}}
+                   **{f"backdoored_{name}": accuracy(model, images, device) for name, images in extra.items()},
+                   # what the attack's own parts found (an encoder's bit accuracy); their cost is a
+                   # timing, kept in meta beside the stage's seconds (metrics are deterministic)
+                   **{f"attack_{name}": value for name, value in attack.findings().items()}}
+        if attack.build_time and len(index):
+            # how far the poisoned samples sit from the target class in feature space (feature coupling)
+            target_rows = dataset.train.y.cpu() == attack.target
+            target_rows[index.cpu()] = False
+            target_rows[attack.cover_index.cpu()] = False
+            metrics["backdoored_feature_distance"] = feature_distance(
+                model, poisoned_train.subset(index), dataset.train.subset(target_rows.nonzero().flatten()), device)
         meta = {**task.meta(dataset, model), "stage": "attack", "cache_key": key,
                 "attack": to_dict(cfg.attack), "data": to_dict(cfg.data), "train": to_dict(cfg.train),
                 "seed": cfg.seed, "data_fingerprint": key_payload["data_fingerprint"],
                 "code_version": key_payload["code_version"], "device": str(device), "metrics": metrics,
-                "history": history, "seconds": time.perf_counter() - start, "n_poisoned": len(index)}
+                "history": history, "seconds": time.perf_counter() - start,
+                "prepare_seconds": prepare_seconds, "n_poisoned": len(index)}
         _store(entry, model, meta, attack, index, key_payload)
         log(f"[attack] trained: CA {metrics['backdoored_ca']:.4f}, ASR {metrics['backdoored_asr']:.4f} "
             f"({time.perf_counter() - start:.1f}s); cached in {entry}")

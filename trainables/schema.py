@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .attacks.base import Attack, AttackConfig
+from .attacks.base import Attack, AttackConfig, check_coupling
 from .config import Config, ConfigError, param, to_dict
 from .contrastive.config import ContrastiveConfig
 from .data.base import DataConfig
@@ -217,6 +217,8 @@ def check_setting(self: RunConfig, path: str) -> None:
         if not serves(self.defense.name):
             raise ConfigError(f"{where('defense.name')}: {self.defense.name!r} does not serve the {setting}; allowed: "
                               f"{', '.join(n for n in DEFENSES if serves(n))}")
+    if self.attack.name in ATTACKS:
+        check_coupling(ATTACKS.get(self.attack.name), self.attack, where("attack."), contrastive)
     if self.attack.name in ATTACKS and not ATTACKS.get(self.attack.name).serves(contrastive):
         raise ConfigError(f"{where('attack.name')}: {self.attack.name!r} does not serve the {setting}; allowed: "
                           f"{', '.join(n for n in ATTACKS if ATTACKS.get(n).serves(contrastive))}")

@@ -35,6 +35,8 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
     ``lr`` (of the epoch's first step), ``seconds`` (training only) and, every
     ``cfg.eval_every`` epochs and after the last, the accuracy on each of ``eval_sets`` under
     its own name (a fixed subsample of ``cfg.eval_size`` images) and ``eval_seconds``.
+    An attack adds ``attack.training_loss`` (feature coupling) to the loss and hears of each
+    optimiser step and epoch (``after_step``, ``end_epoch``: IAD trains its generator jointly).
     ``attack.training_batch`` sees every augmented batch (crop and flip are skipped for an
     attack with ``standard_augmentation = False``), with the rows it may poison: all but the
     indices in ``protected`` (the defender's clean split). A non-finite loss raises
@@ -59,6 +61,7 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
     poisonable = torch.ones(len(train), dtype=torch.bool, device=device)
     if protected is not None and len(protected):
         poisonable[protected.to(device)] = False
+    coupled = attack is not None and attack.couples_features
     history: list[dict] = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -73,13 +76,24 @@ def train_model(model: nn.Module, train: ImageSet, cfg: "TrainConfig", device: t
                 x, y = attack.training_batch(x, y, model, generator, poisonable=poisonable[index],
                                              hflip=flips_keep_labels)
             with autocast(device):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+                if coupled:  # the attack adds a term on the penultimate features (feature coupling)
+                    features = model.features(x)
+                    loss = F.cross_entropy(model.head(features), y, label_smoothing=cfg.label_smoothing)
+                    extra = attack.training_loss(features, y, index)
+                    if extra is not None:
+                        loss = loss + extra
+                else:
+                    loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if attack is not None:
+                attack.after_step()
             loss_sum += loss.detach().float() * len(y)
             seen += len(y)
+        if attack is not None:
+            attack.end_epoch(epoch)
         mean_loss = loss_sum.item() / max(1, seen)
         seconds = time.perf_counter() - start
         if not math.isfinite(mean_loss):

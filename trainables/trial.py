@@ -273,6 +273,8 @@ def run_trial(cfg: RunConfig, out_dir: Path | None = None, *, log: Log = print, 
         "attack_source": stage.source,  # external: a model trained elsewhere, no attack stage
         "data_fingerprint": stage.data_fingerprint, "code_version": code_version(),
         "time_data_s": time_data, "time_attack_s": stage.seconds,
+        # the attack's own parts (mask, encoder, surrogate) when the attacked model was made (cache hits too)
+        "time_attack_prepare_s": stage.meta.get("prepare_seconds", 0.0),
         "time_defense_s": defended.seconds if defended is not None else 0.0, "time_eval_s": time_eval,
     })
     if defended is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import build
 from ..registry import ATTACKS
-from . import adaptive_blend, adaptive_patch, badclip, badnets, blended, clean, refool, sig, wanet  # noqa: F401  (fill ATTACKS)
+from . import adaptive_blend, adaptive_patch, badclip, badnets, blended, clean, iad, issba, narcissus, refool, sig, wanet  # noqa: F401  (fill ATTACKS)
 from .base import Attack, AttackConfig, to_float, to_uint8  # noqa: F401
 
 

@@ -22,8 +22,10 @@ A trigger may instead be a file path: an image (resized to the input size with
 
 Decisions (§14.4, §14.7):
 
-* **Rates.** The original paper's default for CIFAR-10, 0.3% poisoned and 0.6% cover, not 10%:
-  the cover samples exist to hide a low-rate backdoor.
+* **Rates** (``rates``). The BI-BAU paper's 10% poisoned is the default, with cover samples in
+  the original's 1:2 proportion (20%); ``rates: original`` is Qi et al.'s CIFAR-10 setting, 0.3%
+  poisoned and 0.6% cover, which did not implant at the CPU scale (ASR 5.7). An explicit
+  ``poison_rate`` or ``cover_rate`` overrides the preset.
 * **Which image gets which trigger.** The toolbox splits the sorted poison indices into four
   consecutive chunks; here each image's trigger is drawn from a balanced random assignment
   (counts equal up to one), which is the same in distribution, since the indices are a uniform
@@ -42,7 +44,8 @@ import torch
 
 from ..config import ConfigError, param
 from ..registry import ATTACKS
-from .base import Attack, AttackConfig, check_cover_rate
+from .base import Attack, AttackConfig, check_cover_rate, resolve_rates
+from .coupling import FC_WEIGHT
 from .images import check_image_spec, load_image, resize
 
 REFERENCE = 32
@@ -56,11 +59,19 @@ PATCH4 = {
 }
 
 
+# rates -> (poison_rate, cover_rate)
+RATES = {"bibau": (0.1, 0.2), "original": (0.003, 0.006)}
+
+
 @dataclass
 class AdaptivePatchConfig(AttackConfig):
-    poison_rate: float = param(0.003, "fraction of the training set poisoned (the paper's 0.3%)", low=0.0, high=1.0)
-    cover_rate: float = param(0.006, "fraction of the training set given a training trigger with their true "
-                              "labels (cover samples)", low=0.0, high=1.0)
+    rates: str = param("bibau", "poison and cover rates when not given: 'bibau' (the BI-BAU paper's 10% poisoned, "
+                       "cover samples in the original's 1:2 proportion: 20%) or 'original' (Qi et al.'s 0.3% + 0.6%)",
+                       choices=tuple(RATES))
+    poison_rate: float | None = param(None, "fraction of the training set poisoned; None: from rates",
+                                      low=0.0, high=1.0)
+    cover_rate: float | None = param(None, "fraction of the training set given a training trigger with their true "
+                                     "labels (cover samples); None: from rates", low=0.0, high=1.0)
     train_triggers: list[str] = param(["phoenix_corner", "firefox_corner", "badnet_patch4", "trojan_square"],
                                       f"training triggers, one per poisoned or cover image: built-in ({', '.join(BUILT_IN)}) "
                                       "or an image file whose non-black pixels are the mask")
@@ -71,6 +82,9 @@ class AdaptivePatchConfig(AttackConfig):
     patch_seed: int = param(0, "seed of the colours of the substitute logo patches", low=0)
     resize: str = param("nearest", "scaling of the 32x32 reference triggers and trigger files to the image size",
                         choices=("nearest", "bilinear"))
+
+    def resolve(self) -> None:
+        resolve_rates(self, RATES)
 
     def check(self, path: str) -> None:
         where = f"{path}." if path else "attack."
@@ -178,3 +192,16 @@ class AdaptivePatch(Attack):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"train_patterns": self.train_patterns, "train_masks": self.train_masks,
                 "test_patterns": self.test_patterns, "test_masks": self.test_masks}
+
+
+@dataclass
+class AdaptivePatchFCConfig(AdaptivePatchConfig):
+    coupling_weight: float = param(FC_WEIGHT, "feature coupling (paper 5.7): weight w of "
+                                   "w*||phi(x') - mean phi(target)||^2 over the poisoned rows", low=0.0)
+
+
+@ATTACKS.register("adaptive_patch_fc")
+class AdaptivePatchFC(AdaptivePatch):
+    """Adaptive-Patch with feature coupling (the paper's adaptive attack on BI-BAU, §5.7; ``coupling.py``)."""
+
+    Config = AdaptivePatchFCConfig

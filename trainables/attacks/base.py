@@ -24,12 +24,25 @@ built), may set ``standard_augmentation = False`` (WaNet replaces crop/flip with
 augmentation inside ``training_batch``), and restores learned state (IAD's generator,
 Narcissus' trigger) from a cached run through :meth:`load_state`. :meth:`extra_test_sets` names
 additional test sets whose accuracy the attack stage reports (WaNet's noise-mode accuracy).
+
+Attacks that train a part of their own (IAD's generators, ISSBA's encoder, Narcissus' surrogate)
+use three more hooks: :meth:`after_step` and :meth:`end_epoch`, which the training loop calls
+after each optimiser step and epoch (IAD steps its generator there), and :meth:`cached_state`,
+which keeps what ``prepare`` trained in the attack stage's cache under a content hash of the data,
+the fields that decide it, the seed and the training code (``attack_stage`` sets
+``state_cache``), so a classifier change does not retrain an encoder.
+
+**Feature coupling** (the paper's §5.7 adaptive attack, ``coupling.py``) is an option of every
+build-time attack: ``coupling_weight`` w > 0 adds ``w * ||phi(x') - mean phi(target class)||^2``
+over the batch's poisoned rows to the training loss (:meth:`training_loss`).
 """
 from __future__ import annotations
 
 import abc
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -46,12 +59,31 @@ class AttackConfig(Config):
     external_model: str | None = param(None, "a suspicious model trained elsewhere, to check: a safetensors state dict "
                                        "of model (pickles are refused). The attack stage is skipped and this section "
                                        "only describes the trigger (ASR, RA, QRA); None: train the attacked model")
+    coupling_weight: float = param(0.0, "feature coupling (paper 5.7): weight w of w*||phi(x') - mean phi(target)||^2 "
+                                   "over the poisoned rows, added to the training loss; 0: off", low=0.0)
 
     def check_image(self, image_shape: tuple[int, ...], path: str) -> None:
         """Refuse, with a :class:`ConfigError` naming the field, an image shape (C, H, W) this
         attack cannot serve. Called by :class:`~trainables.schema.RunConfig` with the shape the data
         config implies (when it is known without loading) and again when the attack is built."""
         return None
+
+
+def check_coupling(cls: type, cfg: AttackConfig, where: str, contrastive: bool = False) -> None:
+    """Feature coupling needs the poisoned rows of each batch and the classifier's training loop."""
+    if cfg.coupling_weight and (not cls.build_time or contrastive):
+        why = "the contrastive setting trains a CLIP" if contrastive else f"{cfg.name} poisons on the fly or not at all"
+        raise ConfigError(f"{where}coupling_weight: {cfg.coupling_weight} is not allowed here ({why}); "
+                          "allowed: 0, or a build-time attack in the classifier setting")
+
+
+def resolve_rates(cfg: AttackConfig, presets: dict[str, tuple[float, float]]) -> None:
+    """Fill ``poison_rate`` and ``cover_rate`` left at None from the preset ``cfg.rates`` names."""
+    poison, cover = presets[cfg.rates]
+    if cfg.poison_rate is None:
+        cfg.poison_rate = poison
+    if cfg.cover_rate is None:
+        cfg.cover_rate = cover
 
 
 def check_cover_rate(cfg: AttackConfig, where: str) -> None:
@@ -105,6 +137,7 @@ class Attack(abc.ABC):
     standard_augmentation: bool = True  # False: the trainer skips crop/flip (the attack augments itself)
     adopts_state: bool = False  # load_state adopts saved tensors (drawn from the run's seed or data) instead of comparing
     contrastive_only: bool = False  # an attack on a CLIP's training (BadCLIP): the contrastive setting only
+    learns_while_training: bool = False  # the trigger changes during training (IAD's G): test sets are made after it
 
     @classmethod
     def serves(cls, contrastive: bool) -> bool:
@@ -120,11 +153,15 @@ class Attack(abc.ABC):
         if cfg.target >= num_classes:
             raise ConfigError(f"attack.target: {cfg.target} is not a class; allowed: 0..{num_classes - 1}")
         cfg.check_image(tuple(image_shape), "attack")
+        check_coupling(type(self), cfg, "attack.")
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.cover_index = torch.empty(0, dtype=torch.long)  # cover samples of the last poison_trainset
         self._device_copies: dict[tuple, torch.Tensor] = {}
+        self.poison_index = torch.empty(0, dtype=torch.long)  # poisoned samples of the last poison_trainset
+        self.state_cache: Path | None = None  # where cached_state keeps trained parts (set by the attack stage)
+        self._coupling = None
 
     @property
     def target(self) -> int:
@@ -210,6 +247,8 @@ class Attack(abc.ABC):
             c = chunk.to(dev)
             x[c] = to_uint8(self.cover_images(to_float(x[c]), generator))
         self.cover_index = cover
+        self.poison_index = index
+        self._coupling = None
         # image-caption pairs: the poisoned rows also get a target caption (dirty-label attacks)
         return train.poisoned_copy(x, y, index, None if self.clean_label else self.target, generator), index
 
@@ -272,6 +311,70 @@ class Attack(abc.ABC):
         ``train.hflip`` allow them), for attacks that do their own augmentation.
         """
         return x, y
+
+    def findings(self) -> dict[str, float]:
+        """What the attack's own trained parts measured (ISSBA's bit accuracy), reported by the
+        attack stage as ``attack_<name>``."""
+        return {}
+
+    def after_step(self) -> None:
+        """Called after each optimiser step of the classifier (the loss's gradients are still
+        there): an attack that trains a part jointly (IAD's generator) steps it here."""
+        return None
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each training epoch (1-based): per-epoch schedules of an attack's own parts."""
+        return None
+
+    @property
+    def couples_features(self) -> bool:
+        return bool(getattr(self.cfg, "coupling_weight", 0.0))
+
+    def training_loss(self, features: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the training batch's loss, from the penultimate ``features`` of the
+        batch's rows ``index`` (indices into the poisoned training set): feature coupling when
+        ``coupling_weight`` > 0 (``coupling.py``), else None."""
+        if not self.couples_features:
+            return None
+        from .coupling import FeatureCoupling
+
+        if self._coupling is None:
+            self._coupling = FeatureCoupling(self.cfg.coupling_weight, self.target, self.poison_index,
+                                             self.cover_index)
+        return self._coupling.loss(features, y, index)
+
+    def cached_state(self, part: str, fields: tuple[str, ...], data: ImageSet, generator: torch.Generator,
+                     compute: Callable[[], dict[str, torch.Tensor]], log: Callable[[str], None] = print
+                     ) -> dict[str, torch.Tensor]:
+        """The tensors ``compute()`` makes in ``prepare`` (an encoder, a surrogate's trigger), kept
+        in ``state_cache`` under a content hash of the attack's name, the config ``fields`` that
+        decide them, ``data``'s fingerprint, the generator's seed and the training code; computed
+        (and stored) on a miss, and always computed when no ``state_cache`` is set."""
+        if self.state_cache is None:
+            return compute()
+        from ..cache import code_version, content_hash, write_entry
+        from ..checkpoint import CheckpointError, load_tensors, save_tensors, write_json
+
+        payload = {"stage": f"attack-part:{part}", "attack": self.cfg.name, "image_shape": list(self.image_shape),
+                   "fields": {f: getattr(self.cfg, f) for f in fields}, "data": data.fingerprint(),
+                   "seed": generator.initial_seed(), "code_version": code_version(contrastive=False)}
+        key = content_hash(payload)
+        entry = Path(self.state_cache) / f"{part}-{key}"
+        if (entry / "model.json").is_file():
+            try:
+                tensors = load_tensors(entry / "state.safetensors")
+                log(f"[attack] {part} loaded from the cache ({entry})")
+                return tensors
+            except CheckpointError as exc:
+                log(f"[attack] {part} cache entry {entry} is unusable ({exc}); training again")
+        tensors = compute()
+
+        def write(folder: Path) -> None:
+            save_tensors(folder / "state.safetensors", tensors)
+            write_json(folder / "model.json", payload)  # model.json marks a complete entry (write_entry)
+
+        write_entry(entry, write)
+        return tensors
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Tensors that define the trigger (saved beside the model so a defense-free re-run
