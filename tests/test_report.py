@@ -236,7 +236,7 @@ def test_several_sweeps_make_one_table(sweep):
     client = client_of(out2)
     (ft2,) = [r for r in rows if r["group"] == "digits-report-ft" and r["defense"] == "ft"
               and r["table"] == "table1_ca_asr"]
-    exp = client.get_experiment_by_name("digits-report")
+    exp = client.get_experiment_by_name(out2.experiment)  # the second spec's own experiment
     reps = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep_id = '{out2.sweep_id}' and "
                               f"tags.role = 'replicate' and tags.of_run = '{ft2['run_id']}'")
     values = [client.get_run(ft2["run_id"]).data.metrics["ca"], *(r.data.metrics["ca"] for r in reps)]
@@ -253,7 +253,7 @@ def test_replicates_rerun_the_baseline_with_other_seeds_and_the_report_gives_mea
 
     out2 = sweep["out2"]
     client = client_of(out2)
-    exp = client.get_experiment_by_name("digits-report")
+    exp = client.get_experiment_by_name(out2.experiment)  # the second spec's own experiment
     reps = client.search_runs([exp.experiment_id],
                               filter_string=f"tags.sweep_id = '{out2.sweep_id}' and tags.role = 'replicate'")
     assert len(reps) == 2 and {r.data.tags["status"] for r in reps} == {"completed"}  # FT on BadNets, 2 more seeds
