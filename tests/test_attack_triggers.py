@@ -252,12 +252,15 @@ def test_adaptive_blend_drops_half_the_pieces_per_image_and_tests_the_full_trigg
     assert torch.equal(wide[:, :, ::16, ::16].repeat_interleave(16, 2).repeat_interleave(16, 3), wide)
 
 
-def test_adaptive_rates_default_to_the_papers():
+def test_adaptive_rates_default_to_the_bibau_papers_and_the_originals_are_one_setting_away():
+    """The BI-BAU paper's 10% poisoned with cover samples in the original's proportion by default;
+    ``rates: original`` gives Qi et al.'s 0.3% (+ 0.3% / 0.6% cover)."""
     data = dataset(n=1000)
-    for name, poison, cover in (("adaptive_blend", 3, 3), ("adaptive_patch", 3, 6)):
-        attack = make(name, data)
+    for name, rates, poison, cover in (("adaptive_blend", None, 100, 100), ("adaptive_patch", None, 100, 200),
+                                       ("adaptive_blend", "original", 3, 3), ("adaptive_patch", "original", 3, 6)):
+        attack = make(name, data, **({"rates": rates} if rates else {}))
         poisoned, index = attack.poison_trainset(data.train, gen(0))
-        assert len(index) == poison and len(attack.cover_index) == cover
+        assert len(index) == poison and len(attack.cover_index) == cover, (name, rates)
         assert (poisoned.y[index] == 0).all() and torch.equal(poisoned.y[attack.cover_index], data.train.y[attack.cover_index])
 
 

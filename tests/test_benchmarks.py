@@ -125,10 +125,17 @@ def test_cifar10_small_takes_every_registered_attack_with_its_own_run_file():
 
     assert set(cifar10_small.ATTACKS) == {n for n in ATTACKS.names() if ATTACKS.get(n).serves(False)} - {"clean"}
     args = type("Args", (), {"metrics": ["ca", "asr"], "seed": 0, "set": [], "defense_set": [], "full_scale": True})()
+    from trainables.config import ConfigError
+
     for attack in cifar10_small.ATTACKS:
-        cfg = cifar10_small.trial_config(attack, "bibau_u", args)
+        try:
+            cfg = cifar10_small.trial_config(attack, "bibau_u", args)
+        except ConfigError as exc:  # Narcissus's POOD set (Tiny-ImageNet) is not on every machine
+            assert attack == "narcissus" and "attack.pood" in str(exc), (attack, str(exc))
+            continue
         assert cfg.attack.name == attack and cfg.data.train_size == 20000 and cfg.train.epochs == 20
-    assert cifar10_small.trial_config("adaptive_patch", "none", args).attack.poison_rate == 0.003
+    patch = cifar10_small.trial_config("adaptive_patch", "none", args).attack
+    assert (patch.poison_rate, patch.cover_rate) == (0.1, 0.2)  # the BI-BAU paper's 10%, the original's 1:2 cover
     lines = cifar10_small.check({("badnets", "none"): {"ca": 0.80, "asr": 0.97},
                                  ("adaptive_patch", "none"): {"ca": 0.76, "asr": 0.65}})
     assert "adaptive_patch backdoored ASR 65.0 >= 60.0: PASS" in lines

@@ -51,7 +51,7 @@ def test_config_fields_of_a_polymorphic_section(capsys):
     out = capsys.readouterr().out
     assert "train.epochs (int, default 15)" in out and "--fields defense=NAME (defenses: anp, " in out
     assert main(["config", "--fields", "defense=bibau"]) == 2
-    assert "unknown defense 'bibau'; did you mean 'bibau_u'?" in capsys.readouterr().err
+    assert "unknown defense 'bibau'; did you mean 'bibau_t' or 'bibau_u'?" in capsys.readouterr().err
     assert main(["config", "--fields", "defence=ft"]) == 2
     assert "did you mean 'defense'?" in capsys.readouterr().err
 

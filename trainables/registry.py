@@ -20,7 +20,11 @@ T = TypeVar("T")
 
 
 def did_you_mean(name: str, known: list[str]) -> str:
-    """`` did you mean 'x'?`` for the closest known name, or nothing."""
+    """`` did you mean 'x'?`` for the closest known name, or nothing. Names the given one begins (a family:
+    'bibau' -> 'bibau_t' or 'bibau_u') come before the closest spelling ('ibau'), the two shortest."""
+    family = sorted((k for k in known if k.startswith(str(name)) and k != name), key=lambda k: (len(k), k))[:2]
+    if family:
+        return " did you mean " + " or ".join(repr(k) for k in family) + "?"
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
     return f" did you mean {close[0]!r}?" if close else ""
 

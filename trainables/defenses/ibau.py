@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import param
 from ..data import ImageSet, batches
@@ -198,5 +199,8 @@ class ImplicitBackdoorUnlearning(Defense):
                 f.eval()
 
         params = [p for p in f.parameters() if p.requires_grad]
-        grads = fixed_point_hypergradient(delta, params, fp_map, outer, cfg.fixed_point_steps)
+        # the hypergradient differentiates a gradient: attention must run a kernel with a double backward
+        # (the fused ones have none on CPU: a ViT such as clip_vit failed here)
+        with sdpa_kernel([SDPBackend.MATH]):
+            grads = fixed_point_hypergradient(delta, params, fp_map, outer, cfg.fixed_point_steps)
         return grads, value["loss"].detach(), k
