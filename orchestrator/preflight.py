@@ -187,8 +187,12 @@ def check_attack(cfg) -> None:
 def local_capacity(num_cpus: int | None = None, num_gpus: float | None = None) -> dict[str, float]:
     """What a local Ray started by the sweep will have: ``--num-cpus``/``--num-gpus``, else this
     machine's cores and CUDA devices (Ray detects no more than these)."""
+    import ray
     import torch
 
+    if ray.is_initialized():  # the sweep joins a Ray this process started (a benchmark's logical GPUs)
+        res = ray.cluster_resources()
+        return {"cpus": float(res.get("CPU", 0.0)), "gpus": float(res.get("GPU", 0.0))}
     cpus = float(num_cpus) if num_cpus is not None else float(os.cpu_count() or 1)
     gpus = float(num_gpus) if num_gpus is not None else float(torch.cuda.device_count())
     return {"cpus": cpus, "gpus": gpus}
