@@ -190,11 +190,12 @@ def local_capacity(num_cpus: int | None = None, num_gpus: float | None = None) -
     import ray
     import torch
 
+    running = {}
     if ray.is_initialized():  # the sweep joins a Ray this process started (a benchmark's logical GPUs)
         res = ray.cluster_resources()
-        return {"cpus": float(res.get("CPU", 0.0)), "gpus": float(res.get("GPU", 0.0))}
-    cpus = float(num_cpus) if num_cpus is not None else float(os.cpu_count() or 1)
-    gpus = float(num_gpus) if num_gpus is not None else float(torch.cuda.device_count())
+        running = {"cpus": float(res.get("CPU", 0.0)), "gpus": float(res.get("GPU", 0.0))}
+    cpus = float(num_cpus) if num_cpus is not None else running.get("cpus", float(os.cpu_count() or 1))
+    gpus = float(num_gpus) if num_gpus is not None else running.get("gpus", float(torch.cuda.device_count()))
     return {"cpus": cpus, "gpus": gpus}
 
 
