@@ -159,8 +159,8 @@ class SweepSpec(Config):
     grid: Grid | None = param(None, "data sets and models every attack runs on: {data: [sections], model: [sections]}; "
                               "each cell is its own attack (label <attack>+<data>+<model>) with its own studies; "
                               "None: base.data and base.model (an attack entry may also carry its own data/model)")
-    gate: GateConfig | None = param(None, "cheap-first evaluation of every defense trial: {ca_min, ca_drop_max}; "
-                                    "a trial whose CA fails it skips RA, QRA and BEC and is recorded as gated "
+    gate: GateConfig | None = param(None, "cheap-first evaluation of every defense trial: {ca_min, ca_drop_max, asr_max}; "
+                                    "a trial whose CA or ASR fails it skips RA, QRA and BEC and is recorded as gated "
                                     "(Optuna: pruned); None: every trial is evaluated fully")
     export_rule: str = param(DEFAULT_RULE, "rule the sweep's own export picks configurations by (see bibau export --help)")
     replicates: int = param(1, "seeds each picked configuration and each baseline is run with, counting the searched "

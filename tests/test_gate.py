@@ -31,6 +31,7 @@ SKIPPED = ("r_asr", "q_asr", "bec", "ra_clean_asr")
     ({}, "gate"),
     ({"ca_min": 1.5}, "gate.ca_min"),
     ({"ca_drop_max": -0.1}, "gate.ca_drop_max"),
+    ({"asr_max": 1.5}, "gate.asr_max"),
     ({"ca_mn": 0.3}, "gate.ca_mn"),
     ({"ca_min": "high"}, "gate.ca_min"),
 ])
@@ -60,6 +61,13 @@ def test_gate_margin_names_the_rule_that_failed():
     margin, why = g.margin(0.3, 0.9)
     assert margin == pytest.approx(0.4) and "ca_min" in why and "ca_drop_max" in why
     assert GateConfig(ca_min=0.5).margin(0.3, None)[0] == pytest.approx(0.2)
+    # a backdoor still in place fails asr_max; without an ASR (the check during the defense) it is not judged
+    g = GateConfig(ca_drop_max=0.2, asr_max=0.2)
+    margin, why = g.margin(0.85, 0.9, asr=0.95)
+    assert margin == pytest.approx(0.75) and "asr_max" in why and "ca_drop_max" not in why
+    assert g.margin(0.85, 0.9, asr=0.1) == (pytest.approx(-0.1), "")
+    assert g.margin(0.85, 0.9) == (pytest.approx(-0.15), "")
+    assert GateConfig(asr_max=0.2).margin(0.1, None, asr=0.3)[0] == pytest.approx(0.1)
 
 
 # -- one real trial ---------------------------------------------------------------------------------
@@ -96,6 +104,13 @@ def test_a_gated_trial_stops_after_ca_and_asr_and_reports_nothing_it_did_not_mea
     saved = json.loads((tmp_path / "gated" / "results.json").read_text())
     assert not set(SKIPPED) & set(saved) and saved["evaluation_status"] == "gated"
     assert any("[eval] gated" in line for line in lines)
+
+    # asr_max alone gates on the ASR the defended model keeps
+    by_asr = run_trial(digits_trial(tmp_path, {"ca_min": None, "ca_drop_max": None, "asr_max": 0.0}), None,
+                       log=lines.append, smoke_test=True)
+    assert (by_asr["evaluation_status"] == "gated") == (by_asr["asr"] > 0.0)
+    if by_asr["asr"] > 0.0:
+        assert "asr_max" in by_asr["gate_reason"] and "r_asr" not in by_asr
 
     # a gate the model passes: the full evaluation, its cost per metric, RA's retuned model shared with QRA
     full = run_trial(digits_trial(tmp_path, {"ca_min": 0.0, "ca_drop_max": None}), None, log=lines.append,

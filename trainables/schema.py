@@ -64,6 +64,12 @@ class GateConfig(Config):
                                  low=0.0, high=1.0)
     ca_drop_max: float | None = param(None, "largest drop of clean accuracy from the backdoored model worth the full "
                                       "evaluation (fraction: 0.2 = 20 points); None: no limit", low=0.0, high=1.0)
+    # RA fine-tunes the model on poisoned samples, so R-ASR is almost never below the ASR it starts
+    # from: a model whose backdoor is still there after the defense misses every R-ASR rule anyway,
+    # and its RA and QRA (most of a CPU trial) would only confirm it
+    asr_max: float | None = param(None, "highest attack success rate after the defense worth the full evaluation "
+                                  "(fraction in [0, 1]): a model whose backdoor is still in place skips RA, QRA "
+                                  "and BEC; None: no limit. Not used during the defense", low=0.0, high=1.0)
     # the gate can also stop the defense itself: a trial whose model already sits clearly below the
     # floor half-way through its defense rarely climbs back, and the rest of its defense is wasted
     during_defense: bool = param(False, "also check the gate after each epoch of the defense (BI-BAU, FT, IBU) and "
@@ -80,17 +86,23 @@ class GateConfig(Config):
     eval_size: int = param(1000, "during_defense: clean test images of each check (a fixed seeded subsample)", low=1)
 
     def check(self, path: str) -> None:
-        if self.ca_min is None and self.ca_drop_max is None:
-            raise ConfigError(f"{path}: a gate needs ca_min or ca_drop_max (or both); "
+        if self.ca_min is None and self.ca_drop_max is None and self.asr_max is None:
+            raise ConfigError(f"{path}: a gate needs ca_min, ca_drop_max or asr_max (any of them); "
                               "leave the gate out (null) for no gate")
 
     def first_checked_epoch(self, epochs: int) -> int:
         """The first defense epoch (1-based) ``during_defense`` checks; at least 1."""
         return max(1, math.ceil(self.check_from * epochs - 1e-9))
 
-    def margin(self, ca: float, backdoored_ca: float | None) -> tuple[float, str]:
-        """How far ``ca`` is beyond the gate (> 0: it fails; <= 0: it passes, by that much) and why."""
+    def margin(self, ca: float, backdoored_ca: float | None, asr: float | None = None) -> tuple[float, str]:
+        """How far ``ca`` (and ``asr``, when given) is beyond the gate (> 0: it fails; <= 0: it
+        passes, by that much) and why."""
         worst, reasons = float("-inf"), []
+        if self.asr_max is not None and asr is not None:
+            m = asr - self.asr_max
+            worst = max(worst, m)
+            if m > 0:
+                reasons.append(f"ASR {asr:.4f} > asr_max {self.asr_max:g}")
         if self.ca_min is not None:
             m = self.ca_min - ca
             worst = max(worst, m)

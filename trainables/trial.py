@@ -185,7 +185,7 @@ def evaluation_stage(cfg: RunConfig, stage: AttackStage, model: Classifier, devi
             f"not run: {', '.join(extra) or 'nothing'}")
         return out
     if gate is not None:
-        margin, why = gate.margin(out["ca"], stage.metrics.get("backdoored_ca"))
+        margin, why = gate.margin(out["ca"], stage.metrics.get("backdoored_ca"), out["asr"])
         if math.isfinite(margin):
             out["gate_margin"] = margin
         if margin > 0:
