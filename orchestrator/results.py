@@ -230,9 +230,23 @@ def pick_line(view: AttackView) -> str:
     return text + ("\n\n" + warning if warning else "")
 
 
-def sweep_note(views: Sequence[AttackView], rule: str) -> str:
-    """The parent run's description: every attack's pick, and the warning where the rule was not met."""
-    lines = [f"### Picks by the export rule `{rule}`", "", "Filter the picked runs with `tags.picked = 'true'`.", ""]
+def sweep_note(views: Sequence[AttackView], rule: str, attack_runs: dict[str, str] | None = None,
+               experiment_id: str | None = None) -> str:
+    """The parent run's description: first, one line per attack linking its front (the attack run's
+    page: figure and table) and its picked run, what the collapsed description shows; then every
+    attack's pick in full, and the warning where the rule was not met."""
+    lines = []
+    for v in views:
+        front = _run_link((attack_runs or {}).get(v.attack, ""), "Pareto front", experiment_id)
+        pick = ""
+        if v.pick is not None:
+            r = v.pick.record
+            pick = (f" · picked {_run_link(r.run_id or '', f'{r.study}/{r.trial_id}', experiment_id)}"
+                    + ("" if v.pick.rule_met else " (fallback)") + ": "
+                    + ", ".join(f"{NAMES[m]} {pct(r.metrics.get(m))}" for m in ("ca", "r_asr", "q_asr")
+                                if _finite(r.metrics.get(m))))
+        lines.append(f"- **{display(v.attack)}**: {front}{pick}")
+    lines += ["", f"### Picks by the export rule `{rule}`", "", "Filter the picked runs with `tags.picked = 'true'`.", ""]
     lines += [f"- {pick_line(v)}" for v in views]
     return "\n".join(lines)
 
@@ -253,11 +267,15 @@ def tag_picks(client, views: Sequence[AttackView], rule: str, attack_runs: dict[
         for run in earlier:
             if run.info.run_id not in picked:
                 client.set_tag(run.info.run_id, PICK_TAG, "false")
+                client.set_tag(run.info.run_id, NOTE_TAG, "Picked by an earlier export of this sweep; not by its last.")
     for run_id, how in picked.items():
         client.set_tag(run_id, PICK_TAG, "true")
         client.set_tag(run_id, "picked.rule", rule)
         client.set_tag(run_id, "picked.by", how)
         client.set_tag(run_id, "picked.scope", scope)
+    for v in views:  # the picked run's page says so where it opens, with the numbers it was picked by
+        if v.pick is not None and v.pick.record.run_id in picked:
+            client.set_tag(v.pick.record.run_id, NOTE_TAG, pick_line(v))
     warnings = []
     for v in views:
         run = attack_runs.get(v.attack)
@@ -268,7 +286,7 @@ def tag_picks(client, views: Sequence[AttackView], rule: str, attack_runs: dict[
         w = fallback_warning(v)
         if w:
             warnings.append(w)
-    client.set_tag(parent_run, NOTE_TAG, sweep_note(views, rule))
+    client.set_tag(parent_run, NOTE_TAG, sweep_note(views, rule, attack_runs, experiment_id))
     client.set_tag(parent_run, "export.rule", rule)
     client.set_tag(parent_run, "export.rule_met", str(not warnings).lower())
     client.set_tag(parent_run, "export.warning", " | ".join(warnings)[:4900] if warnings else "")

@@ -70,6 +70,12 @@ def sweep(tmp_path_factory):
     yield {"tmp": tmp, "spec": spec_file, "out": out, "lines": lines, "other": other_file, "out2": out2}
 
 
+def display(name):
+    from orchestrator.names import display as shown
+
+    return shown(name)
+
+
 def client_of(out):
     from mlflow.tracking import MlflowClient
 
@@ -94,6 +100,17 @@ def test_the_sweep_tags_its_picks_and_describes_them_in_mlflow(sweep):
     note = parent.data.tags["mlflow.note.content"]
     for r in picked:
         assert r.info.run_id in note
+        # the picked run's own page opens on why it was picked, with its numbers
+        assert r.data.tags["mlflow.note.content"].startswith(f"{r.data.tags['attack']}: picked ")
+        assert "R-ASR" in r.data.tags["mlflow.note.content"]
+    # what the parent's collapsed description shows first: per attack, a link to its front and to its pick
+    state = json.loads((out.folder / "state.json").read_text())
+    head = note.split("### Picks")[0]
+    for attack, run_id in state["attack_runs"].items():
+        line = next(line for line in head.splitlines() if line.startswith(f"- **{display(attack)}**"))
+        assert f"[Pareto front](#/experiments/{exp.experiment_id}/runs/{run_id}?workflowType=machine_learning)" in line
+        pick = next(r for r in picked if r.data.tags["attack"] == attack)
+        assert f"runs/{pick.info.run_id}?workflowType=machine_learning" in line
     met = {s["attack"]: s["provenance"]["picked_by"] == "rule" for s in selections}
     for s in selections:  # the sweep's own export file warns as `bibau export` does
         assert ("warning" in s) == (s["provenance"]["picked_by"] == "fallback"), s
@@ -400,3 +417,23 @@ def test_a_panel_skips_gated_trials_keeps_baselines_hollow_above_trials_and_draw
     files = save(fig, tmp_path / "panel")
     assert [f.suffix for f in files] == [".png", ".pdf"] and all(f.stat().st_size > 0 for f in files)
     plt.close(fig)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_a_browser_reaches_the_front_and_the_pick_within_three_clicks(sweep, tmp_path):
+    """The README's path through the MLflow UI, walked by headless Chromium from the URL the sweep
+    prints: the attack's front (figure and linked table) in three clicks, the pick's metrics in two."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import mlflow_tour
+    finally:
+        sys.path.remove(str(ROOT / "docs"))
+    db = Path(sweep["out"].tracking_uri.removeprefix("sqlite:///"))
+    steps = mlflow_tour.tour(db, tmp_path, "badnets", "digits-report", "tour")
+    clicks = [s for s in steps if s.startswith("click")]
+    assert steps[0].startswith("open ") and "workflowType=machine_learning" in steps[0]
+    assert max(int(s.split()[1].rstrip(":")) for s in clicks) <= 3, steps
+    assert any("Pareto front" in s for s in clicks) and any("picked run" in s for s in clicks)
+    for name in ("1-experiment", "2-sweep", "3-attack-front", "4-picked-trial"):
+        png = tmp_path / f"tour-{name}.png"
+        assert png.stat().st_size > 10_000  # a rendered page, not a blank one
