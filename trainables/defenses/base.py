@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,6 +111,20 @@ class DefenseContext:
         (not a phase that destroys it on purpose, like RNP's unlearning)."""
         if self.on_epoch is not None:
             self.on_epoch(model, epoch, epochs, history)
+
+    def record_epoch(self, name: str, model: Classifier, row: dict, history: list[dict], epochs: int, *,
+                     loss: str = "loss", what: str = "the loss", unit: str = "epoch", detail: str = "",
+                     hint: str = "lower defense.lr") -> None:
+        """One epoch of an SGD-style defense done: ``row`` (with ``epoch`` and ``lr``) joins ``history``
+        and the log, a non-finite ``row[loss]`` stops the defense (``what`` names that loss in the error,
+        ``detail`` adds settings after the lr, ``hint`` says what to change), then :meth:`epoch_done`."""
+        epoch = row["epoch"]
+        history.append(row)
+        self.log(f"{name} epoch {epoch}/{epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if not math.isfinite(row[loss]):
+            raise FloatingPointError(f"{name} diverged: {what} of {unit} {epoch}/{epochs} is {row[loss]} "
+                                     f"(lr {row['lr']:.4g}{detail}); {hint}")
+        self.epoch_done(model, epoch, epochs, history)
 
 
 class DefenseStopped(Exception):

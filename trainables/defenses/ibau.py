@@ -19,7 +19,6 @@ fixed-point iteration differentiates a gradient. Data: the clean split.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -138,13 +137,8 @@ class ImplicitBackdoorUnlearning(Defense):
             row = {"epoch": epoch, "lr": lr, "loss_out": loss_m, "perturbed_per_batch": patched_m,
                    "delta_l2": float(delta.norm()), "delta_linf": float(delta.abs().max()),
                    "delta_moved": moved, "seconds": time.perf_counter() - t0}
-            history.append(row)
-            ctx.log(f"{self.name} epoch {epoch}/{cfg.epochs}: " + " ".join(
-                f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            if not math.isfinite(loss_m):
-                raise FloatingPointError(f"{self.name} diverged: the outer loss of round {epoch}/{cfg.epochs} is "
-                                         f"{loss_m} (lr {lr:.4g}); lower defense.lr")
-            ctx.epoch_done(f, epoch, cfg.epochs, history)
+            ctx.record_epoch(self.name, f, row, history, cfg.epochs, loss="loss_out", what="the outer loss",
+                             unit="round")
         f.eval()
         last = history[-1]
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started,

@@ -154,13 +154,7 @@ class SharedAdversarialUnlearning(Defense):
                 seen += len(y)
             means = (sums / max(seen, 1)).tolist()
             row = {"epoch": epoch, "lr": lr, **dict(zip(keys, means)), "seconds": time.perf_counter() - t0}
-            history.append(row)
-            ctx.log(f"{self.name} epoch {epoch}/{cfg.epochs}: " + " ".join(
-                f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"{self.name} diverged: the loss of epoch {epoch}/{cfg.epochs} is "
-                                         f"{row['loss']} (lr {lr:.4g}); lower defense.lr")
-            ctx.epoch_done(f, epoch, cfg.epochs, history)
+            ctx.record_epoch(self.name, f, row, history, cfg.epochs)
         f.eval()
         last = history[-1]
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started,
