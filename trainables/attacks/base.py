@@ -42,7 +42,7 @@ import abc
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -77,13 +77,22 @@ def check_coupling(cls: type, cfg: AttackConfig, where: str, contrastive: bool =
                           "allowed: 0, or a build-time attack in the classifier setting")
 
 
-def resolve_rates(cfg: AttackConfig, presets: dict[str, tuple[float, float]]) -> None:
-    """Fill ``poison_rate`` and ``cover_rate`` left at None from the preset ``cfg.rates`` names."""
-    poison, cover = presets[cfg.rates]
-    if cfg.poison_rate is None:
-        cfg.poison_rate = poison
-    if cfg.cover_rate is None:
-        cfg.cover_rate = cover
+@dataclass
+class PresetRatesConfig(AttackConfig):
+    """An attack with cover samples whose ``poison_rate`` and ``cover_rate``, left at None, come from
+    the preset its ``rates`` field names in ``RATES`` (the adaptive attacks: the BI-BAU paper's rates or
+    the original's). The subclass declares ``rates`` and ``cover_rate``: their meaning is its own."""
+
+    RATES: ClassVar[dict[str, tuple[float, float]]] = {}  # rates -> (poison_rate, cover_rate)
+    poison_rate: float | None = param(None, "fraction of the training set poisoned; None: from rates",
+                                      low=0.0, high=1.0)
+
+    def resolve(self) -> None:
+        poison, cover = self.RATES[self.rates]
+        if self.poison_rate is None:
+            self.poison_rate = poison
+        if self.cover_rate is None:
+            self.cover_rate = cover
 
 
 def check_cover_rate(cfg: AttackConfig, where: str) -> None:
