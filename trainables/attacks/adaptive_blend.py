@@ -35,7 +35,7 @@ from ..config import ConfigError, param
 from ..registry import ATTACKS
 from .base import PresetRatesConfig, check_cover_rate
 from .blended import Blended, BlendedConfig
-from .coupling import FC_WEIGHT
+from .coupling import coupling_on
 
 
 @dataclass
@@ -100,8 +100,7 @@ class AdaptiveBlend(Blended):
 
 @dataclass
 class AdaptiveBlendFCConfig(AdaptiveBlendConfig):
-    coupling_weight: float = param(FC_WEIGHT, "feature coupling (paper 5.7): weight w of "
-                                   "w*||phi(x') - mean phi(target)||^2 over the poisoned rows", low=0.0)
+    coupling_weight: float = coupling_on()
 
 
 @ATTACKS.register("adaptive_blend_fc")

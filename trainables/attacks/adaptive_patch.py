@@ -45,7 +45,7 @@ import torch
 from ..config import ConfigError, param
 from ..registry import ATTACKS
 from .base import Attack, PresetRatesConfig, check_cover_rate
-from .coupling import FC_WEIGHT
+from .coupling import coupling_on
 from .images import check_image_spec, load_image, resize
 
 REFERENCE = 32
@@ -188,8 +188,7 @@ class AdaptivePatch(Attack):
 
 @dataclass
 class AdaptivePatchFCConfig(AdaptivePatchConfig):
-    coupling_weight: float = param(FC_WEIGHT, "feature coupling (paper 5.7): weight w of "
-                                   "w*||phi(x') - mean phi(target)||^2 over the poisoned rows", low=0.0)
+    coupling_weight: float = coupling_on()
 
 
 @ATTACKS.register("adaptive_patch_fc")
