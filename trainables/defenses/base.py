@@ -227,6 +227,13 @@ def train_mode(model: torch.nn.Module, cfg: SGDDefenseConfig) -> torch.nn.Module
     return model
 
 
+def epoch_steps(n: int, batch_size: int) -> tuple[bool, int]:
+    """(drop_last, steps per epoch) of shuffled batches over ``n`` clean images: a trailing batch of
+    one image is dropped, since a lone image breaks BatchNorm in train mode."""
+    drop_last = n % batch_size == 1
+    return drop_last, max(1, n // batch_size if drop_last else math.ceil(n / batch_size))
+
+
 def sgd(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):
     """SGD and its per-step lr schedule over ``cfg.epochs``, built by the training loop's helpers."""
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)

@@ -32,7 +32,8 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
-from .base import Defense, DefenseContext, DefenseResult, SGDDefenseConfig, sgd_or_adam, train_mode, trainable_copy
+from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, epoch_steps, sgd_or_adam, train_mode,
+                   trainable_copy)
 from .pgd import PGD, eval_mode, no_weight_grads
 
 
@@ -108,7 +109,7 @@ class ImplicitBackdoorUnlearning(Defense):
         f = trainable_copy(model, device)
         clean = clean.to(device)
         crop, flip = cfg.augmentation(ctx.hflip)
-        drop_last = len(clean) % cfg.batch_size == 1
+        drop_last, _ = epoch_steps(len(clean), cfg.batch_size)
 
         def epoch_batches():
             return batches(clean, cfg.batch_size, device=device, shuffle=True, generator=gen,
