@@ -209,34 +209,45 @@ def check(reports: dict[tuple[str, str], dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
-    ap.add_argument("--defenses", default=",".join(DEFENSES), help=f"comma list of {', '.join(DEFENSES)}")
-    ap.add_argument("--metrics", default=",".join(METRICS), help="evaluations to run (ca and asr always run)")
+def parse_grid(argv: list[str] | None, doc: str, attacks: tuple[str, ...], defenses: tuple[str, ...],
+               metrics: tuple[str, ...], set_example: str, full_scale_help: str,
+               checked_defense_set: tuple[str, ...] = ()) -> argparse.Namespace:
+    """The options of a benchmark over an attack x defense grid (this one and clip_vit_cifar10.py), parsed:
+    ``attacks``, ``defenses`` and ``metrics`` as lists, unknown names and malformed overrides refused before
+    any work; ``--defense-set`` items checked against ``checked_defense_set`` where it is given."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attacks", default=",".join(attacks), help=f"comma list of {', '.join(attacks)}")
+    ap.add_argument("--defenses", default=",".join(defenses), help=f"comma list of {', '.join(defenses)}")
+    ap.add_argument("--metrics", default=",".join(metrics), help="evaluations to run (ca and asr always run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override of every trial's run config, e.g. evaluation.qra_epochs=20")
+                    help=f"override of every trial's run config, e.g. {set_example}")
     ap.add_argument("--defense-set", action="append", default=[], metavar="DEFENSE.KEY=VALUE",
                     help="override of one defense's settings, e.g. bibau_u.pgd_eps=0.0314")
-    ap.add_argument("--full-scale", action="store_true",
-                    help="the defenses' registered defaults, without the CPU scale's shorter BI-BAU")
+    ap.add_argument("--full-scale", action="store_true", help=full_scale_help)
     ap.add_argument("--out", type=Path, default=None, help="folder for each trial's checkpoints and results.json")
     ap.add_argument("--json", type=Path, default=None, help="write every report (history left out) to this file")
     ap.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
     ap.add_argument("--quiet", action="store_true", help="only the summary, not each trial's progress")
     args = ap.parse_args(argv)
     args.metrics = [m for m in args.metrics.split(",") if m]
-    attacks = [a for a in args.attacks.split(",") if a]
-    defenses = [d for d in args.defenses.split(",") if d]
-    for name, given, allowed in (("--attacks", attacks, ATTACKS), ("--defenses", defenses, DEFENSES)):
+    args.attacks = [a for a in args.attacks.split(",") if a]
+    args.defenses = [d for d in args.defenses.split(",") if d]
+    for name, given, allowed in (("--attacks", args.attacks, attacks), ("--defenses", args.defenses, defenses)):
         if unknown := [g for g in given if g not in allowed]:
             ap.error(f"{name}: unknown {unknown}; known: {', '.join(allowed)}")
-    for item in args.defense_set:
-        if item.split(".", 1)[0] not in DEFENSES[1:] or "=" not in item:
-            ap.error(f"--defense-set {item!r}: expected DEFENSE.KEY=VALUE with DEFENSE in {', '.join(DEFENSES[1:])}")
+    for item in args.defense_set if checked_defense_set else ():
+        if item.split(".", 1)[0] not in checked_defense_set or "=" not in item:
+            ap.error(f"--defense-set {item!r}: expected DEFENSE.KEY=VALUE with DEFENSE in {', '.join(checked_defense_set)}")
     parse_overrides(args.set)  # malformed overrides fail here, before any work
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_grid(argv, __doc__, ATTACKS, DEFENSES, METRICS, "evaluation.qra_epochs=20",
+                      "the defenses' registered defaults, without the CPU scale's shorter BI-BAU",
+                      checked_defense_set=DEFENSES[1:])
+    attacks, defenses = args.attacks, args.defenses
     configs = {(a, d): trial_config(a, d, args) for a in attacks for d in defenses}  # every config validated first
 
     command = "python benchmarks/cifar10_small.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cifar10_small import epoch_seconds, pct, settings, trial_config  # noqa: E402
+from benchmarks.cifar10_small import epoch_seconds, parse_grid, pct, settings, trial_config  # noqa: E402
 from benchmarks.common import append_rows, load_average, machine  # noqa: E402
-from trainables.config import parse_overrides  # noqa: E402
 from trainables.trial import run_trial  # noqa: E402
 
 ATTACKS = ("badnets", "blended")
@@ -52,30 +51,8 @@ settings say). "none" is the backdoored model.
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
-    ap.add_argument("--defenses", default=",".join(DEFENSES), help=f"comma list of {', '.join(DEFENSES)}")
-    ap.add_argument("--metrics", default=",".join(METRICS), help="evaluations to run (ca and asr always run)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override of every trial's run config, e.g. data.train_size=5000")
-    ap.add_argument("--defense-set", action="append", default=[], metavar="DEFENSE.KEY=VALUE",
-                    help="override of one defense's settings, e.g. bibau_u.pgd_eps=0.0314")
-    ap.add_argument("--full-scale", action="store_true", help="the defenses' registered defaults")
-    ap.add_argument("--out", type=Path, default=None, help="folder for each trial's checkpoints and results.json")
-    ap.add_argument("--json", type=Path, default=None, help="write every report (history left out) to this file")
-    ap.add_argument("--record", action="store_true", help="append the rows to docs/benchmarks.md")
-    ap.add_argument("--quiet", action="store_true", help="only the summary, not each trial's progress")
-    args = ap.parse_args(argv)
-    args.metrics = [m for m in args.metrics.split(",") if m]
-    args.attacks = [a for a in args.attacks.split(",") if a]
-    args.defenses = [d for d in args.defenses.split(",") if d]
-    for name, given, allowed in (("--attacks", args.attacks, ATTACKS), ("--defenses", args.defenses, DEFENSES)):
-        if unknown := [g for g in given if g not in allowed]:
-            ap.error(f"{name}: unknown {unknown}; known: {', '.join(allowed)}")
-    parse_overrides(args.set)  # malformed overrides fail here, before any work
-    return args
+    return parse_grid(argv, __doc__, ATTACKS, DEFENSES, METRICS, "data.train_size=5000",
+                      "the defenses' registered defaults")
 
 
 def trial_configs(args: argparse.Namespace) -> dict:

@@ -79,3 +79,23 @@ def _no_mlflow_environment(monkeypatch):
     """A developer's MLFLOW_TRACKING_URI must not send the tests' runs to their server."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray(request):
+    """A local Ray (2 CPUs) for a test module's sweeps, shut down after the module if it started it.
+    Ray's workers cannot import tests/, so the module and ``test_sweep`` (whose stand-in backend the
+    sweep tests share) travel to them by value."""
+    import ray
+    from ray import cloudpickle
+
+    import test_sweep
+
+    for module in {request.module, test_sweep}:
+        cloudpickle.register_pickle_by_value(module)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()

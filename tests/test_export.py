@@ -105,18 +105,6 @@ TINY = {
 }
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_a_real_sweep_exports_a_configuration_that_bibau_run_and_bibau_sweep_reproduce(tmp_path, local_ray):
     from orchestrator.cli import main
     from orchestrator.spec import load_spec

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -291,21 +290,6 @@ class Gated(StandIn):
                 return {"ca": out["ca"], "asr": out["asr"], "evaluation_status": "gated", "gate_margin": margin,
                         "gate_reason": why}
         return out
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cloudpickle.register_pickle_by_value(sys.modules["test_sweep"])
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_a_gated_sweep_tells_tune_optuna_mlflow_and_the_summary(tmp_path, local_ray):

@@ -237,20 +237,6 @@ def test_a_trial_run_left_unfinished_by_a_dead_driver_is_completed_not_duplicate
 # -- small real sweeps on a local Ray ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def mlflow_runs(uri: str, experiment: str) -> list:
     from mlflow.tracking import MlflowClient
 

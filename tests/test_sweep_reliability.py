@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import test_sweep
 from test_sweep import StandIn, mlflow_runs, spec_dict, write_spec
 
 from orchestrator.search import STATUS_KEY, StudySearcher
@@ -32,21 +31,6 @@ from orchestrator.search import STATUS_KEY, StudySearcher
 from orchestrator.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    from ray import cloudpickle
-
-    for module in (sys.modules[__name__], test_sweep):  # Ray's workers cannot import tests/
-        cloudpickle.register_pickle_by_value(module)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 class BlendedStageFails(StandIn):

@@ -40,23 +40,6 @@ class SavesModels(StandIn):
         return report
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    from ray import cloudpickle
-
-    import test_sweep
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
-    cloudpickle.register_pickle_by_value(test_sweep)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 def test_the_first_trial_of_a_tuned_study_runs_the_defense_defaults(tmp_path):
     from orchestrator.search import StudySearcher, default_params, fit_to_space
     from orchestrator.spec import ParamSpace

@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from .attacks.base import Attack, AttackConfig, check_coupling
+from .attacks.base import AttackConfig, check_coupling
 from .config import Config, ConfigError, param, to_dict
 from .contrastive.config import ContrastiveConfig
 from .data.base import DataConfig
@@ -204,7 +204,7 @@ def check_poison_rate(self: RunConfig, path: str) -> None:
     rate = getattr(self.attack, "poison_rate", None)
     if attack is None or attack.clean_label or rate is None or rate < 1.0:
         return
-    if not attack.build_time and attack.training_batch is Attack.training_batch:
+    if not attack.build_time and not attack.poisons_on_the_fly():
         return  # poisons nothing ('clean')
     raise ConfigError(f"{path + '.' if path else ''}attack.poison_rate: {rate} relabels every training image to the "
                       f"target {self.attack.target}: no clean image of any class is left to learn the task from; "

@@ -33,22 +33,17 @@ import torch
 
 from ..config import ConfigError, param
 from ..registry import ATTACKS
-from .base import check_cover_rate, resolve_rates
+from .base import PresetRatesConfig, check_cover_rate
 from .blended import Blended, BlendedConfig
-from .coupling import FC_WEIGHT
-
-
-# rates -> (poison_rate, cover_rate)
-RATES = {"bibau": (0.1, 0.1), "original": (0.003, 0.003)}
+from .coupling import coupling_on
 
 
 @dataclass
-class AdaptiveBlendConfig(BlendedConfig):
+class AdaptiveBlendConfig(PresetRatesConfig, BlendedConfig):
+    RATES = {"bibau": (0.1, 0.1), "original": (0.003, 0.003)}
     rates: str = param("bibau", "poison and cover rates when not given: 'bibau' (the BI-BAU paper's 10% poisoned, "
                        "cover samples in the original's 1:1 proportion: 10%) or 'original' (Qi et al.'s 0.3% + 0.3%)",
                        choices=tuple(RATES))
-    poison_rate: float | None = param(None, "fraction of the training set poisoned; None: from rates",
-                                      low=0.0, high=1.0)
     cover_rate: float | None = param(None, "fraction of the training set given the partial trigger with their true "
                                      "labels (cover samples); None: from rates", low=0.0, high=1.0)
     pieces: int = param(16, "blocks the trigger is cut into: a square number whose root divides the image side", low=1)
@@ -56,9 +51,6 @@ class AdaptiveBlendConfig(BlendedConfig):
     alpha_train: float = param(0.15, "weight of the trigger in poisoned and cover training images (inside the "
                                "pieces kept)", low=0.0, high=1.0)
     alpha_test: float = param(0.2, "weight of the (full) trigger in triggered test images", low=0.0, high=1.0)
-
-    def resolve(self) -> None:
-        resolve_rates(self, RATES)
 
     def check(self, path: str) -> None:
         super().check(path)
@@ -108,8 +100,7 @@ class AdaptiveBlend(Blended):
 
 @dataclass
 class AdaptiveBlendFCConfig(AdaptiveBlendConfig):
-    coupling_weight: float = param(FC_WEIGHT, "feature coupling (paper 5.7): weight w of "
-                                   "w*||phi(x') - mean phi(target)||^2 over the poisoned rows", low=0.0)
+    coupling_weight: float = coupling_on()
 
 
 @ATTACKS.register("adaptive_blend_fc")

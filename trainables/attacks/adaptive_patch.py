@@ -44,8 +44,8 @@ import torch
 
 from ..config import ConfigError, param
 from ..registry import ATTACKS
-from .base import Attack, AttackConfig, check_cover_rate, resolve_rates
-from .coupling import FC_WEIGHT
+from .base import Attack, PresetRatesConfig, check_cover_rate
+from .coupling import coupling_on
 from .images import check_image_spec, load_image, resize
 
 REFERENCE = 32
@@ -59,17 +59,12 @@ PATCH4 = {
 }
 
 
-# rates -> (poison_rate, cover_rate)
-RATES = {"bibau": (0.1, 0.2), "original": (0.003, 0.006)}
-
-
 @dataclass
-class AdaptivePatchConfig(AttackConfig):
+class AdaptivePatchConfig(PresetRatesConfig):
+    RATES = {"bibau": (0.1, 0.2), "original": (0.003, 0.006)}
     rates: str = param("bibau", "poison and cover rates when not given: 'bibau' (the BI-BAU paper's 10% poisoned, "
                        "cover samples in the original's 1:2 proportion: 20%) or 'original' (Qi et al.'s 0.3% + 0.6%)",
                        choices=tuple(RATES))
-    poison_rate: float | None = param(None, "fraction of the training set poisoned; None: from rates",
-                                      low=0.0, high=1.0)
     cover_rate: float | None = param(None, "fraction of the training set given a training trigger with their true "
                                      "labels (cover samples); None: from rates", low=0.0, high=1.0)
     train_triggers: list[str] = param(["phoenix_corner", "firefox_corner", "badnet_patch4", "trojan_square"],
@@ -82,9 +77,6 @@ class AdaptivePatchConfig(AttackConfig):
     patch_seed: int = param(0, "seed of the colours of the substitute logo patches", low=0)
     resize: str = param("nearest", "scaling of the 32x32 reference triggers and trigger files to the image size",
                         choices=("nearest", "bilinear"))
-
-    def resolve(self) -> None:
-        resolve_rates(self, RATES)
 
     def check(self, path: str) -> None:
         where = f"{path}." if path else "attack."
@@ -196,8 +188,7 @@ class AdaptivePatch(Attack):
 
 @dataclass
 class AdaptivePatchFCConfig(AdaptivePatchConfig):
-    coupling_weight: float = param(FC_WEIGHT, "feature coupling (paper 5.7): weight w of "
-                                   "w*||phi(x') - mean phi(target)||^2 over the poisoned rows", low=0.0)
+    coupling_weight: float = coupling_on()
 
 
 @ATTACKS.register("adaptive_patch_fc")

@@ -42,7 +42,7 @@ import abc
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -77,13 +77,22 @@ def check_coupling(cls: type, cfg: AttackConfig, where: str, contrastive: bool =
                           "allowed: 0, or a build-time attack in the classifier setting")
 
 
-def resolve_rates(cfg: AttackConfig, presets: dict[str, tuple[float, float]]) -> None:
-    """Fill ``poison_rate`` and ``cover_rate`` left at None from the preset ``cfg.rates`` names."""
-    poison, cover = presets[cfg.rates]
-    if cfg.poison_rate is None:
-        cfg.poison_rate = poison
-    if cfg.cover_rate is None:
-        cfg.cover_rate = cover
+@dataclass
+class PresetRatesConfig(AttackConfig):
+    """An attack with cover samples whose ``poison_rate`` and ``cover_rate``, left at None, come from
+    the preset its ``rates`` field names in ``RATES`` (the adaptive attacks: the BI-BAU paper's rates or
+    the original's). The subclass declares ``rates`` and ``cover_rate``: their meaning is its own."""
+
+    RATES: ClassVar[dict[str, tuple[float, float]]] = {}  # rates -> (poison_rate, cover_rate)
+    poison_rate: float | None = param(None, "fraction of the training set poisoned; None: from rates",
+                                      low=0.0, high=1.0)
+
+    def resolve(self) -> None:
+        poison, cover = self.RATES[self.rates]
+        if self.poison_rate is None:
+            self.poison_rate = poison
+        if self.cover_rate is None:
+            self.cover_rate = cover
 
 
 def check_cover_rate(cfg: AttackConfig, where: str) -> None:
@@ -116,6 +125,13 @@ def check_clean_left(labels: torch.Tensor, index: torch.Tensor, target: int, cle
 
 # seed of the per-sample trigger draws of triggered test sets (fixed: the same test set on every run)
 TEST_TRIGGER_SEED = 20_17
+# which training images stand for an on-the-fly attack's poisoned samples (IBU): a fixed draw
+ON_THE_FLY_SAMPLES_SEED = 7
+
+
+def attacker_rows(poisonable: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    """The rows of a batch an on-the-fly attack may poison, in order (``training_batch``'s ``poisonable``)."""
+    return torch.arange(batch, device=device) if poisonable is None else poisonable.nonzero().flatten()
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -148,6 +164,12 @@ class Attack(abc.ABC):
         if not contrastive:
             return not cls.contrastive_only
         return cls.training_batch is Attack.training_batch
+
+    @classmethod
+    def poisons_on_the_fly(cls) -> bool:
+        """Whether the attack poisons batches in its own ``training_batch`` and none at build time
+        (WaNet, IAD); ``clean`` does neither."""
+        return not cls.build_time and cls.training_batch is not Attack.training_batch
 
     def __init__(self, cfg: AttackConfig, image_shape: tuple[int, int, int], num_classes: int):
         if cfg.target >= num_classes:
@@ -256,13 +278,19 @@ class Attack(abc.ABC):
         """The poisoned training samples with their true labels (what the IBU reference unlearns).
 
         Build-time attacks: the images ``poison_trainset`` produced at ``index``. On-the-fly
-        attacks override this to draw their poisoned images from ``train``.
+        attacks poison other images every epoch, so ``round(poison_rate * N)`` training images
+        drawn with a fixed seed and triggered stand for them.
 
         Clean-label attacks (SIG): the poisoned samples are target-class images under their true
         label, the target, so unlearning them would teach the backdoor again (measured: IBU left
         SIG's ASR at 99.7). What the oracle knows is the trigger: it gets the trigger on as many
         non-target training images (not poisoned ones; a fixed draw), under their true labels.
         """
+        if self.poisons_on_the_fly():
+            n = round(self.cfg.poison_rate * len(train))
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(ON_THE_FLY_SAMPLES_SEED))[:n]
+            pick = pick.sort().values.to(train.x.device)
+            return ImageSet(to_uint8(self.apply_trigger(to_float(train.x[pick]))), train.y[pick])
         if self.clean_label:
             labels = train.y.cpu()
             free = labels != self.target

@@ -24,12 +24,19 @@ from __future__ import annotations
 
 import torch
 
+from ..config import param
 from ..data.base import ImageSet
 from ..runtime import autocast, prepare_batch
 
 MOMENTUM = 0.9
 # the registered *_fc variants' default weight (a choice: the paper gives none; docs/attacks.md)
 FC_WEIGHT = 0.05
+
+
+def coupling_on():
+    """The ``coupling_weight`` field of a registered *_fc variant: on, at ``FC_WEIGHT``."""
+    return param(FC_WEIGHT, "feature coupling (paper 5.7): weight w of w*||phi(x') - mean phi(target)||^2 over the "
+                 "poisoned rows", low=0.0)
 
 
 class FeatureCoupling:

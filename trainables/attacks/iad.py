@@ -61,11 +61,10 @@ from torch import nn
 from ..config import ConfigError, param
 from ..data.base import ImageSet
 from ..registry import ATTACKS
-from .base import Attack, AttackConfig, TEST_TRIGGER_SEED, to_float, to_uint8
+from .base import Attack, AttackConfig, TEST_TRIGGER_SEED, attacker_rows, to_float, to_uint8
 
 EPSILON = 1e-7
 _PLACEHOLDER_SEED = 0
-_SAMPLES_SEED = 7
 BETAS = (0.5, 0.9)
 
 
@@ -227,7 +226,7 @@ class IAD(Attack):
                        generator: torch.Generator, *, poisonable: torch.Tensor | None = None,
                        hflip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(x)
-        rows = torch.arange(b, device=x.device) if poisonable is None else poisonable.nonzero().flatten()
+        rows = attacker_rows(poisonable, b, x.device)
         n_bd = min(int(self.cfg.poison_rate * b), len(rows))
         n_cross = min(int(self.cfg.cross_rate * b), len(rows) - n_bd)
         bd, cross = rows[:n_bd], rows[n_bd:n_bd + n_cross]
@@ -267,7 +266,7 @@ class IAD(Attack):
         if self._sched_g is not None:
             self._sched_g.step()
 
-    # -- test sets and IBU ------------------------------------------------------------------------
+    # -- test sets -------------------------------------------------------------------------------
     def extra_test_sets(self, test: ImageSet) -> dict[str, ImageSet]:
         """``cross_acc``: every test image with the trigger of another test image, true labels."""
         generator = torch.Generator().manual_seed(TEST_TRIGGER_SEED)
@@ -279,12 +278,6 @@ class IAD(Attack):
                 sl = slice(start, start + 1024)
                 out[sl] = to_uint8(self._mix(to_float(test.x[sl]), to_float(test.x[partner[sl]])))
         return {"cross_acc": ImageSet(out, test.y.clone())}
-
-    def poisoned_samples(self, train: ImageSet, poisoned_train: ImageSet, index: torch.Tensor) -> ImageSet:
-        n = round(self.cfg.poison_rate * len(train))
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(_SAMPLES_SEED))[:n].sort().values
-        pick = pick.to(train.x.device)
-        return ImageSet(to_uint8(self.apply_trigger(to_float(train.x[pick]))), train.y[pick])
 
     # -- state ----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -34,10 +34,9 @@ from ..config import param
 from ..data.base import ImageSet
 from ..data.batches import random_crop
 from ..registry import ATTACKS
-from .base import Attack, AttackConfig, TEST_TRIGGER_SEED, to_float, to_uint8
+from .base import Attack, AttackConfig, TEST_TRIGGER_SEED, attacker_rows, to_float, to_uint8
 
 _PLACEHOLDER_SEED = 0  # field of an attack built outside a run (before prepare or load_state)
-_SAMPLES_SEED = 7  # which training images stand for "the poisoned samples" (IBU)
 
 
 @dataclass
@@ -123,7 +122,7 @@ class WaNet(Attack):
         if n_bd == 0 and expected > 0:  # BackdoorBench's generalize_to_lower_pratio
             n_bd = int(torch.rand((), generator=generator).item() < expected)
         n_cross = int(n_bd * self.cfg.cross_ratio)
-        rows = torch.arange(b, device=x.device) if poisonable is None else poisonable.nonzero().flatten()
+        rows = attacker_rows(poisonable, b, x.device)
         bd, cross = rows[:n_bd], rows[n_bd:n_bd + n_cross]
         x, y = x.clone(), y.clone()
         if len(bd):
@@ -158,12 +157,6 @@ class WaNet(Attack):
             chunk = to_float(test.x[start:start + 4096])
             out[start:start + 4096] = to_uint8(warp(chunk, self.noise_grid(len(chunk), generator, chunk)))
         return {"noise_acc": ImageSet(out, test.y.clone())}
-
-    def poisoned_samples(self, train: ImageSet, poisoned_train: ImageSet, index: torch.Tensor) -> ImageSet:
-        n = round(self.cfg.poison_rate * len(train))
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(_SAMPLES_SEED))[:n].sort().values
-        pick = pick.to(train.x.device)
-        return ImageSet(to_uint8(self.apply_trigger(to_float(train.x[pick]))), train.y[pick])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"grid": self.grid}

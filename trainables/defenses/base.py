@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -111,6 +112,20 @@ class DefenseContext:
         if self.on_epoch is not None:
             self.on_epoch(model, epoch, epochs, history)
 
+    def record_epoch(self, name: str, model: Classifier, row: dict, history: list[dict], epochs: int, *,
+                     loss: str = "loss", what: str = "the loss", unit: str = "epoch", detail: str = "",
+                     hint: str = "lower defense.lr") -> None:
+        """One epoch of an SGD-style defense done: ``row`` (with ``epoch`` and ``lr``) joins ``history``
+        and the log, a non-finite ``row[loss]`` stops the defense (``what`` names that loss in the error,
+        ``detail`` adds settings after the lr, ``hint`` says what to change), then :meth:`epoch_done`."""
+        epoch = row["epoch"]
+        history.append(row)
+        self.log(f"{name} epoch {epoch}/{epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        if not math.isfinite(row[loss]):
+            raise FloatingPointError(f"{name} diverged: {what} of {unit} {epoch}/{epochs} is {row[loss]} "
+                                     f"(lr {row['lr']:.4g}{detail}); {hint}")
+        self.epoch_done(model, epoch, epochs, history)
+
 
 class DefenseStopped(Exception):
     """A defense stopped by the trial before its last epoch (the sweep's gate): carries the model
@@ -210,6 +225,13 @@ def train_mode(model: torch.nn.Module, cfg: SGDDefenseConfig) -> torch.nn.Module
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
     return model
+
+
+def epoch_steps(n: int, batch_size: int) -> tuple[bool, int]:
+    """(drop_last, steps per epoch) of shuffled batches over ``n`` clean images: a trailing batch of
+    one image is dropped, since a lone image breaks BatchNorm in train mode."""
+    drop_last = n % batch_size == 1
+    return drop_last, max(1, n // batch_size if drop_last else math.ceil(n / batch_size))
 
 
 def sgd(model: torch.nn.Module, cfg: SGDDefenseConfig, steps_per_epoch: int):

@@ -269,14 +269,9 @@ class BiBau(Defense):
                    "crafted": crafted, "fisher_seconds": fisher_seconds, "seconds": time.perf_counter() - t0}
             if "l_angle" in row:
                 row["l_prior"] = row["l_angle"] + row["l_align"]
-            history.append(row)
-            log(f"{self.name} epoch {epoch}/{cfg.epochs}: " + " ".join(
-                f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            if not math.isfinite(row["loss_out"]):
-                raise FloatingPointError(
-                    f"{self.name} diverged: L_out of epoch {epoch}/{cfg.epochs} is {row['loss_out']} (lr {lr:.4g}, "
-                    f"λ1 {w['lambda1']:g}, fisher_norm {cfg.fisher_norm}); lower defense.lr or defense.lambda1")
-            ctx.epoch_done(f, epoch, cfg.epochs, history)
+            ctx.record_epoch(self.name, f, row, history, cfg.epochs, loss="loss_out", what="L_out",
+                             detail=f", λ1 {w['lambda1']:g}, fisher_norm {cfg.fisher_norm}",
+                             hint="lower defense.lr or defense.lambda1")
         f.eval()
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started)
 

@@ -35,7 +35,7 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch, prepare_model
-from .base import Defense, DefenseContext, DefenseResult, frozen_copy, trainable_copy
+from .base import Defense, DefenseContext, DefenseResult, epoch_steps, frozen_copy, trainable_copy
 from .triggers import UnlearnConfig, unlearn_with_triggers
 from .unet import UNet
 
@@ -98,7 +98,7 @@ class BtiDbfUnlearning(Defense):
         gen = torch.Generator().manual_seed(self.seed(ctx))
         clean = clean.to(ctx.device)
         crop, flip = cfg.augmentation(ctx.hflip)
-        drop_last = len(clean) % cfg.batch_size == 1
+        drop_last, _ = epoch_steps(len(clean), cfg.batch_size)
 
         def epoch_batches():
             return batches(clean, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,

@@ -92,12 +92,7 @@ def finetune(model: Classifier, streams: dict[str, tuple[ImageSet, float, bool]]
         row = {"epoch": epoch, "lr": lr, **{f"ce_{k}": v for k, v in zip(streams, means)},
                **({"penalty": means[-2]} if penalty is not None else {}), "loss": means[-1],
                "seconds": time.perf_counter() - t0}
-        history.append(row)
-        ctx.log(f"{name} epoch {epoch}/{cfg.epochs}: " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"{name} diverged: the loss of epoch {epoch}/{cfg.epochs} is {row['loss']} "
-                                     f"(lr {lr:.4g}); lower defense.lr")
-        ctx.epoch_done(f, epoch, cfg.epochs, history)
+        ctx.record_epoch(name, f, row, history, cfg.epochs)
     f.eval()
     return f, history
 

@@ -19,7 +19,6 @@ fixed-point iteration differentiates a gradient. Data: the clean split.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -33,7 +32,8 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
-from .base import Defense, DefenseContext, DefenseResult, SGDDefenseConfig, sgd_or_adam, train_mode, trainable_copy
+from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, epoch_steps, sgd_or_adam, train_mode,
+                   trainable_copy)
 from .pgd import PGD, eval_mode, no_weight_grads
 
 
@@ -109,7 +109,7 @@ class ImplicitBackdoorUnlearning(Defense):
         f = trainable_copy(model, device)
         clean = clean.to(device)
         crop, flip = cfg.augmentation(ctx.hflip)
-        drop_last = len(clean) % cfg.batch_size == 1
+        drop_last, _ = epoch_steps(len(clean), cfg.batch_size)
 
         def epoch_batches():
             return batches(clean, cfg.batch_size, device=device, shuffle=True, generator=gen,
@@ -138,13 +138,8 @@ class ImplicitBackdoorUnlearning(Defense):
             row = {"epoch": epoch, "lr": lr, "loss_out": loss_m, "perturbed_per_batch": patched_m,
                    "delta_l2": float(delta.norm()), "delta_linf": float(delta.abs().max()),
                    "delta_moved": moved, "seconds": time.perf_counter() - t0}
-            history.append(row)
-            ctx.log(f"{self.name} epoch {epoch}/{cfg.epochs}: " + " ".join(
-                f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            if not math.isfinite(loss_m):
-                raise FloatingPointError(f"{self.name} diverged: the outer loss of round {epoch}/{cfg.epochs} is "
-                                         f"{loss_m} (lr {lr:.4g}); lower defense.lr")
-            ctx.epoch_done(f, epoch, cfg.epochs, history)
+            ctx.record_epoch(self.name, f, row, history, cfg.epochs, loss="loss_out", what="the outer loss",
+                             unit="round")
         f.eval()
         last = history[-1]
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started,

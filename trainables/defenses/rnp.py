@@ -23,7 +23,8 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
-from .base import AugmentedDefenseConfig, Defense, DefenseContext, DefenseResult, frozen_copy, trainable_copy
+from .base import (AugmentedDefenseConfig, Defense, DefenseContext, DefenseResult, epoch_steps, frozen_copy,
+                   trainable_copy)
 from .bn import (BatchNormDefenseConfig, check_threshold, insert_masks, mask_findings, pruned_result, require_batchnorm,
                  select_by_mask)
 
@@ -51,11 +52,6 @@ class RnpConfig(BatchNormDefenseConfig, AugmentedDefenseConfig):
         check_threshold(self.clean_threshold, f"{prefix}clean_threshold")
 
 
-def _steps(n: int, batch_size: int) -> tuple[bool, int]:
-    drop_last = n % batch_size == 1  # a lone image would break BatchNorm in train mode
-    return drop_last, max(1, n // batch_size if drop_last else math.ceil(n / batch_size))
-
-
 @DEFENSES.register("rnp")
 class ReconstructiveNeuronPruning(Defense):
     """RNP (defenses.md A5): unlearn, recover BN masks on the unlearned model, prune the original."""
@@ -71,7 +67,7 @@ class ReconstructiveNeuronPruning(Defense):
         gen = torch.Generator().manual_seed(self.seed(ctx))
         clean = clean.to(ctx.device)
         crop, flip = cfg.augmentation(ctx.hflip)
-        drop_last, steps = _steps(len(clean), cfg.batch_size)
+        drop_last, steps = epoch_steps(len(clean), cfg.batch_size)
 
         def epoch_batches():
             return batches(clean, cfg.batch_size, device=ctx.device, shuffle=True, generator=gen,

@@ -21,7 +21,6 @@ Adam lr 1e-4, no weight decay, cosine schedule, 100 epochs (n_rounds), batch 256
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -33,8 +32,8 @@ from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..registry import DEFENSES
 from ..runtime import autocast, prepare_batch
-from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, frozen_copy, sgd_or_adam, train_mode,
-                   trainable_copy)
+from .base import (Defense, DefenseContext, DefenseResult, SGDDefenseConfig, epoch_steps, frozen_copy, sgd_or_adam,
+                   train_mode, trainable_copy)
 from .pgd import PGD, PGD_STARTS, eval_mode, no_weight_grads
 
 
@@ -126,8 +125,7 @@ class SharedAdversarialUnlearning(Defense):
         f = trainable_copy(model, device)
         clean = clean.to(device)
         crop, flip = cfg.augmentation(ctx.hflip)
-        drop_last = len(clean) % cfg.batch_size == 1  # a lone image would break BatchNorm in train mode
-        steps = max(1, len(clean) // cfg.batch_size if drop_last else math.ceil(len(clean) / cfg.batch_size))
+        drop_last, steps = epoch_steps(len(clean), cfg.batch_size)
         optimizer, scheduler = sgd_or_adam(f, cfg, steps)
         pgd = self.pgd()
         ctx.log(f"{self.name}: {len(clean)} clean images, {cfg.epochs} epochs; shared PGD L∞ {cfg.pgd_eps:g}, "
@@ -154,13 +152,7 @@ class SharedAdversarialUnlearning(Defense):
                 seen += len(y)
             means = (sums / max(seen, 1)).tolist()
             row = {"epoch": epoch, "lr": lr, **dict(zip(keys, means)), "seconds": time.perf_counter() - t0}
-            history.append(row)
-            ctx.log(f"{self.name} epoch {epoch}/{cfg.epochs}: " + " ".join(
-                f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"{self.name} diverged: the loss of epoch {epoch}/{cfg.epochs} is "
-                                         f"{row['loss']} (lr {lr:.4g}); lower defense.lr")
-            ctx.epoch_done(f, epoch, cfg.epochs, history)
+            ctx.record_epoch(self.name, f, row, history, cfg.epochs)
         f.eval()
         last = history[-1]
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started,

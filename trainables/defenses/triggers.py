@@ -20,7 +20,7 @@ from ..config import param
 from ..data import ImageSet, batches
 from ..models.base import Classifier
 from ..runtime import autocast, prepare_batch
-from .base import DefenseContext, SGDDefenseConfig, sgd_or_adam, train_mode
+from .base import DefenseContext, SGDDefenseConfig, epoch_steps, sgd_or_adam, train_mode
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]  # x in [0, 1] -> triggered x in [0, 1]
 
@@ -64,8 +64,7 @@ def unlearn_with_triggers(f: Classifier, clean: ImageSet, trigger: Trigger, cfg:
     epochs = cfg.epochs if epochs is None else epochs
     crop, flip = cfg.augmentation(ctx.hflip)
     clean = clean.to(ctx.device)
-    drop_last = len(clean) % cfg.batch_size == 1  # a lone image would break BatchNorm
-    steps = max(1, len(clean) // cfg.batch_size if drop_last else math.ceil(len(clean) / cfg.batch_size))
+    drop_last, steps = epoch_steps(len(clean), cfg.batch_size)
     optimizer, scheduler = sgd_or_adam(f, cfg, steps)
     history = []
     for epoch in range(1, epochs + 1):
