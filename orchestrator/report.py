@@ -27,7 +27,7 @@ from .mlflow_client import RetryingClient
 from .report_formats import spread_notes, tex_escape, to_csv, to_latex, to_markdown
 from .report_tables import (FAIL_ASR, NAMES, TABLES, UNDEFENDED_ROW, Cell, SweepResults, Table, build_tables,
                             cell, load_sweep, tuning_line)
-from .results import AttackView, fallback_warning
+from .results import AttackView, fallback_warning, gate_of, glance
 from .spec import load_spec, spec_fingerprint
 from .tracking_read import read_state
 
@@ -95,6 +95,8 @@ def write_report(sweeps: list[SweepResults], out: Path, fail_asr: float = FAIL_A
         md.append(f"- sweep `{s.sweep_id}`: experiment `{s.experiment}` at `{s.uri}`, parent run `{s.parent_run_id}`, "
                   f"export rule `{s.rule.text}`")
         md.append(f"  - {tuning_line(s.spec)}")
+    md += ["", "### At a glance", ""]
+    md += [f"- {glance(v, gate_of(s.spec), fail_asr)}" for s in sweeps for v in s.views.values()]
     md.append("")
     for t in tables:
         md.append(to_markdown(t))

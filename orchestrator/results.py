@@ -218,6 +218,44 @@ def attack_note(view: AttackView, objectives: Sequence, experiment_id: str | Non
     return "\n".join(lines)
 
 
+def glance(view: AttackView, gate: dict | None = None, fail_asr: float = 0.2) -> str:
+    """One sentence per attack, the paper's comparison as the sweep measured it: for each defense's
+    pick (tuned: the rule's among its trials; baselines: its run), whether the backdoor stays out
+    after reactivation (ASR, R-ASR and Q-ASR at most ``fail_asr``) at a CA above the collapse
+    floor, and at what cost; a defense that misses says so, with its numbers."""
+    base, floor = view.undefended.get("ca"), ca_floor(view, gate)
+    parts = []
+    for defense in dict.fromkeys(t.defense for t in view.records):
+        p = view.picks.get(defense)
+        runs = [t for t in view.records if t.defense == defense and t.status == "completed"]
+        if p is None and not runs:
+            continue
+        r = p.record if p is not None else runs[0]  # a baseline: its one run
+        m = r.metrics
+        ca = m.get("ca")
+        if not _finite(ca):
+            continue
+        rates = {k: m.get(k) for k in ("asr", "r_asr", "q_asr") if _finite(m.get(k))}
+        shown = ", ".join(f"{NAMES[k]} {pct(v)}" for k, v in rates.items() if k != "asr") or f"ASR {pct(rates.get('asr'))}"
+        cost = f"CA {pct(ca)}" + (f" ({100 * (ca - base):+.1f} points)" if _finite(base) else "")
+        tried = (f" (best of {sum(1 for t in view.records if t.defense == defense)} trials by the rule)"
+                 if r.tuned and p is not None and p.rule_met else
+                 f" (no trial of {sum(1 for t in view.records if t.defense == defense)} met the rule; the nearest)"
+                 if r.tuned else "")
+        if floor is not None and ca < floor:
+            verdict = f"collapses the model: {cost}, below the floor {pct(floor)}; its rates say nothing"
+        elif all(v <= fail_asr for v in rates.values()) and "r_asr" in rates:
+            verdict = f"keeps the backdoor out after reactivation ({shown}) at {cost}"
+        elif "r_asr" not in rates and rates.get("asr", 1.0) <= fail_asr:
+            verdict = f"removes the backdoor (ASR {pct(rates['asr'])}), reactivation not measured, at {cost}"
+        else:
+            verdict = f"leaves the backdoor or lets it back ({', '.join(f'{NAMES[k]} {pct(v)}' for k, v in rates.items())}) at {cost}"
+        parts.append(f"{display(defense)}{tried} {verdict}")
+    if not parts:
+        return f"{display(view.attack)}: no defense has a completed run."
+    return f"{display(view.attack)}: " + "; ".join(parts) + "."
+
+
 def pick_line(view: AttackView) -> str:
     if view.pick is None:
         return f"{view.attack}: nothing picked (no completed trial with every objective)."

@@ -437,3 +437,31 @@ def test_a_browser_reaches_the_front_and_the_pick_within_three_clicks(sweep, tmp
     for name in ("1-experiment", "2-sweep", "3-attack-front", "4-picked-trial"):
         png = tmp_path / f"tour-{name}.png"
         assert png.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+def test_at_a_glance_says_kept_out_let_back_or_collapsed_with_the_numbers():
+    """The report's first lines: per attack and defense, the verdict a reader takes away, which must
+    agree with the numbers (a collapsed model is never 'keeps the backdoor out')."""
+    from orchestrator.export import parse_rule
+    from orchestrator.results import attack_view, glance
+    from orchestrator.spec import Objective
+
+    objectives = [Objective("ca", "max"), Objective("r_asr", "min"), Objective("q_asr", "min")]
+    rule = parse_rule("max ca; r_asr <= 0.1; q_asr <= 0.1")
+    undefended = {"attack_stage/num_classes": 10.0, "attack_stage/backdoored_ca": 0.9, "attack_stage/backdoored_asr": 0.99}
+
+    def view_of(recs):
+        for r in recs:
+            r.metrics |= {"asr": r.metrics.get("q_asr", 0.0)}
+        return attack_view("badnets", recs, undefended, rule, objectives)
+
+    kept = glance(view_of([_rec(1, 0.85, 0.05, 0.02), _rec(2, 0.88, 0.6, 0.5),
+                           _rec(3, 0.9, 0.97, 0.95, defense="ft", tuned=False)]))
+    assert kept.startswith("BadNets: BI-BAU (U) (best of 2 trials by the rule) keeps the backdoor out after "
+                           "reactivation (R-ASR 5.0%, Q-ASR 2.0%) at CA 85.0% (-5.0 points)"), kept
+    assert "FT leaves the backdoor or lets it back (ASR 95.0%, R-ASR 97.0%, Q-ASR 95.0%)" in kept
+    # every trial that removes the backdoor sits near chance: the nearest pick is called collapsed
+    collapsed = glance(view_of([_rec(1, 0.12, 0.0, 0.0), _rec(2, 0.88, 0.6, 0.5)]))
+    assert "collapses the model: CA 12.0%" in collapsed and "keeps the backdoor out" not in collapsed, collapsed
+    missed = glance(view_of([_rec(1, 0.85, 0.5, 0.3)]))
+    assert "no trial of 1 met the rule; the nearest) leaves the backdoor or lets it back" in missed, missed
