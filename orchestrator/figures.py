@@ -157,8 +157,8 @@ def draw_panel(ax, view: AttackView, x, y, objectives: Sequence, rule: Rule | No
     if left_out:
         ax.text(0.99, 0.01, f"{left_out} trial(s) without {short(x.metric)} or {short(y.metric)} not shown",
                 transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5, color="dimgray")
-    if legend:  # outside the axes, to the right: nothing of the data under it
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+    if legend:  # below the axes, outside the data; below, not beside, so the figure keeps a column's width
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0, ncol=2,
                   frameon=False).set_in_layout(False)  # tight_layout keeps the axes' size; saving takes it in
     return left_out
 
