@@ -32,7 +32,7 @@ from torch.func import functional_call
 from ..runtime import autocast
 
 # elements of one per-sample gradient block (or unfolded input) at a time: bounds a layer's peak memory
-BLOCK = 1 << 25
+BLOCK = 1 << 27
 CACHE_BLOCK = 1 << 19  # on the CPU, where squaring a block that fits in cache beats one large block
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
