@@ -14,8 +14,8 @@ follow in closed form:
   convolution grouped by sample, or bmm of δ_i and the unfolded a_i), then squared and summed;
 - BatchNorm in eval mode (running statistics): γ: Σ_hw δ·x̂, β: Σ_hw δ per sample and channel.
 
-Only δ and the inputs are differentiated (no weight gradient is computed) and the squares are
-taken in float32 whatever autocast ran the layers in. Anything else gives None (the caller then
+The backward differentiates the input only (no weight gradient, except on ``verify`` below), and
+the squares are taken in float32 whatever autocast ran the layers in. Anything else gives None (the caller then
 uses vmap, so a result never changes silently): a parameterised module of another type or a
 subclass, a parameter registered twice, a layer that runs more than once per forward (weight
 sharing) or whose output does not reach the loss through the input; and a parameter used
