@@ -360,6 +360,27 @@ def test_sample_fisher_falls_back_to_vmap_where_hooks_cannot_be_exact(make, stat
     _assert_same_fisher(got, expected)
 
 
+@pytest.mark.parametrize("labelled", [True, False], ids=["labels", "predicted"])
+def test_hooked_squares_are_the_same_in_channels_last(labelled):
+    """CUDA runs models and batches channels_last (trainables.runtime). Without verify: PyTorch's
+    CPU channels_last weight gradient (the verify step's autograd reference) corrupted the heap in
+    torch 2.14 here, as in any CPU channels_last training step."""
+    model = create_model(ModelConfig(name="small_resnet", width=4), 10, generator=torch.Generator().manual_seed(0))
+    _stir_batchnorm(model)
+    model.eval()
+    x, y = images(6, 16), (labels(6, 10) if labelled else None)
+
+    def squares(m, xb):
+        params = {n: p.detach() for n, p in m.named_parameters()}
+        buffers = {n: b.detach() for n, b in m.named_buffers()}
+        return grad_squares.GradSquares.of(m).chunk(params, buffers, xb, y, CPU)
+
+    plain = squares(model, x)
+    model = model.to(memory_format=torch.channels_last)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_same_fisher(squares(model, x.contiguous(memory_format=torch.channels_last)), plain)
+
+
 def test_hooks_refuse_a_layer_registered_twice():
     model = Tiny()
     model.again = model.conv  # (functional_call, on both paths, would leave it with plain tensors)

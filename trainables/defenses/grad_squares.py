@@ -34,6 +34,7 @@ from ..runtime import autocast
 # elements of one per-sample gradient block (or unfolded input) at a time: bounds a layer's peak memory
 BLOCK = 1 << 27
 CACHE_BLOCK = 1 << 19  # on the CPU, where squaring a block that fits in cache beats one large block
+GROUPED_MIN_POSITIONS = 64  # output positions from which the grouped form beat bmm (CPU, 1 thread)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -178,7 +179,7 @@ def _conv2d(module: nn.Conv2d, a: torch.Tensor, d: torch.Tensor, sums: bool):
     total = torch.zeros_like(sq) if sums else None
     positions = d.shape[2] * d.shape[3]
     a, d = a.contiguous(), d.contiguous()
-    if positions >= 64:
+    if positions >= GROUPED_MIN_POSITIONS:
         rows = max(1, BLOCK // size)
         for i in range(0, n, rows):
             ai, di = a[i:i + rows], d[i:i + rows]
