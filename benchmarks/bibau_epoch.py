@@ -14,7 +14,7 @@ issue's goal: BI-BAU's 20 epochs in under 60 s on one H100.
 Weights are a fresh model's (the cost of an epoch does not depend on them). On CUDA everything
 runs as the product does: uint8 data on the device, bf16 autocast, channels_last, and
 ``--compile`` wraps the plain-training model in ``torch.compile`` (BI-BAU's own copies and its
-torch.func Fisher stay eager).
+per-sample Fisher stay eager).
 
     python benchmarks/bibau_epoch.py --device cuda            # records a row
     python benchmarks/bibau_epoch.py --tiny --doc /tmp/b.md   # CPU, seconds: checks the script

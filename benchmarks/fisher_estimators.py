@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--attack", default="badnets", help="the run config search_spaces/run_<attack>_cifar10.yaml")
     ap.add_argument("--images", type=int, default=None, help="clean-split images to use (default: all)")
-    ap.add_argument("--batch-size", type=int, default=64, help="images per gradient (batch) or per vmap chunk (sample)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per gradient (batch) or per chunk of per-sample gradients (sample)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of the run config")

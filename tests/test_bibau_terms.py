@@ -11,12 +11,15 @@ import trainables  # noqa: F401  (fill the registries)
 from trainables.config import ConfigError, build
 from trainables.defenses import DefenseConfig, build_defense
 from trainables.defenses.bibau import PRESETS, BiBauConfig
+from trainables.defenses import fisher as fisher_module
+from trainables.defenses import grad_squares
 from trainables.defenses.fisher import diagonal_fisher, normalize_fisher
 from trainables.defenses.losses import (backdoor_direction, cosine, ewc_penalty, inverse_ewc, kd_loss,
                                         prior_terms, trigger_loss)
 from trainables.defenses.pgd import EStep
+from trainables.models import ModelConfig, create_model
 from trainables.models.base import Classifier
-from trainables.registry import DEFENSES
+from trainables.registry import DEFENSES, MODELS
 
 CPU = torch.device("cpu")
 
@@ -209,6 +212,180 @@ def test_fisher_without_labels_uses_the_models_predictions():
     f8 = diagonal_fisher(model, x8, pred, CPU, batch_size=8, normalize="none")
     ff = diagonal_fisher(model, x8.float() / 255, pred, CPU, batch_size=8, normalize="none")
     assert all(torch.allclose(f8[n], ff[n]) for n in f8)
+
+
+# -- the per-sample Fisher from layer hooks (grad_squares.py) against torch.func's vmap --------------
+# every registered classifier at a size that builds and runs in well under a second on a CPU core
+TINY_MODELS = {
+    "small_resnet": ({"width": 4}, 16),
+    "resnet18": ({"width": 4, "depth": 1}, 16),
+    "preact_resnet18": ({"width": 4, "depth": 1}, 16),
+    "vgg19_bn": ({"width": 4}, 32),  # five max-pools
+    "clip_vit": ({"arch": "bibau-ViT-micro-8"}, 32),
+}
+# parameters outside any Linear, Conv2d or BatchNorm (a ViT's class and position embeddings): vmap
+HOOKLESS = {"clip_vit"}
+
+
+def _vmap_only(monkeypatch):
+    monkeypatch.setattr(fisher_module.GradSquares, "of", classmethod(lambda cls, model: None))
+
+
+def _count_vmap(monkeypatch) -> list:
+    calls, real = [], fisher_module._per_sample_grads
+    monkeypatch.setattr(fisher_module, "_per_sample_grads", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@torch.no_grad()
+def _stir_batchnorm(model, seed=1):
+    """Running statistics and affine parameters away from 0 and 1, so x̂, γ and β all matter."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+
+
+def _assert_same_fisher(got, ref):
+    assert got.keys() == ref.keys()
+    top = max(f.max().item() for f in ref.values())
+    assert top > 0
+    for n in ref:
+        assert got[n].dtype == torch.float32
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6 * top), n
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labels", "predicted"])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_sample_fisher_from_hooks_equals_vmap_on_every_registered_classifier(name, labelled, monkeypatch):
+    if name not in TINY_MODELS:
+        pytest.fail(f"model {name!r} is registered: give it a tiny size in TINY_MODELS (and HOOKLESS if its "
+                    "parameters are not all in Linear, Conv2d or BatchNorm layers)")
+    options, size = TINY_MODELS[name]
+    model = create_model(ModelConfig(name=name, **options), 10, generator=torch.Generator().manual_seed(0))
+    _stir_batchnorm(model)
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    x = images(10, size)
+    y = labels(10, 10) if labelled else None
+    vmap_calls = _count_vmap(monkeypatch)
+    got = diagonal_fisher(model, x, y, CPU, batch_size=4, estimator="sample", normalize="none")  # chunks 4, 4, 2
+    assert len(vmap_calls) == (3 if name in HOOKLESS else 0)  # the hooks ran every chunk, or never
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    if name in HOOKLESS:
+        return
+    _vmap_only(monkeypatch)
+    _assert_same_fisher(got, diagonal_fisher(model, x, y, CPU, batch_size=4, estimator="sample", normalize="none"))
+
+
+class Tokens(Classifier):
+    """The hooks' other layer shapes: a strided, dilated convolution with a bias, a Linear on
+    (N, T, d) tokens (a sample's rows add up) and a BatchNorm1d on (N, C)."""
+
+    def __init__(self):
+        super().__init__((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=2, dilation=2)
+        self.proj = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 4)
+
+    def embed(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.bn(F.relu(self.proj(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("block", [None, 50], ids=["whole", "sub-chunked"])
+@pytest.mark.parametrize("make,size", [(Tiny, 8), (Tokens, 8), (Tokens, 20)], ids=["tiny", "tokens", "tokens-large"])
+def test_sample_fisher_from_hooks_covers_each_layer_shape(make, size, block, monkeypatch):
+    model = make()
+    _stir_batchnorm(model)
+    x, y = images(7, size), labels(7)
+    if block:  # per-sample gradients in blocks of a few samples: the memory bound's path
+        monkeypatch.setattr(grad_squares, "BLOCK", block)
+    vmap_calls = _count_vmap(monkeypatch)
+    got = diagonal_fisher(model, x, y, CPU, batch_size=3, estimator="sample", normalize="none")
+    assert not vmap_calls
+    _vmap_only(monkeypatch)
+    _assert_same_fisher(got, diagonal_fisher(model, x, y, CPU, batch_size=3, estimator="sample", normalize="none"))
+
+
+class SharedConv(Tiny):
+    """One convolution applied twice per forward: weight sharing."""
+
+    def __init__(self):
+        super().__init__()
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+
+    def embed(self, x):
+        h = F.relu(self.bn(self.conv(x)))
+        return F.adaptive_avg_pool2d(F.relu(self.mid(F.relu(self.mid(h)))), 1).flatten(1)
+
+
+class HeadOutside(Tiny):
+    """The head's weight also used outside the head's own forward."""
+
+    def embed(self, x):
+        h = super().embed(x)
+        return h + 0.5 * (h @ self.head.weight.t()) @ self.head.weight
+
+
+class GroupNormed(Tiny):
+    """A layer type the hooks do not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.GroupNorm(2, 8)
+
+
+@pytest.mark.parametrize("make,static", [(SharedConv, True), (HeadOutside, True), (GroupNormed, False)],
+                         ids=["runs-twice", "used-outside", "unknown-layer"])
+def test_sample_fisher_falls_back_to_vmap_where_hooks_cannot_be_exact(make, static, monkeypatch):
+    model = make().eval()
+    x, y = images(6), labels(6)
+    assert (grad_squares.GradSquares.of(model) is not None) == static  # else caught at run time
+    vmap_calls = _count_vmap(monkeypatch)
+    got = diagonal_fisher(model, x, y, CPU, batch_size=4, estimator="sample", normalize="none")
+    assert len(vmap_calls) == 2
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(6):  # METHOD's definition, one sample at a time
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad ** 2 / 6
+    _assert_same_fisher(got, expected)
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labels", "predicted"])
+def test_hooked_squares_are_the_same_in_channels_last(labelled):
+    """CUDA runs models and batches channels_last (trainables.runtime). Without verify: PyTorch's
+    CPU channels_last weight gradient (the verify step's autograd reference) corrupted the heap in
+    torch 2.14 here, as in any CPU channels_last training step."""
+    model = create_model(ModelConfig(name="small_resnet", width=4), 10, generator=torch.Generator().manual_seed(0))
+    _stir_batchnorm(model)
+    model.eval()
+    x, y = images(6, 16), (labels(6, 10) if labelled else None)
+
+    def squares(m, xb):
+        params = {n: p.detach() for n, p in m.named_parameters()}
+        buffers = {n: b.detach() for n, b in m.named_buffers()}
+        return grad_squares.GradSquares.of(m).chunk(params, buffers, xb, y, CPU)
+
+    plain = squares(model, x)
+    model = model.to(memory_format=torch.channels_last)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_same_fisher(squares(model, x.contiguous(memory_format=torch.channels_last)), plain)
+
+
+def test_hooks_refuse_a_layer_registered_twice():
+    model = Tiny()
+    model.again = model.conv  # (functional_call, on both paths, would leave it with plain tensors)
+    assert grad_squares.GradSquares.of(model) is None
+    assert grad_squares.GradSquares.of(Tiny()) is not None
 
 
 # -- PGD ------------------------------------------------------------------------------------------

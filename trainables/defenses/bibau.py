@@ -83,10 +83,10 @@ class BiBauConfig(SGDDefenseConfig):
     fisher_norm: str = param("max", "Fisher normalisation over all parameters: max (entries in [0, 1]; METHOD) or mean "
                              "(diverged at λ1 = 1 in METHOD's run)", choices=("max", "mean"))
     fisher_estimator: str = param("sample", "sample: METHOD's empirical Fisher, the mean of squared per-sample "
-                                  "gradients (torch.func); batch: squared mini-batch gradients averaged over batches "
-                                  "(cheaper, a different weighting of the parameters: docs/benchmarks.md, Fisher "
-                                  "estimators)", choices=("sample", "batch"))
-    fisher_batch_size: int = param(64, "images per Fisher gradient (batch estimator) or per vmap chunk (sample: speed and memory only, the same Fisher; 256 took 45% off the Fishers' time on an H200)", low=1)
+                                  "gradients (from layer hooks; torch.func where a layer needs it); batch: squared "
+                                  "mini-batch gradients averaged over batches (cheaper, a different weighting of the "
+                                  "parameters: docs/benchmarks.md, Fisher estimators)", choices=("sample", "batch"))
+    fisher_batch_size: int = param(64, "images per Fisher gradient (batch estimator) or per chunk of per-sample gradients (sample: speed and memory only, the same Fisher; with vmap, 256 took 45% off the Fishers' time on an H200)", low=1)
     fisher_samples: int | None = param(None, "images each Fisher is estimated on (clean split; previous epoch's x'); None: all", low=1)
     # METHOD is silent on BatchNorm in the M-step; the three readings adversarial-training papers use,
     # measured side by side in benchmarks/bibau_cost.py (docs/benchmarks.md, "BI-BAU's clean-accuracy cost")

@@ -4,8 +4,10 @@ Two estimators (``estimator``):
 - ``batch`` (default, cheap): the squared gradient of each mini-batch's mean loss, averaged
   over mini-batches. It is the standard approximation of EWC code; it underestimates the
   per-sample Fisher by about the batch size, which the normalisation below absorbs.
-- ``sample``: the mean over samples of squared per-sample gradients (torch.func), the
-  textbook definition; a few times slower, and memory grows with parameters x chunk.
+- ``sample``: the mean over samples of squared per-sample gradients, the textbook definition
+  (METHOD's). Computed from layer hooks in closed form (``grad_squares.py``: one forward and one
+  backward per chunk) where every parameter's layer allows it, else by torch.func's vmap of
+  per-sample gradients (memory grows with parameters x chunk); both give the same numbers.
 Both run the model in eval mode (BatchNorm uses its running statistics and they are not
 updated) and leave the model's parameters, gradients and mode untouched.
 """
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ..runtime import autocast, prepare_batch
+from .grad_squares import GradSquares
 
 ESTIMATORS = ("batch", "sample")
 NORMALISATIONS = ("max", "mean", "none")
@@ -47,30 +50,40 @@ def diagonal_fisher(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tenso
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
+    hooks = GradSquares.of(model) if estimator == "sample" else None
     try:
         for start in range(0, len(x), batch_size):
             xb = prepare_batch(_as_float(x[start:start + batch_size], device), device)
-            if labels is None:
-                with torch.no_grad(), autocast(device):
-                    yb = functional_call(model, (params, buffers), (xb,)).argmax(1)
+            yb = None if labels is None else labels[start:start + batch_size].to(device)
+            if estimator == "sample":
+                # the hooks check their sums against autograd on the first chunk; once they
+                # cannot give the exact numbers, vmap does the rest of the call
+                squares = hooks.chunk(params, buffers, xb, yb, device, verify=count == 0) if hooks else None
+                if squares is None:
+                    hooks = None
+                    yb = _predicted(model, params, buffers, xb, device) if yb is None else yb
+                    squares = {n: g.float().pow(2).sum(0)
+                               for n, g in _per_sample_grads(model, params, buffers, xb, yb, device).items()}
+                count += len(xb)
             else:
-                yb = labels[start:start + batch_size].to(device)
-            if estimator == "batch":
+                yb = _predicted(model, params, buffers, xb, device) if yb is None else yb
                 live = {n: p.clone().requires_grad_(True) for n, p in params.items()}
                 with autocast(device):
                     logits = functional_call(model, (live, buffers), (xb,))
                 grads = torch.autograd.grad(F.cross_entropy(logits.float(), yb), list(live.values()))
-                for (n, _), g in zip(live.items(), grads):
-                    total[n] += g.float().pow(2)
+                squares = {n: g.float().pow(2) for n, g in zip(live, grads)}
                 count += 1
-            else:
-                for n, g in _per_sample_grads(model, params, buffers, xb, yb, device).items():
-                    total[n] += g.float().pow(2).sum(0)
-                count += len(xb)
+            for n, sq in squares.items():
+                total[n] += sq
     finally:
         model.train(was_training)
     fisher = {n: t / count for n, t in total.items()}
     return normalize_fisher(fisher, normalize)
+
+
+def _predicted(model, params, buffers, xb, device) -> torch.Tensor:
+    with torch.no_grad(), autocast(device):
+        return functional_call(model, (params, buffers), (xb,)).argmax(1)
 
 
 def _per_sample_grads(model, params, buffers, xb, yb, device) -> dict[str, torch.Tensor]:
