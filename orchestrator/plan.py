@@ -107,7 +107,14 @@ def plan(spec: SweepSpec) -> Plan:
                 probe = merge(defense, {k: s.endpoints()[0] for k, s in d.space.items()})
                 trial = merge(stage.config, {"threads": trial_threads})
                 if spec.gate is not None:  # the spec's gate wins over one in base.evaluation
-                    trial = merge(trial, {"evaluation": {"gate": to_dict(spec.gate)}})
+                    gate = to_dict(spec.gate)
+                    if not d.tuned and gate.get("asr_max") is not None:
+                        # a baseline is the comparison, one run per attack: its R-ASR shows how far the
+                        # backdoor comes back, which is worth the RA it costs; asr_max saves in searches
+                        gate = {**gate, "asr_max": None}
+                        if gate.get("ca_min") is None and gate.get("ca_drop_max") is None:
+                            gate = None
+                    trial = merge(trial, {"evaluation": {"gate": gate}})
                 _resolve(merge(trial, {"defense": probe}), f"defenses[{j}] ({d.key}) with attack {label}")
                 resolved = _resolve(merge(trial, {"defense": defense}), f"defenses[{j}] ({d.key}) with attack {label}")
                 studies.append(Study(

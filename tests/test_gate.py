@@ -52,6 +52,21 @@ def test_the_spec_gate_reaches_every_defense_trial_and_no_attack_stage(tmp_path)
     assert all(s.config["evaluation"]["gate"] is None for s in plan.studies)  # no gate: full evaluation
 
 
+def test_asr_max_spares_the_baselines_their_reactivation(tmp_path):
+    """A searched trial whose backdoor survived skips RA and QRA; a baseline keeps them: its R-ASR is
+    what the searched defense is compared with."""
+    data = {**spec_dict(tmp_path / "store"), "gate": {"ca_drop_max": 0.3, "asr_max": 0.2}}
+    data["defenses"] = [{"name": "bibau_u", "fixed": {"epochs": 1}, "space": {"theta": {"low": 0.0, "high": 1.0}},
+                         "trials": 2}, {"name": "ft", "fixed": {"epochs": 1}}]
+    _, plan = load_spec(write_spec(tmp_path, data))
+    gates = {s.defense: s.config["evaluation"]["gate"] for s in plan.studies}
+    assert gates["bibau_u"]["asr_max"] == 0.2 and gates["bibau_u"]["ca_drop_max"] == 0.3
+    assert gates["ft"]["asr_max"] is None and gates["ft"]["ca_drop_max"] == 0.3
+    data["gate"] = {"asr_max": 0.2}
+    _, plan = load_spec(write_spec(tmp_path, data))
+    assert {s.defense: s.config["evaluation"]["gate"] is None for s in plan.studies} == {"bibau_u": False, "ft": True}
+
+
 def test_gate_margin_names_the_rule_that_failed():
     g = GateConfig(ca_min=0.5, ca_drop_max=0.2)
     assert g.margin(0.75, 0.9) == (pytest.approx(-0.05), "")

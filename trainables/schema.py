@@ -69,7 +69,8 @@ class GateConfig(Config):
     # and its RA and QRA (most of a CPU trial) would only confirm it
     asr_max: float | None = param(None, "highest attack success rate after the defense worth the full evaluation "
                                   "(fraction in [0, 1]): a model whose backdoor is still in place skips RA, QRA "
-                                  "and BEC; None: no limit. Not used during the defense", low=0.0, high=1.0)
+                                  "and BEC; None: no limit. Not used during the defense, nor on a sweep's baselines (their R-ASR is the "
+                                  "comparison)", low=0.0, high=1.0)
     # the gate can also stop the defense itself: a trial whose model already sits clearly below the
     # floor half-way through its defense rarely climbs back, and the rest of its defense is wasted
     during_defense: bool = param(False, "also check the gate after each epoch of the defense (BI-BAU, FT, IBU) and "
