@@ -8,10 +8,13 @@
    a. decouple benign features: a feature mask M = tanh(·)/2 + 0.5 learned for ``mask_epochs``
       (20, Adam 0.01) on CE(f(M⊙h), y) - CE(f((1-M)⊙h), y);
    b. invert the trigger: train G for ``invert_epochs`` (30) on
-      -MSE((1-M)⊙h(x), (1-M)⊙h(G(x))) + 0.01·MSE(M⊙h(x), M⊙h(G(x))), plus, from the second round,
-      CE(f(G(x)), detected target); a batch whose image MSE exceeds ``norm_bound`` (0.3) or whose
-      benign-feature MSE exceeds ``feat_bound`` (5) minimises only the image MSE. The detected
-      target is the majority class of f(G(x + 0.03·N(0, 1))) on the clean split;
+      -MSE((1-M)⊙h(x), (1-M)⊙h(G(x))) + 0.01·MSE(M⊙h(x), M⊙h(G(x))); a batch whose image MSE
+      exceeds ``norm_bound`` (0.3) or whose benign-feature MSE exceeds ``feat_bound`` (5) has the
+      image MSE in place of those two terms. From the second round, every batch, bounded or not,
+      adds CE(f(G(x)), detected target). The target is detected once, after the first round's
+      inversion, and kept (the reference's default, ``earlystop`` off): the majority class of
+      f(G(x + 0.03·N(0, 1))) on the clean split, the noise in normalised-input units as the
+      reference adds it to normalised images;
    c. unlearn for ``epochs`` (30, Adam 1e-4): in each batch int(0.2·B) + 1 images become G(x),
       labels kept true; loss CE + MSE(h(x̃), h(x)) (``triggers.unlearn_with_triggers``).
 
@@ -61,7 +64,8 @@ class BtiDbfConfig(UnlearnConfig):
     feature_weight: float = param(1.0, "weight of MSE(h(x~), h(x)) in the unlearning", low=0.0)
     unet_width: int = param(32, "filters of the generator's first level", low=1)
     unet_depth: int = param(4, "levels of the generator", low=1)
-    noise: float = param(0.03, "std of the Gaussian noise added before the target detection", low=0.0)
+    noise: float = param(0.03, "std of the Gaussian noise added to the clean images before the target detection, "
+                         "in normalised-input units (the reference adds it to normalised images)", low=0.0)
     features: str = param("map", "h of the decoupling, inversion and feature MSEs: map (the last feature map "
                           "before the global pool, the reference) or pooled (the penultimate vector)",
                           choices=("map", "pooled"))
@@ -147,11 +151,16 @@ class BtiDbfUnlearning(Defense):
             snap = frozen_copy(f, ctx.device)
             mask = self._decouple(snap, epoch_batches, cfg, ctx, gen, record, prefix)
             self._invert(snap, g, g_opt, mask, target, epoch_batches, cfg, ctx, record, prefix)
-            target, share = self._detect_target(snap, g, clean, cfg, ctx, gen)
+            if target is None:  # once, on the backdoored model; later rounds invert toward it
+                shares = self._detect_target(snap, g, clean, cfg, ctx, gen)
+                target = int(shares.argmax())
+                ctx.log(f"{self.name} {prefix}detected target {target} ({float(shares[target]):.2f} of G(x) land "
+                        "there; per class " + " ".join(f"{float(v):.2f}" for v in shares) + ")")
+                findings = {"detected_target": float(target), "target_share": float(shares[target]),
+                            "runner_up_share": float(shares.topk(min(2, len(shares))).values[-1])}
             g.eval()
-            ctx.log(f"{self.name} {prefix}detected target {target} ({share:.2f} of G(x) land there)")
             history += self._unlearn(model, f, clean, g, cfg, ctx, gen, prefix)
-            findings = {"detected_target": float(target), "target_share": share, "rounds": float(rnd)}
+            findings["rounds"] = float(rnd)
         findings.update(self._trigger_norms(g, clean, cfg, ctx))
         f.eval()
         return DefenseResult(model=f, history=history, seconds=time.perf_counter() - started, findings=findings)
@@ -207,9 +216,9 @@ class BtiDbfUnlearning(Defense):
                     loss = img
                 else:
                     loss = -F.mse_loss((1 - mask) * h_x, (1 - mask) * h_g) + 0.01 * benign
-                    if target is not None:
-                        labels = torch.full((len(x),), target, dtype=torch.long, device=x.device)
-                        loss = loss + F.cross_entropy(_logits(f, h_g).float(), labels)
+                if target is not None:  # bounded batches too, as the reference adds it after the bound's choice
+                    labels = torch.full((len(x),), target, dtype=torch.long, device=x.device)
+                    loss = loss + F.cross_entropy(_logits(f, h_g).float(), labels)
                 g_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 g_opt.step()
@@ -221,17 +230,18 @@ class BtiDbfUnlearning(Defense):
 
     @torch.no_grad()
     def _detect_target(self, f: Classifier, g: UNet, clean: ImageSet, cfg: BtiDbfConfig, ctx: DefenseContext,
-                       gen: torch.Generator) -> tuple[int, float]:
-        """The majority class of f(G(x + noise)) over the clean split, and its share."""
+                       gen: torch.Generator) -> torch.Tensor:
+        """Each class's share of f(G(x + noise)) over the clean split (the target is the largest)."""
         g.eval()
         counts = torch.zeros(ctx.num_classes, device=ctx.device)
+        std = f.std.to(ctx.device)  # noise in normalised units is noise·std in [0, 1] pixels
         for x, _ in batches(clean, cfg.batch_size, device=ctx.device, shuffle=False):
-            noisy = (x + cfg.noise * torch.randn(x.shape, generator=gen).to(x.device)).clamp(0, 1)
+            noise = torch.randn(x.shape, generator=gen).to(x.device)
+            noisy = (x + cfg.noise * std * noise).clamp(0, 1)
             with autocast(ctx.device):
                 pred = f(prepare_batch(g(noisy), ctx.device)).argmax(1)
             counts += torch.bincount(pred, minlength=ctx.num_classes)[: ctx.num_classes]
-        target = int(counts.argmax())
-        return target, float(counts[target] / counts.sum())
+        return (counts / counts.sum()).cpu()
 
     @torch.no_grad()
     def _trigger_norms(self, g: UNet, clean: ImageSet, cfg: BtiDbfConfig,
