@@ -55,28 +55,50 @@ def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str 
         base_ca = undefended.get(attack, {}).get("attack_stage/backdoored_ca")
         for study in sorted({r.study for r in records if r.attack == attack}, key=lambda s: (s.endswith("ft"), s)):
             recs = [r for r in records if r.attack == attack and r.study == study]
-            done = sum(r.status == "completed" for r in recs)
-            gated = sum(r.status == "gated" for r in recs)
-            running = sum(r.status == "running" for r in recs)
-            failed = len(recs) - done - gated - running
             meeting = [r for r in recs if r.status == "completed" and rule.feasible(r)]
             tuned = any(r.tuned for r in recs)
             best = max(meeting, key=lambda r: r.metrics.get("ca", -1.0)) if meeting else None
             shown = best if best is not None or tuned else (recs[0] if recs else None)
-            m = shown.metrics if shown is not None else {}
-            settings = ""
-            if shown is not None and tuned:
-                settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                     for k, v in sorted(shown.params.items()))
-            out.append({
-                "sweep": tracker.sweep_id, "attack": attack, "study": study.split("/", 1)[-1],
-                "trials": f"{done} / {gated} / {failed}" + (f" (+{running} running)" if running else ""), "rule": rule.text,
-                "best_ca": _pct(m.get("ca")) if shown is not None else "none",
-                "met": best is not None,
-                "ca_drop": _pct(base_ca - m["ca"]) if base_ca is not None and m.get("ca") is not None else "-",
-                "asr": _pct(m.get("asr")), "r_asr": _pct(m.get("r_asr")), "q_asr": _pct(m.get("q_asr")),
-                "settings": settings or ("(fixed)" if not tuned else "")})
+            rows = [(study.split("/", 1)[-1], shown, best is not None)]
+            default = _defaults_trial(recs) if tuned and len(recs) > 1 else None
+            if default is not None:  # the study's first trial: the registered defaults, the row to beat
+                rows.append((study.split("/", 1)[-1] + " (defaults)", default, default.status == "completed"
+                             and rule.feasible(default)))
+            for label, shown, met in rows:
+                out.append(_row(tracker.sweep_id, attack, label, recs if "(defaults)" not in label else [shown],
+                                rule, shown, met, base_ca, tuned and "(defaults)" not in label))
     return out
+
+
+def _defaults_trial(recs):
+    """The trial whose sampled values are the defense's registered defaults (a tuned study's first)."""
+    from trainables.registry import DEFENSES
+
+    for r in recs:
+        if not r.params:
+            continue
+        cfg = DEFENSES.get(r.defense).Config()
+        if all(isinstance(v, (int, float)) and math.isclose(float(v), float(getattr(cfg, k, float("nan"))), rel_tol=1e-6)
+               for k, v in r.params.items()):
+            return r
+    return None
+
+
+def _row(sweep, attack, label, recs, rule, shown, met, base_ca, tuned) -> dict:
+    m = shown.metrics if shown is not None else {}
+    done = sum(r.status == "completed" for r in recs)
+    gated = sum(r.status == "gated" for r in recs)
+    running = sum(r.status == "running" for r in recs)
+    failed = len(recs) - done - gated - running
+    settings = ""
+    if shown is not None and tuned:
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(shown.params.items()))
+    return {"sweep": sweep, "attack": attack, "study": label,
+            "trials": f"{done} / {gated} / {failed}" + (f" (+{running} running)" if running else ""),
+            "rule": rule.text, "best_ca": _pct(m.get("ca")) if shown is not None else "none", "met": met,
+            "ca_drop": _pct(base_ca - m["ca"]) if base_ca is not None and m.get("ca") is not None else "-",
+            "asr": _pct(m.get("asr")), "r_asr": _pct(m.get("r_asr")), "q_asr": _pct(m.get("q_asr")),
+            "settings": settings or ("registered defaults" if label.endswith("(defaults)") else "(fixed)" if not tuned else "")}
 
 
 def main(argv=None) -> int:
@@ -91,7 +113,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = rows_of(args.spec, args.set, args.rule, args.sweep)
     for r in rows:
-        best = r["best_ca"] if r["met"] or r["settings"] == "(fixed)" else f"none ({r['best_ca']})"
+        best = r["best_ca"] if r["met"] or not r["settings"].count("=") else f"none ({r['best_ca']})"
         print(f"{r['attack']:10s} {r['study']:18s} {r['trials']:>12s}  CA {best:>12s}  drop {r['ca_drop']:>5s}  "
               f"ASR {r['asr']:>5s}  R-ASR {r['r_asr']:>5s}  Q-ASR {r['q_asr']:>5s}  {r['settings']}")
     if args.record:

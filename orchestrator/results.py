@@ -227,7 +227,8 @@ def glance(view: AttackView, gate: dict | None = None, fail_asr: float = 0.2) ->
     parts = []
     for defense in dict.fromkeys(t.defense for t in view.records):
         p = view.picks.get(defense)
-        runs = [t for t in view.records if t.defense == defense and t.status == "completed"]
+        # a gated baseline still has the CA and ASR it was gated on
+        runs = [t for t in view.records if t.defense == defense and t.status in ("completed", "gated")]
         if p is None and not runs:
             continue
         r = p.record if p is not None else runs[0]  # a baseline: its one run
@@ -238,10 +239,11 @@ def glance(view: AttackView, gate: dict | None = None, fail_asr: float = 0.2) ->
         rates = {k: m.get(k) for k in ("asr", "r_asr", "q_asr") if _finite(m.get(k))}
         shown = ", ".join(f"{NAMES[k]} {pct(v)}" for k, v in rates.items() if k != "asr") or f"ASR {pct(rates.get('asr'))}"
         cost = f"CA {pct(ca)}" + (f" ({100 * (ca - base):+.1f} points)" if _finite(base) else "")
-        tried = (f" (best of {sum(1 for t in view.records if t.defense == defense)} trials by the rule)"
-                 if r.tuned and p is not None and p.rule_met else
-                 f" (no trial of {sum(1 for t in view.records if t.defense == defense)} met the rule; the nearest)"
-                 if r.tuned else "")
+        n = sum(1 for t in view.records if t.defense == defense)
+        trials = f"{n} trial{'s' if n != 1 else ''}"
+        tried = (f" (best of {trials} by the rule)" if r.tuned and p is not None and p.rule_met else
+                 f" (no trial of {n} met the rule; the nearest)" if r.tuned and n > 1 else
+                 " (one trial, not meeting the rule)" if r.tuned else "")
         if floor is not None and ca < floor:
             verdict = f"collapses the model: {cost}, below the floor {pct(floor)}; its rates say nothing"
         elif all(v <= fail_asr for v in rates.values()) and "r_asr" in rates:

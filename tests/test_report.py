@@ -464,4 +464,4 @@ def test_at_a_glance_says_kept_out_let_back_or_collapsed_with_the_numbers():
     collapsed = glance(view_of([_rec(1, 0.12, 0.0, 0.0), _rec(2, 0.88, 0.6, 0.5)]))
     assert "collapses the model: CA 12.0%" in collapsed and "keeps the backdoor out" not in collapsed, collapsed
     missed = glance(view_of([_rec(1, 0.85, 0.5, 0.3)]))
-    assert "no trial of 1 met the rule; the nearest) leaves the backdoor or lets it back" in missed, missed
+    assert "(one trial, not meeting the rule) leaves the backdoor or lets it back" in missed, missed
