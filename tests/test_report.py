@@ -465,3 +465,23 @@ def test_at_a_glance_says_kept_out_let_back_or_collapsed_with_the_numbers():
     assert "collapses the model: CA 12.0%" in collapsed and "keeps the backdoor out" not in collapsed, collapsed
     missed = glance(view_of([_rec(1, 0.85, 0.5, 0.3)]))
     assert "(one trial, not meeting the rule) leaves the backdoor or lets it back" in missed, missed
+
+
+def test_sweep_fronts_reads_each_studys_best_under_the_rule_and_the_defaults_row(sweep):
+    """benchmarks/sweep_fronts.py: per attack and study, the best CA among the trials meeting the rule,
+    recomputed here from the sweep's records; the defaults' trial of a tuned study as its own row."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.sweep_fronts import rows_of
+
+    rows = rows_of(str(sweep["spec"]), [], "max ca; r_asr <= 0.5; q_asr <= 0.5", None)
+    out = sweep["out"]
+    for attack in ("badnets", "blended"):
+        recs = [r for r in out.records if r.attack == attack and r.defense == "bibau_u"]
+        ok = [r for r in recs if r.status == "completed" and r.metrics["r_asr"] <= 0.5 and r.metrics["q_asr"] <= 0.5]
+        (row,) = [r for r in rows if r["attack"] == attack and r["study"] == "bibau_u"]
+        assert row["met"] == bool(ok)
+        if ok:
+            assert row["best_ca"] == f"{100 * max(r.metrics['ca'] for r in ok):.1f}"
+        assert row["trials"].startswith(f"{sum(r.status == 'completed' for r in recs)} / ")
+        (ft,) = [r for r in rows if r["attack"] == attack and r["study"] == "ft"]
+        assert ft["settings"] == "(fixed)"
