@@ -39,10 +39,13 @@ def _pct(v) -> str:
 def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str | None) -> list[dict]:
     from orchestrator.objectives import Objective
     from orchestrator.rules import parse_rule
+    from orchestrator.search import default_params
     from orchestrator.spec import load_spec
     from orchestrator.tracking_read import open_sweep
 
-    spec, _ = load_spec(spec_path, overrides)
+    spec, plan = load_spec(spec_path, overrides)
+    # what each tuned study enqueued as its first trial (the registered defaults, fitted to the space)
+    defaults = {st.key: default_params(st) for st in plan.studies if st.space}
     tracker, logged = open_sweep(spec.tracking_uri, spec.experiment, sweep_id)
     objectives = [Objective(**o) for o in logged["objectives"]]
     metrics = [o.metric for o in objectives]
@@ -60,7 +63,10 @@ def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str 
             best = max(meeting, key=lambda r: r.metrics.get("ca", -1.0)) if meeting else None
             shown = best if best is not None or tuned else (recs[0] if recs else None)
             rows = [(study.split("/", 1)[-1], shown, best is not None)]
-            default = _defaults_trial(recs) if tuned and len(recs) > 1 else None
+            first = defaults.get(study)
+            default = next((r for r in recs if first and r.params and all(
+                math.isclose(float(r.params.get(k, math.nan)), float(v), rel_tol=1e-6) for k, v in first.items())),
+                None) if len(recs) > 1 else None
             if default is not None:  # the study's first trial: the registered defaults, the row to beat
                 rows.append((study.split("/", 1)[-1] + " (defaults)", default, default.status == "completed"
                              and rule.feasible(default)))
@@ -68,20 +74,6 @@ def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str 
                 out.append(_row(tracker.sweep_id, attack, label, recs if "(defaults)" not in label else [shown],
                                 rule, shown, met, base_ca, tuned and "(defaults)" not in label))
     return out
-
-
-def _defaults_trial(recs):
-    """The trial whose sampled values are the defense's registered defaults (a tuned study's first)."""
-    from trainables.registry import DEFENSES
-
-    for r in recs:
-        if not r.params:
-            continue
-        cfg = DEFENSES.get(r.defense).Config()
-        if all(isinstance(v, (int, float)) and math.isclose(float(v), float(getattr(cfg, k, float("nan"))), rel_tol=1e-6)
-               for k, v in r.params.items()):
-            return r
-    return None
 
 
 def _row(sweep, attack, label, recs, rule, shown, met, base_ca, tuned) -> dict:
