@@ -6,11 +6,16 @@ registered defaults) beside it. Works on a finished sweep and on one still runni
 
     python benchmarks/sweep_fronts.py search_spaces/cifar10_cpu_bibau.yaml --set storage=/work/sweep/runs/sweeps
     python benchmarks/sweep_fronts.py search_spaces/cifar10_cpu_bibau.yaml --record
+    python benchmarks/sweep_fronts.py search_spaces/cifar10_cpu_bibau.yaml --trials docs/data/SWEEP-trials.jsonl
+
+``--trials`` writes every trial (attack, study, status, sampled settings, metrics) as JSON lines: a
+sweep's raw numbers outlive the machine its MLflow store was on.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import shlex
 import sys
@@ -36,7 +41,17 @@ def _pct(v) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
 
 
-def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str | None) -> list[dict]:
+def trial_rows(records, sweep_id: str) -> list[dict]:
+    """One plain mapping per trial, in completion order (``--trials``)."""
+    return [{"sweep": sweep_id, "attack": r.attack, "study": r.study.split("/", 1)[-1], "order": r.order,
+             "status": r.status, "tuned": r.tuned, "params": r.params,
+             "metrics": {k: v for k, v in sorted(r.metrics.items()) if isinstance(v, (int, float)) and math.isfinite(v)},
+             **({"error": r.error} if r.error else {})}
+            for r in sorted(records, key=lambda r: (r.attack, r.study, r.order))]
+
+
+def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str | None,
+            trials_out: Path | None = None) -> list[dict]:
     from orchestrator.objectives import Objective
     from orchestrator.rules import parse_rule
     from orchestrator.search import default_params
@@ -51,6 +66,9 @@ def rows_of(spec_path: str, overrides: list[str], rule_text: str, sweep_id: str 
     metrics = [o.metric for o in objectives]
     rule = parse_rule(rule_text, metrics)
     records = tracker.records()
+    if trials_out is not None:
+        trials_out.parent.mkdir(parents=True, exist_ok=True)
+        trials_out.write_text("".join(json.dumps(t, default=str) + "\n" for t in trial_rows(records, tracker.sweep_id)))
     state = tracker.state()
     undefended = {a: dict(tracker.client.get_run(run).data.metrics) for a, run in state.get("attack_runs", {}).items()}
     out = []
@@ -102,8 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--rule", default="max ca; r_asr <= 0.2; q_asr <= 0.2", help="what a trial must meet")
     p.add_argument("--record", action="store_true", help="append the rows to the results page")
     p.add_argument("--doc", type=Path, default=DOC, help="results page (default docs/benchmarks.md)")
+    p.add_argument("--trials", type=Path, metavar="FILE", help="also write every trial (status, settings, metrics) "
+                   "to FILE as JSON lines")
     args = p.parse_args(argv)
-    rows = rows_of(args.spec, args.set, args.rule, args.sweep)
+    rows = rows_of(args.spec, args.set, args.rule, args.sweep, args.trials)
     for r in rows:
         best = r["best_ca"] if r["met"] or not r["settings"].count("=") else f"none ({r['best_ca']})"
         print(f"{r['attack']:10s} {r['study']:18s} {r['trials']:>12s}  CA {best:>12s}  drop {r['ca_drop']:>5s}  "

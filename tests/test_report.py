@@ -467,14 +467,24 @@ def test_at_a_glance_says_kept_out_let_back_or_collapsed_with_the_numbers():
     assert "(one trial, not meeting the rule) leaves the backdoor or lets it back" in missed, missed
 
 
-def test_sweep_fronts_reads_each_studys_best_under_the_rule_and_the_defaults_row(sweep):
+def test_sweep_fronts_reads_each_studys_best_under_the_rule_and_the_defaults_row(sweep, tmp_path):
     """benchmarks/sweep_fronts.py: per attack and study, the best CA among the trials meeting the rule,
-    recomputed here from the sweep's records; the defaults' trial of a tuned study as its own row."""
+    recomputed here from the sweep's records; the defaults' trial of a tuned study as its own row;
+    ``--trials`` keeps every trial's status, settings and metrics."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.sweep_fronts import rows_of
 
-    rows = rows_of(str(sweep["spec"]), [], "max ca; r_asr <= 0.5; q_asr <= 0.5", None)
+    dump = tmp_path / "trials.jsonl"
+    rows = rows_of(str(sweep["spec"]), [], "max ca; r_asr <= 0.5; q_asr <= 0.5", None, dump)
     out = sweep["out"]
+    trials = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(trials) == len(out.records)
+    by_key = {(t["attack"], t["study"], t["order"]): t for t in trials}
+    for r in out.records:
+        t = by_key[(r.attack, r.study.split("/", 1)[-1], r.order)]
+        assert t["status"] == r.status and t["params"] == pytest.approx(r.params)
+        if r.status == "completed":
+            assert t["metrics"]["ca"] == pytest.approx(r.metrics["ca"]) and "r_asr" in t["metrics"]
     for attack in ("badnets", "blended"):
         recs = [r for r in out.records if r.attack == attack and r.defense == "bibau_u"]
         ok = [r for r in recs if r.status == "completed" and r.metrics["r_asr"] <= 0.5 and r.metrics["q_asr"] <= 0.5]
