@@ -128,13 +128,19 @@ def trial_config(attack: str, defense: str, args) -> object:
     return load_run_config(str(own), overrides)
 
 
+# --set keys that say where things are, not what was measured: left out of a row's settings
+WHERE_KEYS = ("cache_dir", "data.root", "data.cache_dir")
+
+
 def settings(defense: str, args, cfg) -> str:
-    """The defense's non-default settings, then the clean split's augmentation as resolved."""
+    """The defense's non-default settings, then the clean split's augmentation as resolved, then
+    every --set that changed the run (another width, schedule or evaluation: the row says so)."""
     items = ", ".join(defense_items(defense, args)) or "defaults"
     d = cfg.defense
-    if d is None or not hasattr(d, "crop_padding"):
-        return items
-    return f"{items}; crop {d.crop_padding}, {'flips' if d.hflip else 'no flips'}"
+    if d is not None and hasattr(d, "crop_padding"):
+        items = f"{items}; crop {d.crop_padding}, {'flips' if d.hflip else 'no flips'}"
+    run = [item for item in args.set if item.split("=", 1)[0].strip() not in WHERE_KEYS]
+    return f"{items}; run: {', '.join(run)}" if run else items
 
 
 def epoch_seconds(report: dict) -> float | None:

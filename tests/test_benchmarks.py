@@ -176,3 +176,18 @@ def test_unlearning_epoch_cost_tiny_records_the_ratios(tmp_path, capsys):
     assert len(rows) == 1 and "small_resnet w8" in rows[0]
     with pytest.raises(SystemExit):
         unlearning_epoch_cost.main(["--pgd-steps", "0"])
+
+
+def test_a_row_names_the_run_overrides_it_ran_with_but_not_where_files_were():
+    """A row measured at another width (--set model.width=8) says so in its settings; where the
+    cache or data lay does not change what was measured and stays out."""
+    import argparse
+
+    args = argparse.Namespace(metrics=["ca", "asr"], seed=0, defense_set=[], full_scale=False,
+                              set=["model.width=8", "cache_dir=/tmp/elsewhere"])
+    cfg = cifar10_small.trial_config("badnets", "fst", args)
+    assert cfg.model.width == 8 and str(cfg.cache_dir) == "/tmp/elsewhere"
+    text = cifar10_small.settings("fst", args, cfg)
+    assert text.endswith("; run: model.width=8") and "elsewhere" not in text
+    args.set = []
+    assert "run:" not in cifar10_small.settings("fst", args, cifar10_small.trial_config("badnets", "fst", args))
