@@ -28,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "benchmarks.md"
 OPTIONS = "options"  # a key part that is no column: the command's settings (see command_options)
+# a key part that is no column: what a cifar10_small row ran at besides its script's scale (the settings'
+# "run: ..." overrides, e.g. another width), so that a row at another width never stands in for the scale's own
+RUN = "run"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,9 @@ SECTIONS = (
             "cifar10-cpu-tables",
             "Tables 1 and 2 at CPU scale: every registered attack on CIFAR-10 (20,000 images, a width-16 ResNet), "
             "purified by BI-BAU and every baseline, measured by CA, ASR, R-ASR, Q-ASR and BEC, with the data each "
-            "defense saw and its cost in training epochs.",
-            "python benchmarks/cifar10_small.py --attacks A --defenses D --record", key=("attack", "defense", "data")),
+            "defense saw and its cost in training epochs; rows run at another width or schedule "
+            "say so in their settings (`run: ...`) and stand beside the scale's own.",
+            "python benchmarks/cifar10_small.py --attacks A --defenses D --record", key=("attack", "defense", "data", RUN)),
     Section("## CIFAR-10 on clip_vit at CPU scale: Table 3 (benchmarks/clip_vit_cifar10.py)", "clip-vit-table3",
             "Table 3 at CPU scale: BadNets and Blended on a tiny CLIP ViT with a linear head, trained from scratch, "
             "purified by BI-BAU(T), BI-BAU(U) and FT; two reduced scales (the `--set` in the command).",
@@ -200,8 +204,15 @@ def command_options(command: str) -> str:
     return " ".join(kept)
 
 
+def run_of(row: dict) -> str:
+    """The RUN key part: the "run: ..." overrides at the end of a row's settings ("" at the script's scale)."""
+    settings = str(row.get("settings", ""))
+    return settings.split("; run: ", 1)[1] if "; run: " in settings else ""
+
+
 def key_of(row: dict, key: tuple[str, ...]) -> tuple:
-    return tuple(command_options(row.get("command", "")) if k == OPTIONS else row.get(k, "") for k in key)
+    return tuple(command_options(row.get("command", "")) if k == OPTIONS else run_of(row) if k == RUN
+                 else row.get(k, "") for k in key)
 
 
 def current_rows(records: list[dict], section: Section) -> list[dict]:

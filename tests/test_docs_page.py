@@ -212,3 +212,18 @@ def test_records_from_a_gpu_machine_are_added_to_their_histories(tmp_path, monke
     rows.write_text("".join(json.dumps(r) + "\n" for r in new))
     assert docs_page.add(rows, page) == 1
     assert [r["row"]["v"] for r in docs_page.read_history(tmp_path / "docs" / "results" / "a.jsonl")] == ["1", "2", "2"]
+
+
+def test_a_row_at_another_width_stands_beside_the_scales_own_row_not_in_its_place():
+    """cifar10_small rows run with --set (settings ending "; run: model.width=8") are their own rows;
+    a newer row at the script's scale still replaces the older one."""
+    section = docs_page.Section("## S", "s", key=("attack", "defense", docs_page.RUN))
+
+    def rec(value, settings):
+        return {"section": "## S", "row": {"attack": "sig", "defense": "bibau_u", "settings": settings,
+                                             "value": value}}
+
+    records = [rec("w16 old", "epochs=5; crop 0, flips"),
+               rec("w8", "epochs=5, alpha=4.25; crop 0, flips; run: model.width=8"),
+               rec("w16 new", "epochs=5; crop 0, flips")]
+    assert [r["value"] for r in docs_page.current_rows(records, section)] == ["w16 new", "w8"]
