@@ -499,9 +499,14 @@ def test_dockerfiles_hold_no_secrets():
                 assert not re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", arg, re.I), f"{path.name}: {word} {arg}"
 
 
-def test_mlflow_image_matches_the_installed_mlflow():
+def test_mlflow_image_matches_the_pinned_and_installed_mlflow():
     import mlflow
 
+    # the client is pinned to the server image's release, so that a new MLflow on PyPI changes
+    # neither side until both are moved together
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = [d.split("#")[0].replace(" ", "") for d in project["dependencies"] if re.match(r"mlflow\b", d)]
+    assert pins == [f"mlflow=={mlflow.__version__}"], f"pyproject.toml pins {pins}; installed {mlflow.__version__}"
     runs = " ".join(arg for word, arg in _instructions(MLFLOW_DOCKERFILE) if word == "RUN")
     assert f'"mlflow[auth]=={mlflow.__version__}"' in runs
     assert "psycopg2" in runs and "boto3" in runs  # PostgreSQL backend, S3 artifacts
