@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a plain checkout
 
@@ -31,10 +32,13 @@ SECTION_TEXT = f"""{SECTION}
 One epoch of each on the same model and clean split, at the same PGD steps (BI-BAU(U) and SAU;
 SAU without its early exit unless the row says so), the last epoch of each run (steady state);
 I-BAU's epoch is one round (universal perturbation pass + one hypergradient step per batch, K = 5).
-Ratios are SAU / BI-BAU(U) and I-BAU / BI-BAU(U): above 1, BI-BAU(U) is the cheaper.
+Ratios are SAU / BI-BAU(U) and I-BAU / BI-BAU(U): above 1, BI-BAU(U) is the cheaper. "Fishers s" is the
+part of BI-BAU(U)'s epoch spent on METHOD's two per-sample Fishers (F^C on the clean split, F^U on the
+previous epoch's x'); "BI-BAU(U) settings" names a non-default setting it ran with (an extension's
+cost, measured beside the method's).
 """
-HEADER = ("| date | machine | model | images | batch | PGD steps | BI-BAU(U) s | SAU s | I-BAU s | SAU / BI-BAU | "
-          "I-BAU / BI-BAU | load | command |")
+HEADER = ("| date | machine | model | images | batch | PGD steps | BI-BAU(U) settings | BI-BAU(U) s | Fishers s | SAU s | "
+          "I-BAU s | SAU / BI-BAU | I-BAU / BI-BAU | load | command |")
 
 
 def parse(argv=None):
@@ -48,6 +52,8 @@ def parse(argv=None):
     p.add_argument("--pgd-steps", type=int, default=5, help="PGD steps of both BI-BAU(U) and SAU (SAU's default 5)")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each (the last is compared)")
     p.add_argument("--early-exit", action="store_true", help="let SAU's shared PGD exit early, as it runs")
+    p.add_argument("--bibau-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a non-default BI-BAU(U) setting (e.g. fisher_estimator=batch), repeatable; the row names it")
     p.add_argument("--tiny", action="store_true", help="CPU, a small ResNet and 64 images: seconds")
     p.add_argument("--record", action="store_true", help="append the row to --doc")
     p.add_argument("--doc", type=Path, default=DOC)
@@ -57,6 +63,11 @@ def parse(argv=None):
         args.epochs, args.record = 2, True
     if args.pgd_steps < 1 or args.epochs < 1 or args.images < 2:
         p.error("--pgd-steps, --epochs must be >= 1 and --images >= 2")
+    for item in args.bibau_set:
+        key = item.partition("=")[0]
+        if "=" not in item or key in ("pgd_steps", "epochs", "batch_size"):
+            p.error(f"--bibau-set {item!r}: KEY=VALUE of a BI-BAU setting other than pgd_steps, epochs, batch_size "
+                    "(those are the comparison's own options)")
     return args
 
 
@@ -75,9 +86,10 @@ def main(argv=None) -> int:
                      torch.arange(args.images) % 10)
     model_cfg = {"name": args.model, **({"width": args.width} if args.width else {})}
     model = create_model(ModelConfig(**model_cfg), 10, generator=torch.Generator().manual_seed(0)).to(device)
+    bibau_extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.bibau_set)}
     common = {"epochs": args.epochs, "batch_size": args.batch_size, "crop_padding": 0, "hflip": False}
     settings = {
-        "bibau_u": {**common, "pgd_steps": args.pgd_steps},
+        "bibau_u": {**common, "pgd_steps": args.pgd_steps, **bibau_extra},
         "sau": {**common, "pgd_steps": args.pgd_steps, "pgd_early_exit": args.early_exit},
         "ibau": common,
     }
@@ -87,6 +99,8 @@ def main(argv=None) -> int:
         ctx = DefenseContext(device=device, num_classes=10, seed=0, hflip=False, log=lambda line: None)
         result = defense.purify(model, clean, ctx)
         seconds[name] = result.history[-1]["seconds"]  # BI-BAU's includes its Fishers
+        if name == "bibau_u":
+            fisher_s = result.history[-1].get("fisher_seconds", 0.0)
         print(f"{name}: epoch {len(result.history)} in {seconds[name]:.3f}s", flush=True)
     sau, ibau = seconds["sau"] / seconds["bibau_u"], seconds["ibau"] / seconds["bibau_u"]
     print(f"SAU / BI-BAU(U) = {sau:.2f}; I-BAU / BI-BAU(U) = {ibau:.2f} "
@@ -95,7 +109,7 @@ def main(argv=None) -> int:
         command = "python benchmarks/unlearning_epoch_cost.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         row = (f"| {datetime.date.today()} | {machine(device)} | {args.model}{f' w{args.width}' if args.width else ''} | "
                f"{args.images} | {args.batch_size} | {args.pgd_steps}{'' if not args.early_exit else ' (SAU early exit)'} | "
-               f"{seconds['bibau_u']:.2f} | {seconds['sau']:.2f} | {seconds['ibau']:.2f} | {sau:.2f} | {ibau:.2f} | "
+               f"{', '.join(args.bibau_set) or 'defaults'} | {seconds['bibau_u']:.2f} | {fisher_s:.2f} | {seconds['sau']:.2f} | {seconds['ibau']:.2f} | {sau:.2f} | {ibau:.2f} | "
                f"{load_average()} | `{command}` |")
         append_rows(SECTION, SECTION_TEXT, HEADER, [row], args.doc)
         print(f"recorded in {args.doc}")

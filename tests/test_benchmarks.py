@@ -174,8 +174,18 @@ def test_unlearning_epoch_cost_tiny_records_the_ratios(tmp_path, capsys):
     assert "SAU / BI-BAU(U) = " in out and "I-BAU / BI-BAU(U) = " in out
     rows = [line for line in doc.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 1 and "small_resnet w8" in rows[0]
-    with pytest.raises(SystemExit):
-        unlearning_epoch_cost.main(["--pgd-steps", "0"])
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    header = [c.strip() for c in unlearning_epoch_cost.HEADER.strip("|").split("|")]
+    row = dict(zip(header, cells))
+    assert row["BI-BAU(U) settings"] == "defaults"
+    assert 0 < float(row["Fishers s"]) < float(row["BI-BAU(U) s"])  # METHOD's Fishers are part of its epoch
+    # an extension's cost is measured beside the method's, and the row says which it was
+    assert unlearning_epoch_cost.main(["--tiny", "--doc", str(doc), "--bibau-set", "fisher_estimator=batch"]) == 0
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 2 and "| fisher_estimator=batch |" in rows[1]
+    for bad in (["--pgd-steps", "0"], ["--bibau-set", "pgd_steps=3"], ["--bibau-set", "fisher_estimator"]):
+        with pytest.raises(SystemExit):
+            unlearning_epoch_cost.main(bad)
 
 
 def test_a_row_names_the_run_overrides_it_ran_with_but_not_where_files_were():
